@@ -1,0 +1,284 @@
+"""PaiNN, the neural network potential (NNP) of GOLF, written from scratch.
+
+Schutt, Unke, Gastegger, "Equivariant message passing for the prediction of tensorial
+properties and molecular spectra", ICML 2021. GOLF (Tsypin et al., ICLR 2024) uses it as
+f(z, X; theta) with the sizes of Table 5. This module computes the same function as
+schnetpack 2's `PaiNN` representation + `Atomwise` head + `Forces`, so the official GOLF
+checkpoints load into it (`load_checkpoint`) and give the same numbers.
+
+One call handles a batch of molecules of different sizes, laid out as flat atoms:
+    z         [n_atoms]     atomic numbers
+    positions [n_atoms, 3]  Angstrom
+    batch     [n_atoms]     molecule index of every atom; atoms of a molecule are contiguous
+and returns
+    energy    [n_molecules] total energy, Hartree, float64
+    forces    [n_atoms, 3]  F = -dE/dX (Eq. 1), Hartree/Angstrom
+
+Energy = sum over atoms of the atomwise head + sum over atoms of a per-element reference
+energy (`atomrefs`); the network itself learns E - sum_i ref[z_i].
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAX_Z = 100  # size of the element embedding (atomic numbers 0..99)
+
+# wB97X-D/def2-SVP energies of isolated atoms (Hartree), the `atomrefs` of nablaDFT.
+# The official GOLF checkpoints predict E - sum_i NABLADFT_ATOMREFS[z_i].
+NABLADFT_ATOMREFS = {
+    1: -0.5024932583661139, 6: -37.79809934247253, 7: -54.522414832380626,
+    8: -74.97667809850873, 9: -99.61446950401614, 15: -341.13941895023964,
+    16: -397.9719278356063, 17: -459.98864965660516, 35: -2573.8571719614743,
+    53: -297.7564286148722,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Geometry: neighbour pairs, radial basis, cutoff
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def neighbor_pairs(positions, batch, n_molecules, cutoff, skin=1e-4):
+    """All ordered pairs (i, j), i != j, of atoms of the same molecule closer than `cutoff`.
+
+    Per molecule, in one padded block: positions are scattered into [n_molecules, max_n, 3],
+    all distances come from one batched torch.cdist, and a mask keeps real, distinct
+    atoms within the cutoff. Returns idx_i, idx_j [n_pairs] (flat atom indices), sorted
+    by i. Only indices are returned: distances are recomputed with autograd by the caller.
+    cdist's matrix-product formula is accurate to ~1e-7 A only, so pairs are kept up to
+    `skin` beyond the cutoff; the cosine cutoff gives those exactly zero weight.
+    """
+    n_atoms = positions.shape[0]
+    counts = torch.bincount(batch, minlength=n_molecules)                 # [n_molecules]
+    first_atom = torch.cumsum(counts, 0) - counts                         # [n_molecules]
+    local = torch.arange(n_atoms, device=positions.device) - first_atom[batch]  # [n_atoms]
+    max_n = int(counts.max()) if n_atoms else 0
+    padded = positions.new_zeros(n_molecules, max_n, 3)
+    padded[batch, local] = positions.detach()
+    real = torch.zeros(n_molecules, max_n, dtype=torch.bool, device=positions.device)
+    real[batch, local] = True
+    dist = torch.cdist(padded, padded)                                   # [n_mol, max_n, max_n]
+    mask = (dist < cutoff + skin) & real[:, :, None] & real[:, None, :]
+    mask.diagonal(dim1=1, dim2=2).fill_(False)                           # no self pairs
+    mol, a, b = mask.nonzero(as_tuple=True)
+    return first_atom[mol] + a, first_atom[mol] + b
+
+
+def bessel_rbf(d, frequencies):
+    """Radial basis sin(n pi d / r_c) / d, n = 1..n_rbf. d [n_pairs] -> [n_pairs, n_rbf]."""
+    return torch.sin(d[:, None] * frequencies) / d[:, None]
+
+
+def cosine_cutoff(d, cutoff):
+    """f_c(d) = 0.5 (cos(pi d / r_c) + 1) for d < r_c, else 0. d [n_pairs] -> [n_pairs]."""
+    return 0.5 * (torch.cos(d * math.pi / cutoff) + 1.0) * (d < cutoff).to(d.dtype)
+
+
+class MLP(nn.Sequential):
+    """Linear -> SiLU -> Linear, the two-layer nets of PaiNN (keys .0 and .1, as schnetpack)."""
+
+    def __init__(self, n_in, n_hidden, n_out):
+        super().__init__(nn.Linear(n_in, n_hidden), nn.Linear(n_hidden, n_out))
+
+    def forward(self, x):
+        return self[1](F.silu(self[0](x)))
+
+
+# ---------------------------------------------------------------------------------------
+# The two PaiNN blocks. Features: scalars q [n_atoms, F], vectors mu [n_atoms, 3, F].
+# ---------------------------------------------------------------------------------------
+
+class Interaction(nn.Module):
+    """Message block (PaiNN Eq. 7-8): atom i gathers scalar and vector messages from its
+    neighbours j, built from phi(q_j) and the filter W(r_ij)."""
+
+    def __init__(self, n_features):
+        super().__init__()
+        self.n_features = n_features
+        self.interatomic_context_net = MLP(n_features, n_features, 3 * n_features)  # phi
+
+    def forward(self, q, mu, filters, unit_ij, idx_i, idx_j):
+        # q [n_atoms, F]; mu [n_atoms, 3, F]; filters [n_pairs, 3F]; unit_ij [n_pairs, 3]
+        x = self.interatomic_context_net(q)[idx_j] * filters              # [n_pairs, 3F]
+        dq, dmu_r, dmu_mu = torch.split(x, self.n_features, dim=-1)       # 3 x [n_pairs, F]
+        dmu = dmu_r[:, None, :] * unit_ij[:, :, None] + dmu_mu[:, None, :] * mu[idx_j]
+        q = q.index_add(0, idx_i, dq)                                     # sum over j
+        mu = mu.index_add(0, idx_i, dmu)                                  # [n_atoms, 3, F]
+        return q, mu
+
+
+class Mixing(nn.Module):
+    """Update block (PaiNN Eq. 9-11): mixes each atom's scalar and vector channels."""
+
+    def __init__(self, n_features, epsilon=1e-8):
+        super().__init__()
+        self.n_features = n_features
+        self.epsilon = epsilon
+        self.mu_channel_mix = nn.Linear(n_features, 2 * n_features, bias=False)  # U, V
+        self.intraatomic_context_net = MLP(2 * n_features, n_features, 3 * n_features)  # a
+
+    def forward(self, q, mu):
+        mu_v, mu_w = torch.split(self.mu_channel_mix(mu), self.n_features, dim=-1)  # [n,3,F]
+        norm_v = torch.sqrt(torch.sum(mu_v ** 2, dim=1) + self.epsilon)   # ||V mu|| [n, F]
+        a = self.intraatomic_context_net(torch.cat([q, norm_v], dim=-1))  # [n, 3F]
+        a_ss, a_vv, a_sv = torch.split(a, self.n_features, dim=-1)
+        q = q + a_ss + a_sv * torch.sum(mu_v * mu_w, dim=1)               # <V mu, U mu>
+        mu = mu + a_vv[:, None, :] * mu_w
+        return q, mu
+
+
+# ---------------------------------------------------------------------------------------
+# The potential
+# ---------------------------------------------------------------------------------------
+
+class PaiNN(nn.Module):
+    """E = f(z, X): PaiNN representation, atomwise energy head, per-element references."""
+
+    def __init__(self, n_atom_basis=128, n_interactions=3, n_rbf=50, cutoff=5.0,
+                 atomrefs=None):
+        super().__init__()
+        self.hparams = dict(n_atom_basis=n_atom_basis, n_interactions=n_interactions,
+                            n_rbf=n_rbf, cutoff=cutoff)
+        self.n_features = n_atom_basis
+        self.n_interactions = n_interactions
+        self.cutoff = cutoff
+        self.register_buffer("rbf_frequencies", torch.arange(1, n_rbf + 1) * math.pi / cutoff)
+        self.embedding = nn.Embedding(MAX_Z, n_atom_basis)
+        # one filter net for all blocks: n_rbf -> n_interactions * 3F
+        self.filter_net = nn.Linear(n_rbf, n_interactions * 3 * n_atom_basis)
+        self.interactions = nn.ModuleList(Interaction(n_atom_basis) for _ in range(n_interactions))
+        self.mixing = nn.ModuleList(Mixing(n_atom_basis) for _ in range(n_interactions))
+        self.energy_head = MLP(n_atom_basis, n_atom_basis // 2, 1)       # F -> F/2 -> 1
+        for layer in self.modules():                                      # schnetpack's init
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        self.set_atomrefs(atomrefs)
+
+    def set_atomrefs(self, atomrefs):
+        """Per-element reference energies (Hartree): a dict {z: E} or a length-MAX_Z list.
+        Kept in float64 outside the parameters, so `.float()` never rounds them."""
+        refs = [0.0] * MAX_Z
+        if isinstance(atomrefs, dict):
+            for z, e in atomrefs.items():
+                refs[int(z)] = float(e)
+        elif atomrefs is not None:
+            refs[:len(atomrefs)] = [float(e) for e in atomrefs]
+        self.atomrefs = refs
+        self._atomrefs_tensor = {}
+
+    def reference_energy(self, z, batch, n_molecules):
+        """sum_i ref[z_i] per molecule, float64 [n_molecules]."""
+        if z.device not in self._atomrefs_tensor:
+            self._atomrefs_tensor[z.device] = torch.tensor(self.atomrefs, dtype=torch.float64,
+                                                           device=z.device)
+        refs = self._atomrefs_tensor[z.device][z]
+        return refs.new_zeros(n_molecules).index_add(0, batch, refs)
+
+    def atomic_energies(self, z, positions, batch, n_molecules):
+        """The network's energy contribution of every atom, [n_atoms] (Hartree)."""
+        idx_i, idx_j = neighbor_pairs(positions, batch, n_molecules, self.cutoff)
+        r_ij = positions[idx_j] - positions[idx_i]                        # [n_pairs, 3]
+        d_ij = torch.linalg.vector_norm(r_ij, dim=1)                      # [n_pairs]
+        unit_ij = r_ij / d_ij[:, None]
+        filters = (self.filter_net(bessel_rbf(d_ij, self.rbf_frequencies))
+                   * cosine_cutoff(d_ij, self.cutoff)[:, None])           # [n_pairs, n_int*3F]
+        filters = torch.split(filters, 3 * self.n_features, dim=-1)
+
+        q = self.embedding(z)                                             # [n_atoms, F]
+        mu = q.new_zeros(q.shape[0], 3, self.n_features)                  # [n_atoms, 3, F]
+        for interaction, mixing, w in zip(self.interactions, self.mixing, filters):
+            q, mu = interaction(q, mu, w, unit_ij, idx_i, idx_j)
+            q, mu = mixing(q, mu)
+        return self.energy_head(q).squeeze(-1)                            # [n_atoms]
+
+    def forward(self, z, positions, batch, n_molecules=None, create_graph=None):
+        """Energies [n_molecules] (float64, Hartree) and forces [n_atoms, 3] = -dE/dX.
+
+        create_graph (default: self.training) keeps the graph of the forces, needed when
+        the forces enter the loss (Eq. 2)."""
+        if n_molecules is None:
+            n_molecules = int(batch.max()) + 1 if batch.numel() else 0
+        if create_graph is None:
+            create_graph = self.training
+        with torch.enable_grad():
+            if not positions.requires_grad:
+                positions = positions.detach().requires_grad_(True)
+            atomic = self.atomic_energies(z, positions, batch, n_molecules)
+            energy_net = atomic.new_zeros(n_molecules).index_add(0, batch, atomic)
+            (grad,) = torch.autograd.grad(energy_net.sum(), positions, create_graph=create_graph)
+        energy = energy_net.double() + self.reference_energy(z, batch, n_molecules)
+        return energy, -grad
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: ours, and the official GOLF `NNP_checkpoint_actor` files
+# ---------------------------------------------------------------------------------------
+
+def model_state(model):
+    """What a checkpoint needs to rebuild `model` with no flags."""
+    return {"hparams": dict(model.hparams), "atomrefs": list(model.atomrefs),
+            "state_dict": model.state_dict()}
+
+
+def save_atomic(obj, path):
+    """torch.save to path via a temporary file and rename, so a kill never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, path, **extra):
+    """Our checkpoint: model state (+ anything in `extra`, e.g. optimizer state), atomically."""
+    save_atomic({"model": model_state(model), **extra}, path)
+
+
+OFFICIAL_PREFIX = "model.representation."
+
+
+def from_official_state_dict(sd):
+    """Map an official GOLF / schnetpack state dict to (hparams, our state dict).
+
+    Hyperparameters are read from the shapes (filter_net: [n_int*3F, n_rbf])."""
+    rep = {k[len(OFFICIAL_PREFIX):]: v for k, v in sd.items() if k.startswith(OFFICIAL_PREFIX)}
+    n_features = rep["embedding.weight"].shape[1]
+    n_rbf = rep["radial_basis.freqs"].shape[0]
+    n_interactions = rep["filter_net.weight"].shape[0] // (3 * n_features)
+    cutoff = float(rep["cutoff_fn.cutoff"].reshape(-1)[0])
+    renamed = {"radial_basis.freqs": "rbf_frequencies"}
+    ours = {renamed.get(k, k): v for k, v in rep.items() if k != "cutoff_fn.cutoff"}
+    for k, v in sd.items():
+        if k.startswith("model.output_modules.0.outnet."):
+            ours["energy_head." + k[len("model.output_modules.0.outnet."):]] = v
+    hparams = dict(n_atom_basis=n_features, n_interactions=n_interactions, n_rbf=n_rbf,
+                   cutoff=cutoff)
+    return hparams, ours
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild a PaiNN from our checkpoint or from an official GOLF `NNP_checkpoint_actor`.
+
+    Official files hold a plain state dict of a schnetpack NeuralNetworkPotential (keys
+    `model.representation.*`, `model.output_modules.0.outnet.*`) that predicts E minus the
+    nablaDFT atomrefs; loading one sets those atomrefs so the model returns total energies.
+    """
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+    if isinstance(ckpt, dict) and "model" in ckpt and "state_dict" in ckpt["model"]:
+        state = ckpt["model"]
+        hparams, state_dict, atomrefs = state["hparams"], state["state_dict"], state["atomrefs"]
+    elif isinstance(ckpt, dict) and f"{OFFICIAL_PREFIX}embedding.weight" in ckpt:
+        hparams, state_dict = from_official_state_dict(ckpt)
+        atomrefs = NABLADFT_ATOMREFS
+    else:
+        raise ValueError(f"{path} is neither a golf checkpoint nor an official "
+                         "NNP_checkpoint_actor state dict")
+    model = PaiNN(**hparams, atomrefs=atomrefs).to(state_dict["embedding.weight"].dtype)
+    model.load_state_dict(state_dict)
+    return model.to(device)
