@@ -240,6 +240,10 @@ def save_checkpoint(model, path, **extra):
 OFFICIAL_PREFIX = "model.representation."
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable golf or official GOLF checkpoint."""
+
+
 def from_official_state_dict(sd):
     """Map an official GOLF / schnetpack state dict to (hparams, our state dict).
 
@@ -269,7 +273,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except (OSError, RuntimeError, EOFError) as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
     if isinstance(ckpt, dict) and "model" in ckpt and "state_dict" in ckpt["model"]:
         state = ckpt["model"]
         hparams, state_dict, atomrefs = state["hparams"], state["state_dict"], state["atomrefs"]
@@ -277,7 +281,7 @@ def load_checkpoint(path, device="cpu"):
         hparams, state_dict = from_official_state_dict(ckpt)
         atomrefs = NABLADFT_ATOMREFS
     else:
-        raise ValueError(f"{path} is neither a golf checkpoint nor an official "
+        raise CheckpointError(f"{path} is neither a golf checkpoint nor an official "
                          "NNP_checkpoint_actor state dict")
     model = PaiNN(**hparams, atomrefs=atomrefs).to(state_dict["embedding.weight"].dtype)
     model.load_state_dict(state_dict)

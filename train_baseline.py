@@ -1,0 +1,249 @@
+"""Stage 2: train PaiNN on labelled conformations (the paper's f_baseline, f_traj-K, f_rdkit).
+
+    f_baseline:  python train_baseline.py --db D0.db --out_dir runs/baseline
+    f_traj-K:    python train_baseline.py --db D0.db D_traj.db --load_baseline runs/baseline/checkpoint.pt ...
+    f_rdkit:     python train_baseline.py --db D0.db D_rdkit.db --load_baseline ...
+
+Loss (Eq. 2), per molecule with n atoms, averaged over the minibatch:
+    L = rho * (E - f(z, X))^2 + c_F * (1/n) sum_i |F_i + d f / d X_i|^2
+with rho = --energy_loss_coef and c_F = --force_loss_coef, in Hartree and Hartree/A.
+Adam with cosine annealing from --lr to --lr_final over --total_steps, gradient-norm clipping
+at --clip_value (Table 5). golf.py trains with the same `Trainer`.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import painn
+
+
+def add_model_args(parser):
+    """PaiNN sizes, Table 5."""
+    g = parser.add_argument_group("model (Table 5)")
+    g.add_argument("--n_interactions", type=int, default=3)
+    g.add_argument("--cutoff", type=float, default=5.0, help="Angstrom")
+    g.add_argument("--n_rbf", type=int, default=50)
+    g.add_argument("--n_atom_basis", type=int, default=128)
+
+
+def add_training_args(parser, total_steps=500_000):
+    """Optimization of the NNP, Table 5 (and the official code's flag names)."""
+    g = parser.add_argument_group("training (Table 5)")
+    g.add_argument("--batch_size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    g.add_argument("--lr_final", type=float, default=1e-7, help="end of the cosine annealing")
+    g.add_argument("--total_steps", type=int, default=total_steps,
+                   help="training updates (paper: 5e5; 1e6 for traj-500k)")
+    g.add_argument("--clip_value", type=float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--energy_loss_coef", type=float, default=0.01, help="rho of Eq. 2")
+    g.add_argument("--force_loss_coef", type=float, default=0.99)
+    g.add_argument("--energy_kind", choices=data.ENERGY_KINDS, default="auto",
+                   help="how the db stores energies (nablaDFT: formation; GOLF: total)")
+    g.add_argument("--checkpoint_every", type=int, default=1000)
+    g.add_argument("--load_baseline", default=None, help="start from this checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    g.add_argument("--seed", type=int, default=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Loss (Eq. 2) and one training update
+# ---------------------------------------------------------------------------------------
+
+def energy_force_loss(model, b, energy_loss_coef, force_loss_coef):
+    """Eq. 2 on a collated minibatch `b` (data.Batch). Returns the scalar loss."""
+    energy, forces = model(b.z, b.positions, b.batch, b.n_molecules, create_graph=True)
+    energy_err = (energy - b.energy).to(forces.dtype)                        # [n_molecules]
+    n_atoms = torch.bincount(b.batch, minlength=b.n_molecules).to(forces.dtype)
+    force_err = ((forces - b.forces) ** 2).sum(-1)                           # [n_atoms]
+    force_err = force_err.new_zeros(b.n_molecules).index_add(0, b.batch, force_err) / n_atoms
+    return (energy_loss_coef * energy_err ** 2 + force_loss_coef * force_err).mean()
+
+
+class Trainer:
+    """Adam + cosine annealing + clipping around a model; `update(confs)` is one step of
+    Eq. 2 on a minibatch of data.Conformations. A non-finite loss or gradient skips the
+    update (counted in n_skipped)."""
+
+    def __init__(self, model, args, total_steps):
+        self.model, self.args = model, args
+        self.dtype = getattr(torch, args.dtype)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=max(total_steps, 1), eta_min=args.lr_final)
+        self.step, self.n_skipped = 0, 0
+
+    def update(self, confs):
+        self.model.train()
+        b = data.collate(confs, self.args.device, self.dtype)
+        loss = energy_force_loss(self.model, b, self.args.energy_loss_coef,
+                                 self.args.force_loss_coef)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_value)
+        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            self.n_skipped += 1
+        self.scheduler.step()
+        self.step += 1
+        return float(loss)
+
+    @property
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "n_skipped": self.n_skipped}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.n_skipped = state["step"], state["n_skipped"]
+
+
+def prediction_errors(model, confs, batch_size=64, device="cpu", dtype=torch.float32):
+    """Energy and force errors of the NNP on labelled conformations, kcal/mol(/A)."""
+    model.eval()
+    energy_err, force_err = [], []
+    for start in range(0, len(confs), batch_size):
+        b = data.collate(confs[start:start + batch_size], device, dtype)
+        energy, forces = model(b.z, b.positions, b.batch, b.n_molecules)
+        energy_err.append((energy - b.energy).detach().cpu().numpy())
+        force_err.append((forces.double() - b.forces.double()).detach().cpu().numpy().ravel())
+    e = np.concatenate(energy_err) * data.HARTREE_TO_KCAL
+    f = np.concatenate(force_err) * data.HARTREE_TO_KCAL
+    return {"n_conformations": len(confs),
+            "energy_mae_kcal_mol": float(np.abs(e).mean()),
+            "energy_rmse_kcal_mol": float(np.sqrt((e ** 2).mean())),
+            "forces_mae_kcal_mol_A": float(np.abs(f).mean()),
+            "forces_rmse_kcal_mol_A": float(np.sqrt((f ** 2).mean()))}
+
+
+# ---------------------------------------------------------------------------------------
+# Model construction, RNG state, checkpoints
+# ---------------------------------------------------------------------------------------
+
+def build_model(args, train_confs, atomrefs):
+    """A fresh PaiNN of the flags' sizes, or the --load_baseline checkpoint. Reference
+    energies: the checkpoint's, else the db's atomrefs, else a least-squares fit."""
+    if args.load_baseline:
+        model = painn.load_checkpoint(args.load_baseline)
+        print(f"starting from {args.load_baseline} ({model.hparams})")
+    else:
+        if atomrefs is None:
+            atomrefs = data.fit_atomrefs(train_confs)
+            print("no atomrefs in the db: per-element references fitted by least squares")
+        model = painn.PaiNN(n_atom_basis=args.n_atom_basis, n_interactions=args.n_interactions,
+                            n_rbf=args.n_rbf, cutoff=args.cutoff, atomrefs=atomrefs)
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def rng_state(rng):
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+
+
+def set_rng_state(rng, state):
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+
+
+def read_training_dbs(paths, energy_kind):
+    """All labelled conformations of the dbs, and the first atomrefs any of them carries."""
+    confs, atomrefs = [], None
+    for path in paths:
+        c, refs = data.read_db(path, energy_kind, require_energy=True, require_forces=True)
+        confs += c
+        atomrefs = atomrefs or refs
+    return confs, atomrefs
+
+
+def log_metrics(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--db", nargs="+", required=True, help="labelled ASE dbs (D0 [+ D_traj])")
+    p.add_argument("--out_dir", required=True, help="checkpoint.pt and metrics.jsonl go here")
+    p.add_argument("--val_fraction", type=float, default=0.05,
+                   help="share of molecules held out for validation")
+    p.add_argument("--eval_every", type=int, default=1000)
+    add_model_args(p)
+    add_training_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    confs, atomrefs = read_training_dbs(args.db, args.energy_kind)
+    train, val = data.split_by_molecule(confs, args.val_fraction, seed=args.seed)
+    print(f"{len(train)} training and {len(val)} validation conformations")
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+
+    model = build_model(args, train, atomrefs)
+    trainer = Trainer(model, args, args.total_steps)
+    sampler = data.Minibatches(len(train), args.batch_size, rng)
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=True)
+        model.load_state_dict(ckpt["model"]["state_dict"])
+        trainer.load_state_dict(ckpt["trainer"])
+        sampler.order, sampler.pos = np.asarray(ckpt["sampler"]["order"]), ckpt["sampler"]["pos"]
+        set_rng_state(rng, ckpt["rng"])
+        print(f"resumed from {ckpt_path} at step {trainer.step}")
+        if trainer.step >= args.total_steps:
+            print(f"already trained for --total_steps {args.total_steps}: nothing to do")
+            return
+    elif os.path.exists(ckpt_path):
+        sys.exit(f"error: {ckpt_path} exists; pass --resume to continue it or choose another --out_dir")
+
+    def save():
+        painn.save_checkpoint(model, ckpt_path, trainer=trainer.state_dict(),
+                              sampler={"order": sampler.order.tolist(), "pos": sampler.pos},
+                              rng=rng_state(rng), args=vars(args))
+
+    def validate():
+        if not val:
+            return
+        errors = prediction_errors(model, val, args.batch_size, args.device, trainer.dtype)
+        record = {"step": trainer.step, "lr": trainer.lr, "n_skipped": trainer.n_skipped, **errors}
+        log_metrics(metrics_path, record)
+        tqdm.write(f"step {trainer.step}: val energy MAE {errors['energy_mae_kcal_mol']:.3f} "
+                   f"kcal/mol, forces MAE {errors['forces_mae_kcal_mol_A']:.3f} kcal/mol/A")
+
+    bar = tqdm(total=args.total_steps, initial=trainer.step, desc="train", dynamic_ncols=True)
+    while trainer.step < args.total_steps:
+        loss = trainer.update([train[i] for i in sampler.next_indices()])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3e}", lr=f"{trainer.lr:.1e}")
+        if trainer.step % args.eval_every == 0:
+            validate()
+        if trainer.step % args.checkpoint_every == 0:
+            save()
+    bar.close()
+    if trainer.step % args.eval_every:
+        validate()
+    save()
+    print(f"done: {trainer.step} steps ({trainer.n_skipped} skipped, non-finite); "
+          f"checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, painn.CheckpointError) as err:
+        sys.exit(f"error: {err}")
