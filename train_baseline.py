@@ -95,7 +95,7 @@ class Trainer:
             self.n_skipped += 1
         self.scheduler.step()
         self.step += 1
-        return float(loss)
+        return loss.item()
 
     @property
     def lr(self):

@@ -1,0 +1,314 @@
+"""Stage 3: GOLF, Algorithm 1 of Tsypin et al. (ICLR 2024), batched and pipelined.
+
+    python golf.py --d0 D0.db --load_baseline runs/baseline/checkpoint.pt --out_dir runs/golf
+
+Algorithm 1 (line numbers in the comments below):
+     1  f <- f_baseline; D <- D0
+     3  s_0 ~ D0                                   every slot of the batch holds a trajectory
+     5  s_{t+1} <- Opt(s_t, F(s_t))                one batched L-BFGS step of all slots
+     6  E^S_{t+1} <- O_S(s_{t+1})                  MMFF energy of every new conformation
+     7  if E^S_{t+1} > E^S_t or t = T:             the trajectory ends
+     8      (E, F) <- O_G(s)                       s = s_t on a rise, s_{T} at the time limit
+     9      D <- D + {(s, E, F)}
+    10      update f U times on minibatches of D   (a share --initial_conf_pct from D0)
+    12      s_0 ~ D0                               the slot restarts; other slots go on
+    18  until K conformations have been added
+
+Unlike the official code, genuine-oracle jobs run in the pool while this process keeps
+optimizing and training: a slot whose trajectory ended submits its conformation and restarts
+at once, and each result, whenever it arrives, is added to D and buys U updates. At most
+--n_parallel jobs are in flight; a slot waits (inactive) when the pool is full. No more jobs
+are submitted than are needed to reach K.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import optimizers
+import oracles
+import painn
+from train_baseline import Trainer, add_model_args, add_training_args, rng_state, set_rng_state
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d0", required=True, help="the initial training data D0 (labelled ASE db)")
+    p.add_argument("--out_dir", required=True,
+                   help="checkpoint.pt, collected.db (the new data), metrics.jsonl")
+    g = p.add_argument_group("GOLF (Table 5)")
+    g.add_argument("--n_parallel", type=int, default=120,
+                   help="concurrent trajectories, and the most oracle jobs in flight")
+    g.add_argument("--max_oracle_steps", type=int, default=10_000,
+                   help="K: genuine-oracle conformations to add")
+    g.add_argument("--utd_ratio", type=int, default=50, help="U: NNP updates per added conformation")
+    g.add_argument("--timelimit_train", type=int, default=100, help="T: steps of a trajectory")
+    g.add_argument("--initial_conf_pct", type=float, default=0.1,
+                   help="share of every minibatch drawn from D0")
+    g.add_argument("--surrogate_energy_threshold", type=float, default=300.0,
+                   help="kcal/mol: conformations with a higher MMFF energy are not sent")
+    g.add_argument("--log_every", type=int, default=10, help="log metrics every N additions")
+    add_model_args(p)        # used only without --load_baseline
+    add_training_args(p, total_steps=None)
+    optimizers.add_optimizer_args(p)
+    oracles.add_oracle_args(p)
+    args = p.parse_args(argv)
+    args.total_steps = args.max_oracle_steps * args.utd_ratio   # the schedule spans K * U
+    return args
+
+
+class Slot:
+    """One trajectory: where it started in D0, its MMFF surrogate and its last MMFF energy."""
+
+    def __init__(self, d0_index, conf, surrogate):
+        self.d0_index, self.conf, self.surrogate = d0_index, conf, surrogate
+        self.energy_mmff = surrogate.energy(conf.positions)   # E^S_0, kcal/mol
+        self.waiting = None          # a conformation that ended, waiting for room in the pool
+
+
+class Golf:
+    """The state of a GOLF run: model, trainer, replay buffer, trajectories, oracle jobs."""
+
+    def __init__(self, args, d0, model, pool, rng):
+        self.args, self.d0, self.model, self.pool, self.rng = args, d0, model, pool, rng
+        self.dtype = getattr(torch, args.dtype)
+        self.trainer = Trainer(model, args, args.total_steps)
+        self.buffer = data.ReplayBuffer(d0, args.initial_conf_pct, rng)
+        self.updates_owed = 0        # U per added conformation, paid as training steps
+        self.in_flight = {}          # future -> (slot's D0 index, the conformation sent)
+        self.stats = dict(n_added=0, n_failed=0, n_rejected_mmff=0, n_rise_at_start=0,
+                          n_submitted=0, wait_seconds=0.0, loss=float("nan"))
+        self.collected_db = data.connect_for_writing(
+            os.path.join(args.out_dir, "collected.db"), atomrefs=None, source="golf.py")
+        self.slots, self.opt, self.z = [], None, None
+
+    # ---- trajectories -------------------------------------------------------------------
+
+    def sample_start(self):
+        """Line 3 / 12: s_0 ~ D0, with its MMFF surrogate."""
+        while True:
+            i = int(self.rng.integers(len(self.d0)))
+            try:
+                return Slot(i, self.d0[i], oracles.MMFFSurrogate(self.d0[i]))
+            except data.DataError as err:       # no MMFF parameters for this molecule
+                tqdm.write(f"skipping D0 row {self.d0[i].id} as a start: {err}")
+
+    def start_trajectories(self):
+        self.slots = [self.sample_start() for _ in range(self.args.n_parallel)]
+        positions = np.concatenate([s.conf.positions for s in self.slots])
+        counts = torch.tensor([s.conf.n_atoms for s in self.slots])
+        batch = torch.repeat_interleave(torch.arange(len(self.slots)), counts)
+        self.opt = optimizers.optimizer_from_args(self.args, torch.as_tensor(positions), batch,
+                                                  len(self.slots), model_dtype=self.dtype)
+        self.refresh_atomic_numbers()
+
+    def refresh_atomic_numbers(self):
+        z = [torch.as_tensor(s.conf.numbers, device=self.args.device) for s in self.slots]
+        self.z = self.opt.concat_slots(z)
+
+    def restart(self, k):
+        """Line 12: a new s_0 in slot k; the other slots are untouched."""
+        self.slots[k] = self.sample_start()
+        self.opt.replace(k, torch.tensor(self.slots[k].conf.positions))
+
+    def energy_and_forces(self, positions):
+        """The NNP on the whole batch of slots at once: [n_slots], [n_atoms, 3]."""
+        positions = positions.to(self.args.device)
+        energy, forces = self.model(self.z, positions, self.opt.batch.to(self.args.device),
+                                    self.opt.n_slots)
+        return energy.detach(), forces.detach()
+
+    def optimization_step(self):
+        """Lines 5-7 for every moving slot; ended trajectories go to `end_trajectory`."""
+        self.model.eval()
+        before = {k: self.opt.slot_positions(k).numpy().copy()
+                  for k in range(len(self.slots)) if self.moving(k)}
+        self.opt.step(self.energy_and_forces)                          # line 5
+        for k, positions_before in before.items():
+            slot = self.slots[k]
+            positions = self.opt.slot_positions(k).numpy()
+            energy_mmff = slot.surrogate.energy(positions)             # line 6
+            t = int(self.opt.n_steps[k])
+            if energy_mmff > slot.energy_mmff:                          # line 7: a rise
+                if t == 1:        # s_0 is in D0 already: nothing new to label
+                    self.stats["n_rise_at_start"] += 1
+                    self.restart(k)
+                else:
+                    self.end_trajectory(k, positions_before, slot.energy_mmff)
+            elif t >= self.args.timelimit_train or bool(self.opt.converged[k]):
+                self.end_trajectory(k, positions, energy_mmff)          # t = T: s_T is sent
+            else:
+                slot.energy_mmff = energy_mmff
+        self.refresh_atomic_numbers()
+
+    def moving(self, k):
+        return bool(self.opt.active[k]) and not bool(self.opt.converged[k])
+
+    def end_trajectory(self, k, positions, energy_mmff):
+        """Line 8: send the conformation to the genuine oracle, unless MMFF calls it broken."""
+        slot = self.slots[k]
+        if energy_mmff > self.args.surrogate_energy_threshold:
+            self.stats["n_rejected_mmff"] += 1
+            self.restart(k)
+            return
+        conf = data.Conformation(numbers=slot.conf.numbers, positions=positions.copy(),
+                                 smiles=slot.conf.smiles,
+                                 info={"d0_row": int(slot.conf.id or 0),
+                                       "trajectory_step": int(self.opt.n_steps[k])})
+        slot.waiting = conf
+        self.opt.deactivate(k)
+        self.submit_waiting()
+
+    def jobs_wanted(self):
+        """Jobs the pool may take now: room in the pool, and no more than K needs."""
+        needed = self.args.max_oracle_steps - self.stats["n_added"] - len(self.in_flight)
+        return min(self.args.n_parallel - len(self.in_flight), needed)
+
+    def submit_waiting(self):
+        for k, slot in enumerate(self.slots):
+            if slot.waiting is not None and self.jobs_wanted() > 0:
+                future = self.pool.submit(slot.waiting, self.stats["n_submitted"])
+                self.in_flight[future] = slot.waiting
+                self.stats["n_submitted"] += 1
+                self.restart(k)
+        self.refresh_atomic_numbers()
+
+    # ---- oracle results and training ---------------------------------------------------
+
+    def harvest(self, timeout=0.0):
+        """Lines 8-10 for every finished job: add the labelled conformation to D (and to
+        collected.db at once), and owe U training updates for it."""
+        if not self.in_flight:
+            return
+        t0 = time.perf_counter()
+        done, _ = wait(list(self.in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
+        if timeout:
+            self.stats["wait_seconds"] += time.perf_counter() - t0
+        for future in done:
+            conf = self.in_flight.pop(future)
+            result = future.result()
+            if not result.ok:
+                self.stats["n_failed"] += 1
+                self.log({"event": "oracle_failure", "reason": result.reason,
+                          "seconds": result.seconds})
+                continue
+            labelled = data.Conformation(numbers=conf.numbers, positions=conf.positions,
+                                         energy=result.energy, forces=result.forces,
+                                         smiles=conf.smiles, info=conf.info)
+            data.write_conformation(self.collected_db, labelled, **conf.info,
+                                    oracle_seconds=float(result.seconds))   # never lost
+            self.buffer.add(labelled)                                          # line 9
+            self.stats["n_added"] += 1
+            self.updates_owed += self.args.utd_ratio                           # line 10
+            self.bar.update(1)
+            if self.stats["n_added"] % self.args.log_every == 0:
+                self.log({"event": "progress"})
+
+    def train(self, max_updates=None):
+        """Line 10: pay owed updates, each on a minibatch with a D0 share."""
+        n = self.updates_owed if max_updates is None else min(self.updates_owed, max_updates)
+        for _ in range(n):
+            self.stats["loss"] = self.trainer.update(self.buffer.sample(self.args.batch_size))
+            self.updates_owed -= 1
+            if self.trainer.step % self.args.checkpoint_every == 0:
+                self.save()
+        self.bar.set_postfix(added=self.stats["n_added"], jobs=len(self.in_flight),
+                             failed=self.stats["n_failed"], loss=f"{self.stats['loss']:.2e}",
+                             lr=f"{self.trainer.lr:.1e}")
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def run(self):
+        self.start_time = time.perf_counter()
+        self.bar = tqdm(total=self.args.max_oracle_steps, initial=self.stats["n_added"],
+                        desc="GOLF: conformations added", dynamic_ncols=True)
+        self.start_trajectories()
+        while self.stats["n_added"] < self.args.max_oracle_steps or self.updates_owed:
+            self.harvest()
+            if self.updates_owed:
+                # train U updates at a time, so trajectories and the pool keep moving
+                self.train(max_updates=self.args.utd_ratio)
+                continue
+            if self.stats["n_added"] >= self.args.max_oracle_steps:
+                break
+            self.submit_waiting()
+            if any(self.moving(k) for k in range(len(self.slots))):
+                self.optimization_step()
+            elif self.in_flight:
+                self.harvest(timeout=1.0)    # nothing to move or train: wait on the oracle
+            else:
+                raise RuntimeError("no trajectory can move and no oracle job is running")
+        self.bar.close()
+        for future in self.in_flight:        # K reached: jobs still running are not needed
+            future.cancel()
+        self.save()
+        self.log({"event": "done"})
+
+    def log(self, record):
+        elapsed = time.perf_counter() - self.start_time
+        record = {**record, **self.stats, "updates": self.trainer.step, "lr": self.trainer.lr,
+                  "in_flight": len(self.in_flight), "elapsed_seconds": elapsed,
+                  "wait_share": self.stats["wait_seconds"] / max(elapsed, 1e-9)}
+        with open(os.path.join(self.args.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if record["event"] != "progress":
+            tqdm.write(json.dumps(record))
+
+    def save(self):
+        painn.save_checkpoint(self.model, os.path.join(self.args.out_dir, "checkpoint.pt"),
+                              trainer=self.trainer.state_dict(), rng=rng_state(self.rng),
+                              args=vars(self.args))
+
+    def resume(self):
+        """After a kill: reload the collected data and the last checkpoint; owed updates are
+        U per collected conformation minus the updates the checkpoint has done."""
+        path = os.path.join(self.args.out_dir, "checkpoint.pt")
+        collected_path = os.path.join(self.args.out_dir, "collected.db")
+        collected = data.read_db(collected_path, "total", verbose=False)[0] \
+            if os.path.exists(collected_path) and len(self.collected_db) else []
+        for conf in collected:
+            self.buffer.add(conf)
+        self.stats["n_added"] = len(collected)
+        if os.path.exists(path):
+            ckpt = torch.load(path, map_location=self.args.device, weights_only=True)
+            self.model.load_state_dict(ckpt["model"]["state_dict"])
+            self.trainer.load_state_dict(ckpt["trainer"])
+            set_rng_state(self.rng, ckpt["rng"])
+        self.updates_owed = max(0, len(collected) * self.args.utd_ratio - self.trainer.step)
+        print(f"resumed: {len(collected)} conformations collected, {self.trainer.step} updates "
+              f"done, {self.updates_owed} owed")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    if not args.load_baseline:
+        sys.exit("error: --load_baseline is required: GOLF fine-tunes f_baseline "
+                 "(train it with train_baseline.py)")
+    d0, _ = data.read_db(args.d0, args.energy_kind, require_energy=True, require_forces=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")) and not args.resume:
+        sys.exit(f"error: {args.out_dir} holds a GOLF run; pass --resume to continue it")
+    model = painn.load_checkpoint(args.load_baseline).to(args.device, getattr(torch, args.dtype))
+    with oracles.make_oracle_pool(args) as pool:
+        golf = Golf(args, d0, model, pool, rng)
+        if args.resume:
+            golf.resume()
+        golf.run()
+    print(f"done: {golf.stats['n_added']} conformations added "
+          f"({args.out_dir}/collected.db), checkpoint {args.out_dir}/checkpoint.pt")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, painn.CheckpointError) as err:
+        sys.exit(f"error: {err}")
