@@ -17,11 +17,12 @@ Our writers store total energies.
 Also here: batching of molecules of different sizes (flat atoms + molecule index), a
 training sampler, the split into train/validation molecules, and the GOLF replay buffer.
 """
+from __future__ import annotations
+
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 HARTREE_TO_KCAL = 627.509474          # kcal/mol per Hartree
 BOHR_TO_ANGSTROM = 0.529177210903     # Angstrom per Bohr
@@ -206,16 +207,18 @@ def write_conformation(db, conf, **key_value_pairs):
 
 @dataclass
 class Batch:
-    z: torch.Tensor            # [n_atoms] long
-    positions: torch.Tensor    # [n_atoms, 3]
-    batch: torch.Tensor        # [n_atoms] molecule index, contiguous
+    z: "torch.Tensor"          # [n_atoms] long
+    positions: "torch.Tensor"  # [n_atoms, 3]
+    batch: "torch.Tensor"      # [n_atoms] molecule index, contiguous
     n_molecules: int
-    energy: torch.Tensor | None = None   # [n_molecules] float64, Hartree
-    forces: torch.Tensor | None = None   # [n_atoms, 3], Hartree/Angstrom
+    energy: "torch.Tensor | None" = None   # [n_molecules] float64, Hartree
+    forces: "torch.Tensor | None" = None   # [n_atoms, 3], Hartree/Angstrom
 
 
-def collate(confs, device="cpu", dtype=torch.float32):
+def collate(confs, device="cpu", dtype=None):
     """Concatenate conformations into one Batch (labels included when all have them)."""
+    import torch   # here, not at the top: the Psi4 worker processes import data.py
+    dtype = dtype or torch.float32
     z = torch.as_tensor(np.concatenate([c.numbers for c in confs]), device=device)
     positions = torch.as_tensor(np.concatenate([c.positions for c in confs]),
                                 dtype=dtype, device=device)

@@ -1,0 +1,118 @@
+"""Overhead of the oracle pool per Psi4 job.
+
+`--jobs` gradients of one small molecule at HF/STO-3G, each way in turn (interleaved, so
+that a change of machine load hits all alike):
+    bare    psi4.gradient in this process (oracles.psi4_gradient), as a worker runs it
+    pool    LocalOraclePool with one worker: submit() -> result(), one job at a time
+    dask    (--dask) DaskOraclePool on a one-worker LocalCluster, one job at a time
+            (each task also starts its own Psi4 process)
+Prints the median time per job and its difference to the bare call. That difference
+also holds Psi4's own speed, which varies by a few percent from process to process; the
+pool's machinery alone (pipes, pickling, the watchdog thread, unit conversion) is the
+round trip minus the time the worker took (OracleResult.seconds), printed too.
+
+    python benchmarks/oracle_pool.py [--jobs 20] [--smiles CCO] [--dask]
+"""
+import argparse
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")      # as the pool's workers run
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+from rdkit import Chem  # noqa: E402
+from rdkit.Chem import AllChem  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import oracles  # noqa: E402
+from data import Conformation  # noqa: E402
+
+METHOD = "hf/sto-3g"
+
+
+def conformation(smiles):
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    AllChem.EmbedMolecule(mol, randomSeed=0)
+    return Conformation(np.array([a.GetAtomicNum() for a in mol.GetAtoms()]),
+                        mol.GetConformer().GetPositions(), smiles=smiles)
+
+
+def bare_psi4():
+    """Psi4 in this process, set up as a worker sets it up. Psi4 leaves files in its
+    working directory: work in a temporary one, removed at exit (registered before Psi4
+    is imported, so it runs after Psi4's own exit handlers)."""
+    workdir = tempfile.mkdtemp(prefix="golf-bench-")
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    os.chdir(workdir)
+    import psi4
+    psi4.core.IOManager.shared_object().set_default_path(workdir)
+    psi4.core.be_quiet()
+    psi4.set_memory("2 GB")
+    psi4.core.set_num_threads(1)
+    return psi4
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--smiles", default="CCO")
+    parser.add_argument("--dask", action="store_true", help="also time the Dask back end")
+    args = parser.parse_args(argv)
+
+    conf = conformation(args.smiles)
+    charge, multiplicity = oracles.charge_and_multiplicity(conf.numbers, conf.smiles)
+    psi4 = bare_psi4()
+
+    def bare_job():                                  # what a worker does per job
+        psi4.core.clean_options()
+        psi4.set_options({"reference": "rhf"})
+        oracles.psi4_gradient(psi4, METHOD, conf.numbers, conf.positions, charge, multiplicity)
+        psi4.core.clean()
+        return None
+
+    with ExitStack() as stack:
+        ways = {"bare psi4.gradient": bare_job}
+        pool = stack.enter_context(oracles.LocalOraclePool(METHOD, n_workers=1))
+        ways["LocalOraclePool"] = lambda: pool.submit(conf, 0).result()
+        if args.dask:
+            from dask.distributed import LocalCluster
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None))
+            dask_pool = stack.enter_context(oracles.DaskOraclePool(cluster.scheduler_address,
+                                                                   METHOD))
+            ways["DaskOraclePool"] = lambda: dask_pool.submit(conf, 0).result()
+        for job in ways.values():                    # warm-up
+            job()
+        times = {name: [] for name in ways}
+        machinery = []                               # round trip - worker time, local pool
+        for _ in range(args.jobs):
+            for name, job in ways.items():
+                start = time.perf_counter()
+                result = job()
+                times[name].append(time.perf_counter() - start)
+                if name == "LocalOraclePool":
+                    machinery.append(times[name][-1] - result.seconds)
+
+    bare = np.median(times["bare psi4.gradient"])
+    print(f"{args.jobs} gradients of {args.smiles} ({conf.n_atoms} atoms), {METHOD}, "
+          "1 thread; median per job:")
+    for name, values in times.items():
+        line = f"  {name:20s} {1e3 * np.median(values):7.1f} ms"
+        if name != "bare psi4.gradient":
+            line += f"   {1e3 * (np.median(values) - bare):+6.1f} ms against bare"
+        print(line)
+    print(f"  LocalOraclePool machinery outside the worker: {1e3 * np.median(machinery):.2f} ms "
+          "per job")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""Labelled datasets from the genuine oracle (Psi4): GOLF's D0, D_traj-K, D_rdkit and D-test.
+
+Tsypin et al. (ICLR 2024) train NNPs on conformations labelled with DFT energies and forces:
+    --mode single_point  energy and forces of every conformation           -> D0-type db
+    --mode optimize      a Psi4 optimization of every conformation: every
+                         step (D_traj-K: --max_conformations K stops at K rows),
+                         and each start with its optimum (--out_optimal)    -> D-test-type db
+    --mode mmff          MMFF94-minimize every conformation, then label it  -> D_rdkit db
+
+Conformations come from a SMILES file (RDKit ETKDGv3, as nablaDFT made its conformations;
+`SMILES [name]` per line, # starts a comment) or from an existing db (--db). Example:
+
+    python make_trajectories.py --smiles data/small_molecules.smi --max_molecules 20 \\
+        --mode single_point --out runs/d0.db --oracle_method hf/sto-3g
+
+Output rows (data.py's schema: positions Angstrom, total energy Hartree, forces
+Hartree/Angstrom in row.data; keys):
+    --out, single_point / mmff: one row per conformation; keys conf_id, smiles, name
+    --out, optimize: one row per optimization step; keys conf_id, step (0 = the start),
+        smiles, name
+    --out_optimal, optimize: one row per conformation: its start (positions, energy,
+        forces) with optimal_energy and optimal_positions (the last step); keys conf_id,
+        smiles, name, converged (False: --max_opt_steps ran out), n_steps
+    metadata: method (Psi4 method), mode, seed, conformers_per_molecule, source; nablaDFT's
+        atomrefs only for its level, wb97x-d/def2-svp (else training fits them).
+The SMILES is stored as written in the file: the atom order of a row follows it.
+
+conf_id: with --smiles, (line number - 1) * conformers_per_molecule + k for the k-th
+conformer of the line (ETKDG seeded with --seed + line number: a rerun makes the same
+conformations and ids); with --db, the input row id.
+
+Resuming: every result is written the moment it arrives (rows are in the order results
+arrive), in one SQLite transaction, so `kill -9` loses no finished result. A rerun of the
+same command skips finished conformations (conf_id in --out; for optimize, in
+--out_optimal) and retries all others, failed ones included. Failures are appended to
+<out>.failures.jsonl (one JSON per line: conf_id, smiles, mode, reason, seconds, attempts,
+steps, time). The steps an optimization finished before failing are written to --out
+anyway; a rerun replaces them with its own.
+"""
+import argparse
+import collections
+import dataclasses
+import datetime
+import json
+import os
+import sys
+from concurrent.futures import FIRST_COMPLETED, wait
+from contextlib import ExitStack
+
+import numpy as np
+from rdkit import Chem, RDLogger
+from rdkit.Chem import AllChem
+from tqdm import tqdm
+
+import data
+import oracles
+from data import Conformation
+
+OWN_KEYS = ("conf_id", "step", "converged", "n_steps")   # keys this script sets itself
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--smiles", help="SMILES file, one molecule per line ('SMILES [name]')")
+    source.add_argument("--db", help="ASE db of conformations to label")
+    parser.add_argument("--conformers_per_molecule", type=int, default=1,
+                        help="ETKDGv3 conformations per SMILES line (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=42, help="ETKDG seed (plus line number)")
+    parser.add_argument("--skip_molecules", type=int, default=0,
+                        help="skip the first N molecules (lines of --smiles, rows of --db)")
+    parser.add_argument("--max_molecules", type=int, default=None,
+                        help="then take at most N molecules (e.g. to split train/test)")
+    parser.add_argument("--mode", choices=("single_point", "optimize", "mmff"),
+                        default="single_point")
+    parser.add_argument("--out", required=True, help="output db")
+    parser.add_argument("--out_optimal", default=None,
+                        help="--mode optimize: db of the starts with their optima "
+                             "(default: <out>_optimal.db)")
+    parser.add_argument("--max_conformations", type=int, default=None,
+                        help="K: stop when --out has K rows (D_traj-K)")
+    parser.add_argument("--mmff_max_iters", type=int, default=200,
+                        help="--mode mmff: most MMFF minimization iterations (RDKit's default)")
+    oracles.add_oracle_args(parser)
+    args = parser.parse_args(argv)
+    for name in ("conformers_per_molecule", "max_molecules", "max_conformations",
+                 "mmff_max_iters"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.skip_molecules < 0:
+        parser.error("--skip_molecules must be at least 0")
+    if args.out_optimal and args.mode != "optimize":
+        parser.error("--out_optimal is for --mode optimize")
+    if args.mode == "optimize" and not args.out_optimal:
+        args.out_optimal = os.path.splitext(args.out)[0] + "_optimal.db"
+    if args.out_optimal and os.path.abspath(args.out_optimal) == os.path.abspath(args.out):
+        parser.error("--out_optimal must differ from --out")
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Conformations to label
+# ---------------------------------------------------------------------------------------
+
+def read_smiles_file(path):
+    """[(line_number, smiles, name or None)] of the molecule lines of a SMILES file."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"{path}: no such SMILES file")
+    lines = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            fields = line.split(maxsplit=1)
+            if fields and not fields[0].startswith("#"):
+                name = fields[1].strip() if len(fields) > 1 else None
+                lines.append((line_number, fields[0], name))
+    return lines
+
+
+def parse_smiles(smiles):
+    RDLogger.DisableLog("rdApp.*")   # our warning names the line; RDKit's would not
+    mol = Chem.MolFromSmiles(smiles)
+    RDLogger.EnableLog("rdApp.*")
+    return mol
+
+
+def embed(smiles, n_conformers, seed):
+    """ETKDGv3 conformations of a SMILES with hydrogens added after the heavy atoms (the
+    atom order of nablaDFT rows): numbers [n_atoms], [positions [n_atoms, 3] Angstrom]."""
+    mol = Chem.AddHs(parse_smiles(smiles))
+    params = AllChem.ETKDGv3()
+    params.randomSeed = seed
+    ids = AllChem.EmbedMultipleConfs(mol, n_conformers, params)
+    numbers = np.array([atom.GetAtomicNum() for atom in mol.GetAtoms()])
+    return numbers, [mol.GetConformer(i).GetPositions() for i in ids]
+
+
+def smiles_conformations(args, lines, done, warn):
+    """(conf_id, Conformation) of the lines not finished yet, embedded only when needed."""
+    n = args.conformers_per_molecule
+    for line_number, smiles, name in lines:
+        ids = [(line_number - 1) * n + k for k in range(n)]
+        todo = [k for k in range(n) if ids[k] not in done]
+        if not todo:
+            continue
+        numbers, conformers = embed(smiles, n, args.seed + line_number)
+        if len(conformers) < n:
+            warn(f"warning: {args.smiles} line {line_number}: ETKDG embedded "
+                 f"{len(conformers)} of {n} conformations of {smiles}",
+                 len([k for k in todo if k >= len(conformers)]))
+        for k in todo:
+            if k < len(conformers):
+                yield ids[k], Conformation(numbers, conformers[k], smiles=smiles,
+                                           info={"name": name} if name else {})
+
+
+def selected(items, args):
+    end = None if args.max_molecules is None else args.skip_molecules + args.max_molecules
+    return items[args.skip_molecules:end]
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------
+
+def open_output(path, args, atomrefs):
+    """Open (or create) an output db; a db made with other flags is refused, since its
+    conf_ids would mean other conformations."""
+    source = os.path.basename(args.smiles or args.db)
+    metadata = {"method": args.oracle_method, "mode": args.mode, "seed": args.seed,
+                "conformers_per_molecule": args.conformers_per_molecule, "source": source}
+    try:
+        db = data.connect_for_writing(path, atomrefs=atomrefs, **metadata)
+        old = db.metadata
+    except Exception as err:
+        raise data.DataError(f"{path}: cannot open it as an ASE database ({err})") from None
+    flags = {"method": "--oracle_method", "mode": "--mode", "seed": "--seed",
+             "conformers_per_molecule": "--conformers_per_molecule", "source": "--smiles/--db"}
+    for key, flag in flags.items():
+        if key in old and old[key] != metadata[key]:
+            raise data.DataError(f"{path} was made with {flag} {old[key]}, not {metadata[key]}; "
+                                 "rerun with the same flags or write to a new --out")
+    return db
+
+
+def finished_ids(db):
+    return {row.get("conf_id") for row in db.select(include_data=False)} - {None}
+
+
+def row_keys(conf):
+    """Key-value pairs a conformation carries to its output rows (name, input keys)."""
+    return {k: v for k, v in conf.info.items() if k not in OWN_KEYS}
+
+
+def write_trajectory(db, conf, conf_id, result, room):
+    """Every step of one optimization in one transaction, replacing the rows of an earlier
+    (failed, partial) attempt unless those are more. At most `room` new rows (None: no
+    cap). Returns the number of rows added."""
+    old = [row.id for row in db.select(conf_id=conf_id, include_data=False)]
+    n = result.n_steps if room is None else min(result.n_steps, room + len(old))
+    if n == 0 or n < len(old):
+        return 0
+    with db:
+        if old:
+            db.delete(old)
+        for t in range(n):
+            step = Conformation(conf.numbers, result.trajectory_positions[t],
+                                energy=float(result.trajectory_energy[t]),
+                                forces=result.trajectory_forces[t], smiles=conf.smiles)
+            data.write_conformation(db, step, conf_id=conf_id, step=t, **row_keys(conf))
+    return n - len(old)
+
+
+def write_result(args, out, optimal, conf, conf_id, result, room):
+    """Write one oracle result the moment it arrives; returns the rows added to --out.
+    optimize: the steps (also those of a failed optimization) to --out, and the start
+    with its optimum to --out_optimal; else the labelled conformation to --out."""
+    if args.mode == "optimize":
+        n_rows = write_trajectory(out, conf, conf_id, result, room)
+        if result.ok:
+            start = dataclasses.replace(conf, energy=result.energy, forces=result.forces,
+                                        optimal_energy=result.optimal_energy,
+                                        optimal_positions=result.optimal_positions)
+            data.write_conformation(optimal, start, conf_id=conf_id,
+                                    converged=bool(result.converged), n_steps=result.n_steps,
+                                    **row_keys(conf))
+        return n_rows
+    if not result.ok or room == 0:
+        return 0
+    labelled = dataclasses.replace(conf, energy=result.energy, forces=result.forces)
+    data.write_conformation(out, labelled, conf_id=conf_id, **row_keys(conf))
+    return 1
+
+
+def log_failure(path, conf, conf_id, mode, reason, result=None):
+    """Append one failure to the <out>.failures.jsonl sidecar (open, write, close: a kill
+    never leaves half a record behind it)."""
+    record = {"conf_id": int(conf_id), "smiles": conf.smiles, "mode": mode, "reason": reason,
+              "seconds": round(result.seconds, 3) if result else 0.0,
+              "attempts": result.attempts if result else 0,
+              "steps": result.n_steps if result else 0,
+              "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------
+
+def atomrefs_for(method):
+    """nablaDFT's atomrefs for its level of theory; None for any other (training then
+    fits per-element references by least squares, data.fit_atomrefs)."""
+    import painn
+    if method.lower().replace(" ", "") == oracles.DEFAULT_METHOD:
+        return painn.NABLADFT_ATOMREFS
+    return None
+
+
+def make(args):
+    # the input first: a bad one must not leave an output db behind
+    if args.smiles:
+        lines = []
+        for line in selected(read_smiles_file(args.smiles), args):
+            if parse_smiles(line[1]) is None:
+                print(f"warning: {args.smiles} line {line[0]}: RDKit cannot parse SMILES "
+                      f"{line[1]!r}; skipped", file=sys.stderr)
+            else:
+                lines.append(line)
+    else:
+        confs = selected(data.read_db(args.db, verbose=False)[0], args)
+    atomrefs = atomrefs_for(args.oracle_method)
+    out = open_output(args.out, args, atomrefs)
+    optimal = open_output(args.out_optimal, args, atomrefs) if args.mode == "optimize" else None
+    failures_path = args.out + ".failures.jsonl"
+    done = finished_ids(optimal if optimal is not None else out)
+
+    # what to do: a lazy stream of (conf_id, conformation), and how many (for the bar)
+    def warn(message, n_skipped=0):
+        bar.total -= n_skipped
+        bar.refresh()
+        tqdm.write(message, file=sys.stderr)
+
+    if args.smiles:
+        n = args.conformers_per_molecule
+        total = sum((line - 1) * n + k not in done for line, _, _ in lines for k in range(n))
+        pending = smiles_conformations(args, lines, done, warn)
+    else:
+        confs = [c for c in confs if c.id not in done]
+        total = len(confs)
+        pending = ((c.id, c) for c in confs)
+    print(f"{args.mode} with {args.oracle_method}: {total} conformations to do, "
+          f"{len(done)} already finished in {args.out_optimal or args.out}")
+    bar = tqdm(total=total, unit="conf", desc=args.mode, dynamic_ncols=True)
+
+    kind = "optimize" if args.mode == "optimize" else "gradient"
+    reasons = collections.Counter()                   # failure reason -> count
+    n_done, n_rows = 0, out.count()
+
+    def room():
+        """Rows --out may still take: None without --max_conformations."""
+        return None if args.max_conformations is None else args.max_conformations - n_rows
+
+    def failed(conf, conf_id, reason, result=None):
+        log_failure(failures_path, conf, conf_id, args.mode, reason, result)
+        reasons[reason[:100]] += 1
+        bar.set_postfix(failed=sum(reasons.values()), refresh=False)
+
+    with ExitStack() as stack:
+        stack.callback(bar.close)
+        pool, in_flight = None, {}                    # in_flight: future -> (conf_id, conf)
+        while True:
+            # keep every worker busy: about two jobs per worker in flight. No new job once
+            # --out is full (--max_conformations); in single_point and mmff modes (one row
+            # per job) none beyond it. Optimizations running then still finish: their
+            # optima go to --out_optimal, their steps only as far as --out has room.
+            window = 2 * pool.n_parallel if pool is not None else 1
+            while len(in_flight) < window:
+                rows_in_flight = 0 if args.mode == "optimize" else len(in_flight)
+                if room() is not None and room() <= rows_in_flight:
+                    break
+                conf_id, conf = next(pending, (None, None))
+                if conf is None:
+                    break
+                if args.mode == "mmff":
+                    try:
+                        conf = dataclasses.replace(
+                            conf, positions=oracles.mmff_minimize(conf, args.mmff_max_iters))
+                    except data.DataError as err:
+                        failed(conf, conf_id, f"MMFF: {err}")
+                        bar.update(1)
+                        continue
+                if pool is None:   # started by the first job: a rerun with nothing to do
+                    pool = stack.enter_context(oracles.make_oracle_pool(args))  # starts none
+                    window = 2 * pool.n_parallel
+                in_flight[pool.submit(conf, conf_id, kind=kind)] = (conf_id, conf)
+            if not in_flight:
+                break
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                conf_id, conf = in_flight.pop(future)
+                result = future.result()
+                n_rows += write_result(args, out, optimal, conf, conf_id, result, room())
+                if result.ok:
+                    n_done += 1
+                else:
+                    failed(conf, conf_id, result.reason, result)
+                bar.update(1)
+
+    print(f"{n_done} conformations finished, {n_rows} rows in {args.out}"
+          + (f", starts and optima in {args.out_optimal}" if optimal is not None else ""))
+    if reasons:
+        print(f"{sum(reasons.values())} failed (logged in {failures_path}; rerun the same "
+              "command to retry them):")
+        for reason, count in reasons.most_common():
+            print(f"  {count} x {reason}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return make(args)
+    except (data.DataError, oracles.OracleError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: every finished result is written; rerun the same command to "
+              "continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

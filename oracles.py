@@ -1,0 +1,779 @@
+"""The oracles of GOLF: the genuine one (DFT in Psi4) and the surrogate one (MMFF94 in RDKit).
+
+GOLF (Tsypin et al., ICLR 2024) improves an NNP with conformations labelled by the *genuine
+oracle*, the DFT method of the training data: wB97X-D/def2-SVP in Psi4, as nablaDFT. One
+call costs CPU-minutes (the paper spent ~80 CPU-years), so nothing it computes may be lost
+and one bad job (a segfault, an SCF that does not converge, a job that never ends) must
+never stop a run. The *surrogate oracle*, MMFF94 at tens of microseconds per energy, is
+the cheap one.
+
+Genuine oracle
+--------------
+    pool = LocalOraclePool(method, n_workers, threads, memory, timeout, retries, max_opt_steps)
+    pool = DaskOraclePool(scheduler, method, ...)    same jobs on a Dask cluster
+    pool = make_oracle_pool(args)                    either, from the flags of add_oracle_args
+
+    future = pool.submit(conf, conf_id)                    energy and forces of conf
+    future = pool.submit(conf, conf_id, kind="optimize")   Psi4 geometry optimization from conf
+    future.done(); result = future.result()                an OracleResult
+    pool.close()                                           (or `with pool:`)
+
+A failure (worker death, timeout, SCF non-convergence, element without basis functions, ...)
+is an OracleResult with ok=False and a reason, never an exception. Each job runs in a
+persistent worker process that imported Psi4 once; a watchdog thread in the parent kills a
+worker whose job runs past `timeout` and starts a new one. A failed job is retried
+`retries` times. With Dask, each task runs its job the same way, in a child process of the
+Dask worker, so a segfault never takes the Dask worker down.
+
+Psi4 in this process (what the workers call): psi4_gradient, psi4_optimize.
+
+Surrogate oracle
+----------------
+    MMFFSurrogate(conf).energy(positions [n_atoms, 3]) -> kcal/mol, force field built once
+    mmff_minimize(conf, max_iters) -> positions [n_atoms, 3]
+
+Units: positions Angstrom, energies Hartree, forces Hartree/Angstrom. Psi4 works in Bohr:
+its gradients (Hartree/Bohr) are converted with data.BOHR_TO_ANGSTROM. MMFF: kcal/mol.
+"""
+import collections
+import math
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+import numpy as np
+from rdkit import Chem, RDLogger
+from rdkit.Chem import AllChem, rdDetermineBonds
+
+import data   # imports no torch: the Psi4 workers run this file and start fast
+
+DEFAULT_METHOD = "wb97x-d/def2-svp"   # the paper's level of theory, and nablaDFT's
+KINDS = ("gradient", "optimize")
+
+
+class OracleError(RuntimeError):
+    """The oracle cannot run at all (Psi4 missing, Dask unreachable, a bad flag): one line."""
+
+
+# ---------------------------------------------------------------------------------------
+# Psi4 in this process
+# ---------------------------------------------------------------------------------------
+
+def charge_and_multiplicity(numbers, smiles=None):
+    """Total charge from the SMILES formal charges (0 without a SMILES) and the lowest spin
+    multiplicity: singlet for an even number of electrons, doublet for an odd one."""
+    charge = 0
+    if smiles:
+        RDLogger.DisableLog("rdApp.*")
+        mol = Chem.MolFromSmiles(smiles)
+        RDLogger.EnableLog("rdApp.*")
+        if mol is not None:
+            charge = Chem.GetFormalCharge(mol)
+    n_electrons = int(np.sum(numbers)) - charge
+    return charge, 1 if n_electrons % 2 == 0 else 2
+
+
+def psi4_molecule(psi4, numbers, positions, charge, multiplicity):
+    """A Psi4 molecule exactly at `positions` (Angstrom): nocom, noreorient, symmetry c1."""
+    return psi4.core.Molecule.from_arrays(
+        geom=np.asarray(positions, dtype=np.float64), elez=[int(z) for z in numbers],
+        units="Angstrom", fix_com=True, fix_orientation=True, fix_symmetry="c1",
+        molecular_charge=charge, molecular_multiplicity=multiplicity)
+
+
+def psi4_gradient(psi4, method, numbers, positions, charge, multiplicity):
+    """Energy (Hartree) and gradient dE/dX [n_atoms, 3] (Hartree/Bohr) of one conformation."""
+    molecule = psi4_molecule(psi4, numbers, positions, charge, multiplicity)
+    gradient, wfn = psi4.gradient(method, molecule=molecule, return_wfn=True)
+    return float(wfn.energy()), np.array(gradient)
+
+
+def psi4_optimize(psi4, method, numbers, positions, charge, multiplicity, max_steps, on_step):
+    """Psi4's geometry optimizer (optking, default settings) from `positions`.
+
+    Calls on_step(energy Hartree, gradient [n_atoms, 3] Hartree/Bohr, positions [n_atoms, 3]
+    Angstrom) for every gradient it evaluates, the starting conformation first. Returns
+    (converged, message): max_steps running out is converged=False, not an error.
+    psi4.optimize(return_history=True) would lose the steps of an optimization that does
+    not converge, so the gradient of every step goes through our function instead."""
+    molecule = psi4_molecule(psi4, numbers, positions, charge, multiplicity)
+
+    def gradient_of_one_step(gradient, label, ptype, **kwargs):  # psi4.optimize calls this
+        g, wfn = gradient(method, **kwargs)
+        geometry = np.array(kwargs["molecule"].geometry()) * psi4.constants.bohr2angstroms
+        on_step(float(wfn.energy()), np.array(g), geometry)   # Bohr -> Angstrom as Psi4 read it
+        return g, wfn
+
+    psi4.set_options({"geom_maxiter": max_steps})
+    try:
+        psi4.optimize(gradient_of_one_step, molecule=molecule, dertype=1)
+        return True, ""
+    except psi4.OptimizationConvergenceError as err:
+        return False, one_line(err)
+
+
+def one_line(err, limit=300):
+    """An exception as one short line (Psi4's messages span many lines)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}"[:limit]
+
+
+# ---------------------------------------------------------------------------------------
+# The worker process: imports Psi4 once, then runs jobs it reads from a pipe
+# ---------------------------------------------------------------------------------------
+
+def worker_main(job_fd, result_fd):
+    """Child side. Reads the settings, then jobs (dicts) until None or the parent is gone;
+    sends ('ready', pid), then per job zero or more ('step', energy, gradient, positions)
+    and one ('done', payload) or ('failed', reason)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to handle
+    jobs = multiprocessing.connection.Connection(job_fd, writable=False)
+    results = multiprocessing.connection.Connection(result_fd, readable=False)
+    settings = jobs.recv()
+    scratch = os.path.join(os.getcwd(), "scratch")  # cwd is this worker's own directory
+    try:
+        import psi4
+        psi4.core.be_quiet()
+        psi4.set_memory(settings["memory"])
+        psi4.core.set_num_threads(settings["threads"])
+    except Exception as err:
+        results.send(("error", f"cannot start Psi4: {one_line(err)}"))
+        return
+    results.send(("ready", os.getpid()))
+
+    def leave(parent_gone):
+        # os._exit skips Psi4's exit handlers, which would clean files of the scratch we
+        # removed. The parent removes our directory, unless it is gone (killed).
+        if parent_gone:
+            shutil.rmtree(os.getcwd(), ignore_errors=True)
+        os._exit(0)
+
+    while True:
+        try:
+            job = jobs.recv()
+        except EOFError:
+            leave(parent_gone=True)
+        if job is None:
+            leave(parent_gone=False)
+        os.makedirs(scratch, exist_ok=True)
+        psi4.core.IOManager.shared_object().set_default_path(scratch)
+        psi4.core.clean_options()
+        psi4.set_options({"reference": "rhf" if job["multiplicity"] == 1 else "uhf",
+                          **settings["options"]})
+        args = (psi4, settings["method"], job["numbers"], job["positions"], job["charge"],
+                job["multiplicity"])
+        try:
+            if job["kind"] == "gradient":
+                energy, gradient = psi4_gradient(*args)
+                reply = ("done", {"energy": energy, "gradient": gradient})
+            else:
+                converged, message = psi4_optimize(
+                    *args, settings["max_opt_steps"],
+                    on_step=lambda *step: results.send(("step", *step)))
+                reply = ("done", {"converged": converged, "message": message})
+        except Exception as err:     # SCF not converged, no basis for an element, ...
+            reply = ("failed", one_line(err))
+        finally:
+            psi4.core.clean()
+            psi4.core.clean_variables()
+            shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            results.send(reply)
+        except OSError:
+            leave(parent_gone=True)
+
+
+class Psi4Process:
+    """Parent side of one worker: a child Python running this file, in its own directory
+    (Psi4's scratch and the files Psi4 leaves in its working directory), removed on close."""
+
+    def __init__(self, settings, scratch_root, startup_timeout):
+        self.dir = tempfile.mkdtemp(prefix="golf-psi4-", dir=scratch_root)
+        job_r, job_w = os.pipe()
+        result_r, result_w = os.pipe()
+        threads = str(settings["threads"])
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+                   OPENBLAS_NUM_THREADS=threads, PSI_SCRATCH=self.dir)
+        self.stderr_path = os.path.join(self.dir, "stderr.log")
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--psi4_worker", str(job_r),
+                 str(result_w)], pass_fds=(job_r, result_w), cwd=self.dir, env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        os.close(job_r)
+        os.close(result_w)
+        self.jobs = multiprocessing.connection.Connection(job_w, readable=False)
+        self.results = multiprocessing.connection.Connection(result_r, writable=False)
+        self.jobs.send(settings)
+        self.ready = False            # Psi4 imported
+        self.job = None               # the _Job it runs
+        self.deadline = time.monotonic() + startup_timeout  # when its next message is due
+
+    def death_reason(self):
+        """Why the process ended (after the pipe closed): 'worker died with signal N (SIGX)'."""
+        code = self.process.wait()
+        if code < 0:
+            reason = f"worker died with signal {-code} ({signal.Signals(-code).name})"
+        else:
+            reason = f"worker exited with code {code}"
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                lines = [line.strip() for line in f if line.strip()]
+            if lines:
+                reason += f"; its last stderr line: {lines[-1][:200]}"
+        except OSError:
+            pass
+        return reason
+
+    def close(self, kill=False):
+        """Stop the process (politely when idle, else kill), reap it, remove its directory."""
+        if self.process.poll() is None:
+            if not kill and self.job is None:
+                try:
+                    self.jobs.send(None)
+                    self.process.wait(timeout=10)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+            if self.process.poll() is None:
+                self.process.kill()
+        self.process.wait()           # no zombies
+        self.jobs.close()
+        self.results.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Results and jobs
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class OracleResult:
+    """What the genuine oracle returned for one job. ok=False is a failure record."""
+    conf_id: int
+    ok: bool
+    kind: str = "gradient"
+    energy: float | None = None           # Hartree, of the submitted conformation
+    forces: np.ndarray | None = None      # [n_atoms, 3] Hartree/Angstrom, = -gradient
+    reason: str = ""                      # why it failed, or why an optimization stopped
+    seconds: float = 0.0                  # wall time of all attempts
+    attempts: int = 0
+    # kind "optimize": every step t = 0..T of Psi4's optimizer, step 0 the submitted
+    # conformation. A failed optimization keeps the steps it finished.
+    trajectory_positions: np.ndarray | None = None  # [n_steps, n_atoms, 3] Angstrom
+    trajectory_energy: np.ndarray | None = None     # [n_steps] Hartree
+    trajectory_forces: np.ndarray | None = None     # [n_steps, n_atoms, 3] Hartree/Angstrom
+    converged: bool = False               # the optimizer met its criteria within max steps
+
+    @property
+    def n_steps(self):
+        return 0 if self.trajectory_energy is None else len(self.trajectory_energy)
+
+    @property
+    def optimal_energy(self):
+        """Energy of the last step (the optimum when converged), Hartree."""
+        return float(self.trajectory_energy[-1]) if self.n_steps else None
+
+    @property
+    def optimal_positions(self):
+        """[n_atoms, 3] Angstrom, the last step's conformation."""
+        return self.trajectory_positions[-1] if self.n_steps else None
+
+
+def make_job(conf, conf_id, kind="gradient", charge=None, multiplicity=None):
+    """The message a worker runs: atoms, positions (Angstrom), charge and multiplicity
+    (from the SMILES unless given)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    numbers = np.asarray(conf.numbers, dtype=np.int64)
+    default_charge, default_multiplicity = charge_and_multiplicity(numbers, conf.smiles)
+    return {"conf_id": conf_id, "kind": kind, "numbers": numbers,
+            "positions": np.asarray(conf.positions, dtype=np.float64),
+            "charge": default_charge if charge is None else int(charge),
+            "multiplicity": default_multiplicity if multiplicity is None else int(multiplicity)}
+
+
+@dataclass
+class _Job:
+    message: dict
+    future: Future
+    attempts: int = 0
+    seconds: float = 0.0          # of the finished attempts
+    started: float = 0.0          # time.monotonic() of the current attempt
+    steps: list = field(default_factory=list)       # (energy, gradient, positions) so far
+    best_steps: list = field(default_factory=list)  # longest partial trajectory of a failure
+
+    def result(self, ok, reason="", payload=None):
+        """The OracleResult of this job, in our units (Hartree/Bohr -> Hartree/Angstrom)."""
+        kind = self.message["kind"]
+        out = OracleResult(conf_id=self.message["conf_id"], ok=ok, kind=kind, reason=reason,
+                           seconds=self.seconds, attempts=self.attempts)
+        if kind == "gradient":
+            if ok:
+                out.energy = payload["energy"]
+                out.forces = -payload["gradient"] / data.BOHR_TO_ANGSTROM
+            return out
+        steps = self.steps if ok else max(self.steps, self.best_steps, key=len)
+        if steps:
+            out.trajectory_energy = np.array([s[0] for s in steps])
+            out.trajectory_forces = -np.stack([s[1] for s in steps]) / data.BOHR_TO_ANGSTROM
+            out.trajectory_positions = np.stack([s[2] for s in steps])
+            out.energy, out.forces = float(out.trajectory_energy[0]), out.trajectory_forces[0]
+        if ok:
+            out.converged = payload["converged"]
+            if not out.converged:
+                out.reason = f"not converged in {len(steps)} steps ({payload['message']})"
+            elif not steps:
+                out.ok, out.reason = False, "the optimizer returned no steps"
+        return out
+
+
+def _settle(future, result):
+    """Set a future's result unless it was cancelled meanwhile."""
+    try:
+        future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# Local back end: persistent worker processes and a watchdog thread
+# ---------------------------------------------------------------------------------------
+
+class LocalOraclePool:
+    """Psi4 jobs on this machine, `n_workers` at a time, `threads` threads each.
+
+    timeout: seconds one Psi4 gradient may take (every step of an optimization is one);
+    a worker over it is killed and replaced. retries: extra attempts of a failed job.
+    max_opt_steps: geom_maxiter of an optimization. psi4_options: extra psi4.set_options.
+    scratch: where workers make their directories (default $PSI_SCRATCH, else /tmp)."""
+
+    def __init__(self, method=DEFAULT_METHOD, n_workers=2, threads=1, memory="2 GB",
+                 timeout=600.0, retries=1, max_opt_steps=100, psi4_options=None,
+                 scratch=None, startup_timeout=120.0):
+        check_settings(n_workers, threads, timeout, retries, max_opt_steps)
+        self.settings = {"method": method, "threads": int(threads), "memory": memory,
+                         "max_opt_steps": int(max_opt_steps), "options": dict(psi4_options or {})}
+        self.scratch = scratch or os.environ.get("PSI_SCRATCH") or tempfile.gettempdir()
+        if not os.path.isdir(self.scratch):
+            raise OracleError(f"scratch directory {self.scratch} does not exist; create it or "
+                              "set PSI_SCRATCH to an existing directory")
+        self.timeout, self.retries = float(timeout), int(retries)
+        self.startup_timeout = float(startup_timeout)
+        self.n_parallel = int(n_workers)
+        self._queue = collections.deque()      # _Jobs waiting for a worker
+        self._lock = threading.Lock()          # guards _queue and _closed
+        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        self._closed = False
+        self._broken = None                    # why workers cannot start: every job fails
+        self._workers = [self._new_worker() for _ in range(n_workers)]
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            for worker in self._workers:
+                worker.close(kill=True)
+            self._wake_r.close()
+            self._wake_w.close()
+            raise
+        self._thread = threading.Thread(target=self._run, name="oracle-watchdog", daemon=True)
+        self._thread.start()
+
+    def _new_worker(self):
+        return Psi4Process(self.settings, self.scratch, self.startup_timeout)
+
+    def _wait_until_ready(self):
+        """Block until every worker imported Psi4; a worker that cannot is one clear error."""
+        for worker in self._workers:
+            if not worker.results.poll(max(0.0, worker.deadline - time.monotonic())):
+                raise OracleError(f"a Psi4 worker did not start within "
+                                  f"{self.startup_timeout:g} s")
+            try:
+                message = worker.results.recv()
+            except EOFError:
+                raise OracleError(f"a Psi4 worker could not start: {worker.death_reason()}") \
+                    from None
+            if message[0] == "error":
+                raise OracleError(f"{message[1]} (check --psi4_memory / --psi4_threads and "
+                                  "that `python -c 'import psi4'` works)")
+            worker.ready, worker.deadline = True, math.inf
+
+    # -- the public API ------------------------------------------------------------------
+
+    def submit(self, conf, conf_id, kind="gradient", charge=None, multiplicity=None):
+        """Queue one job: kind 'gradient' (energy and forces) or 'optimize'. Returns a
+        concurrent.futures.Future of an OracleResult."""
+        return self.submit_job(make_job(conf, conf_id, kind, charge, multiplicity))
+
+    def submit_job(self, message):
+        future = Future()
+        with self._lock:
+            if self._closed:
+                raise OracleError("submit() on a closed oracle pool")
+            if self._broken:
+                future.set_result(OracleResult(message["conf_id"], False, message["kind"],
+                                               reason=self._broken))
+                return future
+            self._queue.append(_Job(message, future))
+            self._wake_w.send(None)
+        return future
+
+    @property
+    def worker_pids(self):
+        """Process ids of the current workers (for monitoring, and tests that kill one)."""
+        return [worker.process.pid for worker in self._workers if worker is not None]
+
+    def close(self):
+        """Stop the watchdog and the workers. Queued jobs are cancelled; a running job ends
+        as a failure record 'pool closed'. Collect the results you need first."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake_w.send(None)
+        self._thread.join()
+        for job in self._queue:
+            if not job.future.cancel():          # a job between two attempts
+                _settle(job.future, job.result(False, "pool closed before the job finished"))
+        self._queue.clear()
+        for worker in filter(None, self._workers):
+            if worker.job is not None:
+                _settle(worker.job.future,
+                        worker.job.result(False, "pool closed before the job finished"))
+            worker.close(kill=worker.job is not None)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the watchdog thread -------------------------------------------------------------
+
+    def _run(self):
+        """Hand queued jobs to idle workers, read their messages, kill those past the timeout."""
+        try:
+            while self._step():
+                pass
+        except Exception as err:       # a bug or an OS error here must not hang the futures
+            self._break(f"oracle pool watchdog failed: {one_line(err)}")
+            for worker in self._workers:
+                if worker is not None and worker.job is not None:
+                    _settle(worker.job.future, worker.job.result(False, self._broken))
+                    worker.job = None
+
+    def _step(self):
+        with self._lock:
+            if self._closed:
+                return False
+            self._start_queued_jobs()
+        # sleep until a worker sends something, a job is submitted, or the next deadline
+        deadline = min((w.deadline for w in self._workers), default=math.inf)
+        timeout = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
+        ready = multiprocessing.connection.wait(
+            [w.results for w in self._workers] + [self._wake_r], timeout)
+        while self._wake_r.poll():
+            self._wake_r.recv()
+        for i, worker in enumerate(self._workers):
+            if worker.results in ready:
+                self._read(i)
+            elif time.monotonic() > worker.deadline and worker.job is not None:
+                job = worker.job
+                self._replace(i)
+                self._attempt_failed(job, f"timeout: no result within {self.timeout:g} s "
+                                          "(worker killed)")
+            elif time.monotonic() > worker.deadline:      # a replacement that never started
+                self._break(f"a Psi4 worker did not start within {self.startup_timeout:g} s")
+                self._replace(i)
+        self._workers = [w for w in self._workers if w is not None]   # None: pool broken
+        return True
+
+    def _start_queued_jobs(self):
+        for worker in self._workers:
+            if not worker.ready or worker.job is not None:
+                continue
+            job = None
+            while self._queue and job is None:
+                job = self._queue.popleft()
+                if job.attempts == 0 and not job.future.set_running_or_notify_cancel():
+                    job = None                       # cancelled while queued
+            if job is None:
+                return
+            job.attempts += 1
+            job.steps, job.started = [], time.monotonic()
+            worker.job, worker.deadline = job, job.started + self.timeout
+            try:
+                worker.jobs.send(job.message)
+            except OSError:
+                pass           # the worker just died: _read sees it and fails the attempt
+
+    def _read(self, i):
+        worker = self._workers[i]
+        try:
+            message = worker.results.recv()
+        except (EOFError, OSError):                  # the worker process ended
+            job, reason = worker.job, worker.death_reason()
+            if not worker.ready:                     # a replacement could not start
+                self._break(f"a Psi4 worker could not start: {reason}")
+            self._replace(i)
+            if job is not None:
+                self._attempt_failed(job, reason)
+            return
+        tag = message[0]
+        if tag == "ready":
+            worker.ready, worker.deadline = True, math.inf
+        elif tag == "error":                         # it exits next; no more replacements
+            self._break(message[1])
+        elif tag == "step":                          # one finished optimization step
+            worker.job.steps.append(message[1:])
+            worker.deadline = time.monotonic() + self.timeout
+        else:                                        # 'done' or 'failed'
+            job, worker.job, worker.deadline = worker.job, None, math.inf
+            if tag == "done":
+                job.seconds += time.monotonic() - job.started
+                _settle(job.future, job.result(True, payload=message[1]))
+            else:
+                self._attempt_failed(job, message[1])
+
+    def _replace(self, i):
+        """Kill worker i (stuck or dead) and start a fresh one in its slot (None once the
+        pool is broken: workers cannot start)."""
+        self._workers[i].close(kill=True)
+        self._workers[i] = None
+        if not self._broken:
+            try:
+                self._workers[i] = self._new_worker()
+            except OSError as err:
+                self._break(f"cannot start a Psi4 worker: {one_line(err)}")
+
+    def _attempt_failed(self, job, reason):
+        job.seconds += time.monotonic() - job.started
+        if len(job.steps) > len(job.best_steps):
+            job.best_steps = job.steps
+        with self._lock:
+            if job.attempts <= self.retries and not self._closed and not self._broken:
+                self._queue.appendleft(job)          # retry first, before newer jobs
+                return
+        _settle(job.future, job.result(False, reason))
+
+    def _break(self, reason):
+        """Workers cannot start (e.g. Psi4 was uninstalled): fail every queued job, and
+        every job submitted from now on."""
+        with self._lock:
+            self._broken = self._broken or reason
+            queued, self._queue = list(self._queue), collections.deque()
+        for job in queued:
+            _settle(job.future, job.result(False, self._broken))
+
+
+# ---------------------------------------------------------------------------------------
+# Dask back end: the same jobs on a Dask cluster
+# ---------------------------------------------------------------------------------------
+
+def run_job_in_child_process(message, pool_kwargs):
+    """A Dask task: one job in a one-worker LocalOraclePool (its own Psi4 process, the
+    timeout and the retries), so a segfault or a stuck SCF never kills the Dask worker."""
+    with LocalOraclePool(n_workers=1, **pool_kwargs) as pool:
+        return pool.submit_job(message).result()
+
+
+class DaskOraclePool:
+    """Psi4 jobs on a Dask cluster: `dask scheduler` on one machine, and on every machine
+    with this repo and Psi4, from the repo directory, `PYTHONPATH=. dask worker
+    tcp://HOST:8786 --nthreads N` (N jobs at a time, each with `threads` Psi4 threads).
+    Each task starts a Psi4 process (~0.6 s), negligible next to a DFT job. Same
+    arguments and API as LocalOraclePool; scratch is each Dask worker's $PSI_SCRATCH or /tmp."""
+
+    def __init__(self, scheduler, method=DEFAULT_METHOD, threads=1, memory="2 GB",
+                 timeout=600.0, retries=1, max_opt_steps=100, psi4_options=None,
+                 connect_timeout=20.0):
+        from dask.distributed import Client
+        check_settings(1, threads, timeout, retries, max_opt_steps)
+        try:
+            self.client = Client(scheduler, timeout=f"{connect_timeout}s")
+        except (OSError, TimeoutError, ValueError) as err:
+            raise OracleError(f"cannot reach the Dask scheduler at {scheduler} ({err}); start "
+                              "it with `dask scheduler`, or drop --dask_scheduler") from None
+        self.pool_kwargs = dict(method=method, threads=threads, memory=memory,
+                                timeout=timeout, retries=retries,
+                                max_opt_steps=max_opt_steps, psi4_options=psi4_options)
+        self._tasks = {}              # key -> dask future: kept, or Dask forgets the task
+        self._lock = threading.Lock()
+
+    @property
+    def n_parallel(self):
+        """Jobs the cluster runs at once now: the threads of all Dask workers."""
+        return max(1, sum(self.client.nthreads().values()))
+
+    def submit(self, conf, conf_id, kind="gradient", charge=None, multiplicity=None):
+        return self.submit_job(make_job(conf, conf_id, kind, charge, multiplicity))
+
+    def submit_job(self, message):
+        future = Future()
+        future.set_running_or_notify_cancel()
+        task = self.client.submit(run_job_in_child_process, message, self.pool_kwargs,
+                                  pure=False)
+        with self._lock:
+            self._tasks[task.key] = task
+
+        def copy_result(task):        # runs in a Dask thread when the task ends
+            try:
+                result = task.result()
+            except BaseException as err:   # cancelled, KilledWorker, no Psi4 on the worker
+                result = OracleResult(message["conf_id"], False, message["kind"],
+                                      reason=f"Dask task failed: {one_line(err)}")
+            with self._lock:
+                self._tasks.pop(task.key, None)
+            _settle(future, result)
+
+        task.add_done_callback(copy_result)
+        return future
+
+    def close(self):
+        with self._lock:
+            tasks = list(self._tasks.values())
+        if tasks:
+            self.client.cancel(tasks)
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Command-line flags shared by the stage scripts
+# ---------------------------------------------------------------------------------------
+
+def check_settings(n_workers, threads, timeout, retries, max_opt_steps):
+    for name, value, low in (("--n_workers", n_workers, 1), ("--psi4_threads", threads, 1),
+                             ("--oracle_retries", retries, 0),
+                             ("--max_opt_steps", max_opt_steps, 1)):
+        if int(value) < low:
+            raise OracleError(f"{name} must be at least {low}, not {value}")
+    if not timeout > 0:
+        raise OracleError(f"--oracle_timeout must be positive, not {timeout}")
+
+
+def add_oracle_args(parser):
+    """The genuine oracle's flags (Psi4 and the pool)."""
+    group = parser.add_argument_group("genuine oracle (Psi4)")
+    group.add_argument("--oracle_method", default=DEFAULT_METHOD,
+                       help="Psi4 method/basis (default: %(default)s, the paper's level)")
+    group.add_argument("--psi4_threads", type=int, default=1, help="threads per Psi4 job")
+    group.add_argument("--psi4_memory", default="2 GB", help="memory per Psi4 job")
+    group.add_argument("--oracle_timeout", type=float, default=600.0,
+                       help="seconds one Psi4 gradient may take; an optimization's every "
+                            "step is one (default: %(default)s, as the official code)")
+    group.add_argument("--oracle_retries", type=int, default=1,
+                       help="extra attempts of a failed job (default: %(default)s)")
+    group.add_argument("--n_workers", type=int, default=2,
+                       help="Psi4 jobs at once on this machine (default: %(default)s; use "
+                            "about cores / --psi4_threads)")
+    group.add_argument("--dask_scheduler", default=None,
+                       help="tcp://HOST:PORT of a Dask scheduler: run the jobs on its "
+                            "workers instead of --n_workers local processes")
+    group.add_argument("--max_opt_steps", type=int, default=100,
+                       help="most steps of a Psi4 optimization (geom_maxiter; Psi4's own "
+                            "default of 50 is short for drug-like molecules from ETKDG)")
+    return parser
+
+
+def make_oracle_pool(args):
+    """A DaskOraclePool with --dask_scheduler, else a LocalOraclePool."""
+    common = dict(method=args.oracle_method, threads=args.psi4_threads,
+                  memory=args.psi4_memory, timeout=args.oracle_timeout,
+                  retries=args.oracle_retries, max_opt_steps=args.max_opt_steps)
+    if args.dask_scheduler:
+        return DaskOraclePool(args.dask_scheduler, **common)
+    return LocalOraclePool(n_workers=args.n_workers, **common)
+
+
+# ---------------------------------------------------------------------------------------
+# Surrogate oracle: MMFF94 in RDKit (kcal/mol)
+# ---------------------------------------------------------------------------------------
+
+def rdkit_molecule(conf):
+    """RDKit molecule with explicit hydrogens and one conformer at conf.positions.
+
+    From the row's SMILES, whose atoms (hydrogens added at the end, as nablaDFT and
+    make_trajectories.py lay them out) must be the conformation's, in the same order.
+    Without a SMILES, bonds are perceived from the coordinates (neutral molecule)."""
+    where = f"row {conf.id}" if conf.id is not None else "conformation"
+    numbers = [int(z) for z in conf.numbers]
+    if conf.smiles:
+        RDLogger.DisableLog("rdApp.*")
+        mol = Chem.MolFromSmiles(conf.smiles)
+        RDLogger.EnableLog("rdApp.*")
+        if mol is None:
+            raise data.DataError(f"{where}: RDKit cannot parse SMILES {conf.smiles!r}")
+        mol = Chem.AddHs(mol)
+        elements = [atom.GetAtomicNum() for atom in mol.GetAtoms()]
+        if elements != numbers:
+            raise data.DataError(
+                f"{where}: the atoms of SMILES {conf.smiles!r} with hydrogens ({elements}) "
+                f"are not the conformation's atoms in the same order ({numbers}); fix the "
+                "smiles key, or remove it to perceive bonds from the coordinates")
+    else:
+        xyz = f"{len(numbers)}\n\n" + "".join(
+            f"{Chem.GetPeriodicTable().GetElementSymbol(z)} {x:.8f} {y:.8f} {w:.8f}\n"
+            for z, (x, y, w) in zip(numbers, conf.positions))
+        mol = Chem.MolFromXYZBlock(xyz)
+        try:
+            rdDetermineBonds.DetermineBonds(mol, charge=0)
+        except Exception as err:
+            raise data.DataError(f"{where}: no SMILES, and RDKit cannot perceive bonds from "
+                                 f"the coordinates ({one_line(err)}); add a smiles key") from None
+        mol = Chem.Mol(mol)
+        mol.RemoveAllConformers()
+    conformer = Chem.Conformer(len(numbers))
+    for i, (x, y, z) in enumerate(np.asarray(conf.positions, dtype=np.float64)):
+        conformer.SetAtomPosition(i, (float(x), float(y), float(z)))
+    mol.AddConformer(conformer, assignId=True)
+    return mol
+
+
+class MMFFSurrogate:
+    """MMFF94 energy of one molecule at any positions; the force field is built once.
+
+    ForceField.CalcEnergy takes a flat position list, so a new conformation costs one call:
+    ~25 us for a 36-atom molecule (benchmarks/mmff.py; the paper quotes ~120 us)."""
+
+    def __init__(self, conf):
+        self.mol = rdkit_molecule(conf)
+        properties = AllChem.MMFFGetMoleculeProperties(self.mol, mmffVariant="MMFF94")
+        if properties is None:
+            where = f"row {conf.id}" if conf.id is not None else "conformation"
+            raise data.DataError(f"{where}: MMFF94 has no atom types for {conf.smiles or 'it'}")
+        self.force_field = AllChem.MMFFGetMoleculeForceField(self.mol, properties)
+
+    def energy(self, positions):
+        """MMFF94 energy (kcal/mol) at positions [n_atoms, 3] Angstrom."""
+        return self.force_field.CalcEnergy(np.asarray(positions, dtype=np.float64).ravel().tolist())
+
+
+def mmff_minimize(conf, max_iters=200):
+    """MMFF94 minimum near conf.positions, [n_atoms, 3] Angstrom: the paper's RDKit
+    baseline and the start of its D_rdkit conformations. max_iters as RDKit's default."""
+    surrogate = MMFFSurrogate(conf)
+    surrogate.force_field.Initialize()
+    surrogate.force_field.Minimize(maxIts=max_iters)
+    return np.array(surrogate.force_field.Positions()).reshape(-1, 3)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--psi4_worker":
+        worker_main(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        sys.exit("oracles.py is a library; its command line only starts the Psi4 worker of "
+                 "an oracle pool")

@@ -1,0 +1,208 @@
+"""make_trajectories.py end to end, with real Psi4 at HF/STO-3G on tiny molecules."""
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import ase.db
+import numpy as np
+import pytest
+
+import data
+import make_trajectories
+import oracles
+import painn
+
+METHOD = "hf/sto-3g"
+# line 3 is not a molecule RDKit can read; conf_ids are (line number - 1) here
+TINY = "O water\nC methane\nC1CC broken_ring\nN\n"
+
+
+def run(*argv):
+    return make_trajectories.main([*argv, "--oracle_method", METHOD, "--n_workers", "2"])
+
+
+def rows(path):
+    return list(ase.db.connect(path).select())
+
+
+@pytest.fixture(scope="module")
+def smiles_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("smi") / "tiny.smi"
+    path.write_text(TINY)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def d0(smiles_file, tmp_path_factory):
+    """One single_point run, shared: (db path, what it printed to stderr)."""
+    out = str(tmp_path_factory.mktemp("d0") / "d0.db")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert run("--smiles", smiles_file, "--mode", "single_point", "--out", out) == 0
+    return out, err.getvalue()
+
+
+def test_single_point_schema_and_values(d0, smiles_file):
+    out, stderr = d0
+    assert f"{smiles_file} line 3: RDKit cannot parse SMILES 'C1CC'; skipped" in stderr
+    db = ase.db.connect(out)
+    assert db.metadata["method"] == METHOD and db.metadata["mode"] == "single_point"
+    assert "atomrefs" not in db.metadata                    # not nablaDFT's level
+    assert db.metadata["_property_unit_dict"] == {"energy": "Hartree", "forces": "Hartree/Ang"}
+    by_id = {row.conf_id: row for row in db.select()}
+    assert sorted(by_id) == [0, 1, 3]
+    assert [by_id[i].smiles for i in (0, 1, 3)] == ["O", "C", "N"]
+    assert by_id[0].name == "water" and "name" not in by_id[3].key_value_pairs
+
+    confs, atomrefs = data.read_db(out, require_energy=True, require_forces=True, verbose=False)
+    assert atomrefs is None
+    # the conformations are ETKDG's with --seed 42 + line number: a rerun makes the same
+    numbers, (positions,) = make_trajectories.embed("O", 1, 42 + 1)
+    water = next(c for c in confs if c.smiles == "O")
+    np.testing.assert_array_equal(water.numbers, numbers)
+    np.testing.assert_allclose(water.positions, positions, atol=1e-12)
+    # the labels are a direct oracle call's
+    with oracles.LocalOraclePool(METHOD, n_workers=1) as pool:
+        direct = [pool.submit(c, c.id).result() for c in confs]
+    for conf, result in zip(confs, direct):
+        assert conf.energy == pytest.approx(result.energy, abs=1e-9)
+        np.testing.assert_allclose(conf.forces, result.forces, atol=1e-7)
+    assert water.energy == pytest.approx(-74.96, abs=0.01)
+
+
+def test_resume_does_only_what_is_missing(d0, smiles_file, tmp_path, capsys):
+    out = str(tmp_path / "d0.db")
+    shutil.copy(d0[0], out)
+    before = {row.conf_id: row for row in rows(out)}
+    assert run("--smiles", smiles_file, "--out", out) == 0       # nothing to do
+    assert "0 conformations to do, 3 already finished" in capsys.readouterr().out
+    assert len(rows(out)) == 3
+
+    # a run killed before methane was written: a rerun computes methane only
+    ase.db.connect(out).delete([before[1].id])
+    assert run("--smiles", smiles_file, "--out", out) == 0
+    assert "1 conformations to do" in capsys.readouterr().out
+    after = {row.conf_id: row for row in rows(out)}
+    assert sorted(after) == [0, 1, 3]
+    assert all(after[i].id == before[i].id for i in (0, 3))       # untouched
+    assert after[1].data["energy"][0] == pytest.approx(before[1].data["energy"][0], abs=1e-9)
+
+
+def test_optimize_writes_steps_and_optima(d0, tmp_path):
+    out, optimal = str(tmp_path / "traj.db"), str(tmp_path / "test.db")
+    # rows are written as results arrive: find water's place in d0
+    index, water = next((i, row) for i, row in enumerate(rows(d0[0])) if row.smiles == "O")
+    assert run("--db", d0[0], "--skip_molecules", str(index), "--max_molecules", "1",
+               "--mode", "optimize", "--out", out, "--out_optimal", optimal) == 0
+    (start,) = rows(optimal)
+    assert start.conf_id == water.id and start.converged and start.smiles == "O"
+    steps = sorted(rows(out), key=lambda row: row.step)
+    assert [row.step for row in steps] == list(range(start.n_steps))
+    assert all(row.conf_id == water.id for row in steps)
+    energies = [row.data["energy"][0] for row in steps]
+    assert start.data["energy"][0] == pytest.approx(energies[0], abs=1e-12)
+    assert start.data["optimal_energy"][0] == energies[-1] <= energies[0]
+    np.testing.assert_array_equal(start.data["optimal_positions"], steps[-1].positions)
+    np.testing.assert_allclose(steps[0].positions, start.positions, atol=1e-9)
+    assert np.abs(steps[-1].data["forces"]).max() < 2e-3      # at the minimum
+    confs, _ = data.read_db(optimal, verbose=False)
+    assert confs[0].optimal_energy == energies[-1]
+
+
+def test_a_rerun_replaces_a_partial_trajectory(tmp_path):
+    """write_trajectory: the steps of a failed optimization are kept until a longer
+    trajectory of the same conformation replaces them, in one transaction."""
+    db = data.connect_for_writing(str(tmp_path / "traj.db"))
+    conf = data.Conformation(np.array([8, 1, 1]), np.zeros((3, 3)), smiles="O")
+
+    def result(n_steps):
+        return oracles.OracleResult(
+            7, n_steps == 4, "optimize", trajectory_energy=-np.arange(n_steps, dtype=float),
+            trajectory_positions=np.zeros((n_steps, 3, 3)),
+            trajectory_forces=np.zeros((n_steps, 3, 3)))
+
+    assert make_trajectories.write_trajectory(db, conf, 7, result(2), None) == 2
+    assert make_trajectories.write_trajectory(db, conf, 7, result(4), None) == 2
+    assert make_trajectories.write_trajectory(db, conf, 7, result(1), None) == 0
+    assert sorted(row.step for row in db.select(conf_id=7)) == [0, 1, 2, 3]
+    assert make_trajectories.write_trajectory(db, conf, 8, result(4), 1) == 1   # capped
+
+
+def test_max_conformations_caps_the_trajectory_rows(smiles_file, tmp_path):
+    out = str(tmp_path / "traj.db")
+    assert run("--smiles", smiles_file, "--max_molecules", "2", "--mode", "optimize",
+               "--out", out, "--max_conformations", "3") == 0
+    assert len(rows(out)) == 3
+    assert len(rows(str(tmp_path / "traj_optimal.db"))) == 2     # both optimizations ran
+
+
+def test_kill_9_loses_no_finished_result(tmp_path):
+    """kill -9 the script once its first result is written; a rerun finishes the rest."""
+    smi = tmp_path / "four.smi"
+    smi.write_text("O\nC\nN\nCO\n")
+    out = str(tmp_path / "d0.db")
+    argv = ["--smiles", str(smi), "--out", out, "--oracle_method", METHOD, "--n_workers", "1"]
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "make_trajectories.py")
+    process = subprocess.Popen([sys.executable, script, *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not (os.path.exists(out) and rows(out)):
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    first = rows(out)
+    assert 1 <= len(first) < 4 and all(row.data["forces"].shape[1] == 3 for row in first)
+    assert make_trajectories.main(argv) == 0
+    assert sorted(row.conf_id for row in rows(out)) == [0, 1, 2, 3]
+
+
+def test_failures_are_recorded_and_retried(smiles_file, tmp_path, capsys):
+    out = str(tmp_path / "d0.db")
+    args = ("--smiles", smiles_file, "--max_molecules", "1", "--out", out)
+    assert run(*args, "--oracle_timeout", "0.05", "--oracle_retries", "0") == 0
+    assert "1 x timeout" in capsys.readouterr().out
+    assert rows(out) == []
+    (record,) = [json.loads(line) for line in open(out + ".failures.jsonl")]
+    assert record["conf_id"] == 0 and record["smiles"] == "O"
+    assert record["reason"].startswith("timeout") and record["attempts"] == 1
+
+    assert run(*args) == 0                                        # the rerun retries it
+    (row,) = rows(out)
+    assert row.conf_id == 0 and row.data["energy"][0] == pytest.approx(-74.96, abs=0.01)
+
+
+def test_mmff_mode_labels_mmff_minima(tmp_path):
+    smi = tmp_path / "ester.smi"
+    smi.write_text("CCOC(C)=O ethyl_acetate\n")
+    out = str(tmp_path / "rdkit.db")
+    assert run("--smiles", str(smi), "--mode", "mmff", "--out", out) == 0
+    (conf,), _ = data.read_db(out, require_forces=True, verbose=False)
+    numbers, (etkdg,) = make_trajectories.embed("CCOC(C)=O", 1, 42 + 1)
+    mmff = oracles.MMFFSurrogate(conf)
+    assert mmff.energy(conf.positions) < mmff.energy(etkdg) - 1.0     # kcal/mol
+    assert conf.info["conf_id"] == 0 and conf.energy < -200
+
+
+def test_bad_input_is_one_error_line(smiles_file, d0, tmp_path, capsys):
+    assert make_trajectories.main(["--smiles", str(tmp_path / "none.smi"),
+                                   "--out", str(tmp_path / "x.db")]) == 2
+    assert capsys.readouterr().err.strip().endswith("none.smi: no such SMILES file")
+    out = str(tmp_path / "d0.db")
+    shutil.copy(d0[0], out)
+    assert make_trajectories.main(["--smiles", smiles_file, "--out", out,
+                                   "--oracle_method", "hf/3-21g"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ")
+    assert "made with --oracle_method hf/sto-3g, not hf/3-21g" in errors[0]
+
+
+def test_only_nabladft_level_gets_nabladft_atomrefs():
+    assert make_trajectories.atomrefs_for("wB97X-D/def2-SVP") == painn.NABLADFT_ATOMREFS
+    assert make_trajectories.atomrefs_for("hf/sto-3g") is None

@@ -1,0 +1,305 @@
+"""The oracles: real Psi4 at HF/STO-3G on small molecules, and RDKit MMFF94.
+
+Literature values checked: the water of Crawford's programming project #3 (HF/STO-3G at
+a fixed geometry, E = -74.942079928192 Hartree) and CCCBDB's HF/STO-3G water optimum
+(E = -74.965901 Hartree, r(OH) = 0.989 A, HOH = 100.0 deg). Both are exact-integral
+values, so the pools here use scf_type pk (Psi4's default, density fitting, is 1e-4 off).
+"""
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from rdkit import Chem
+from rdkit.Chem import AllChem
+
+import data
+import oracles
+from data import BOHR_TO_ANGSTROM, Conformation
+
+EXACT = {"scf_type": "pk", "e_convergence": 1e-10, "d_convergence": 1e-10}
+METHOD = "hf/sto-3g"
+
+# Crawford's water, given in Bohr
+CRAWFORD_WATER = Conformation(
+    numbers=np.array([8, 1, 1]), smiles="O",
+    positions=np.array([[0.0, -0.143225816552, 0.0],
+                        [1.638036840407, 1.136548822547, 0.0],
+                        [-1.638036840407, 1.136548822547, 0.0]]) * BOHR_TO_ANGSTROM)
+
+
+def embedded(smiles, seed=7):
+    """An ETKDG conformation of a SMILES (hydrogens after the heavy atoms)."""
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    AllChem.EmbedMolecule(mol, randomSeed=seed)
+    return Conformation(numbers=np.array([a.GetAtomicNum() for a in mol.GetAtoms()]),
+                        positions=mol.GetConformer().GetPositions(), smiles=smiles)
+
+
+def wait_until_running(future, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not future.running() and time.monotonic() < end:
+        time.sleep(0.01)
+    assert future.running()
+
+
+def reaped(pid):
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """Two workers, retries=1, a generous timeout."""
+    with oracles.LocalOraclePool(METHOD, n_workers=2, timeout=60, retries=1,
+                                 psi4_options=EXACT) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def strict_pool():
+    """One worker, timeout 5 s, no retries, optimizations of at most 2 steps."""
+    with oracles.LocalOraclePool(METHOD, n_workers=1, timeout=5, retries=0,
+                                 max_opt_steps=2, psi4_options=EXACT) as pool:
+        yield pool
+
+
+# ---------------------------------------------------------------------------------------
+# Energies and forces
+# ---------------------------------------------------------------------------------------
+
+def test_water_energy_and_forces_match_literature(pool):
+    r = pool.submit(CRAWFORD_WATER, 7).result()
+    assert r.ok and r.conf_id == 7 and r.attempts == 1 and r.reason == ""
+    assert r.energy == pytest.approx(-74.942079928192, abs=1e-8)
+    f = r.forces                                        # [3, 3] Hartree/Angstrom
+    assert f.shape == (3, 3)
+    np.testing.assert_allclose(f.sum(axis=0), 0.0, atol=1e-8)       # no net force
+    np.testing.assert_allclose(f[:, 2], 0.0, atol=1e-8)             # planar molecule
+    assert abs(f[0, 0]) < 1e-8                                      # O on the mirror axis
+    np.testing.assert_allclose(f[1], f[2] * [-1, 1, 1], atol=1e-8)  # mirror-image hydrogens
+    # OH bonds 1.1 A, longer than HF/STO-3G's 0.99 A: the hydrogens are pulled to O
+    assert np.dot(f[1], CRAWFORD_WATER.positions[0] - CRAWFORD_WATER.positions[1]) > 0
+
+
+def test_forces_are_minus_the_energy_gradient(pool):
+    """F . d = -dE/dh along random directions d: central differences, h = 1e-3 A."""
+    conf = Conformation(numbers=CRAWFORD_WATER.numbers, smiles="O",
+                        positions=CRAWFORD_WATER.positions + [[0.0, 0.05, 0.02],
+                                                              [0.03, 0.0, 0.0],
+                                                              [0.0, -0.04, 0.01]])
+    rng = np.random.default_rng(0)
+    directions = [d / np.linalg.norm(d) for d in rng.normal(size=(2, 3, 3))]
+    h = 1e-3
+    center = pool.submit(conf, 0)
+    shifted = [[pool.submit(Conformation(conf.numbers, conf.positions + s * h * d, smiles="O"),
+                            1) for s in (1, -1)] for d in directions]
+    forces = center.result().forces
+    for d, (plus, minus) in zip(directions, shifted):
+        slope = (plus.result().energy - minus.result().energy) / (2 * h)   # Hartree/A
+        assert np.sum(forces * d) == pytest.approx(-slope, abs=1e-5)
+
+
+def test_impossible_inputs_come_back_as_failure_records(pool):
+    uranium = Conformation(numbers=np.array([92]), positions=np.zeros((1, 3)))
+    no_basis = pool.submit(uranium, 1).result()
+    doublet_water = pool.submit(CRAWFORD_WATER, 2, multiplicity=2).result()
+    for r in (no_basis, doublet_water):
+        assert not r.ok and r.energy is None and r.forces is None
+        assert r.attempts == 2                          # retried once (retries=1)
+        assert r.seconds >= 0.0
+    assert "BasisSetNotFound" in no_basis.reason
+    assert "chg/mult" in doublet_water.reason
+
+
+def test_charge_and_multiplicity():
+    assert oracles.charge_and_multiplicity([8, 1, 1], "O") == (0, 1)
+    assert oracles.charge_and_multiplicity([7, 1, 1, 1, 1], "[NH4+]") == (1, 1)
+    assert oracles.charge_and_multiplicity([6, 1, 1, 1], "[CH3]") == (0, 2)
+    assert oracles.charge_and_multiplicity([6, 1, 1, 1], None) == (0, 2)   # no SMILES: 0
+
+
+# ---------------------------------------------------------------------------------------
+# Crashes, timeouts, retries
+# ---------------------------------------------------------------------------------------
+
+def test_killed_workers_are_retried(pool):
+    """Both workers die (SIGKILL, as a segfault would) mid-job; retries=1 reruns the jobs
+    on fresh workers and they succeed."""
+    benzene = embedded("c1ccccc1")
+    futures = [pool.submit(benzene, k) for k in range(2)]
+    for future in futures:
+        wait_until_running(future)
+    old = pool.worker_pids
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    results = [f.result() for f in futures]
+    assert all(r.ok and r.attempts == 2 for r in results)
+    assert results[0].energy == results[1].energy
+    assert not set(old) & set(pool.worker_pids)
+    assert all(reaped(pid) for pid in old)
+
+
+def test_crash_is_a_failure_record(strict_pool):
+    future = strict_pool.submit(embedded("c1ccccc1"), 5)
+    wait_until_running(future)
+    (pid,) = strict_pool.worker_pids
+    os.kill(pid, signal.SIGKILL)
+    r = future.result()
+    assert not r.ok and r.attempts == 1
+    assert r.reason.startswith("worker died with signal 9")
+    assert reaped(pid)
+    assert strict_pool.submit(CRAWFORD_WATER, 6).result().ok      # the pool goes on
+
+
+def test_timeout_kills_the_job_and_the_pool_goes_on(strict_pool):
+    drug_like = embedded("O=C(NCC1CCCOC1)c1ccc(Cl)cc1O")     # 34 atoms: ~35 s at HF/STO-3G
+    (pid,) = strict_pool.worker_pids
+    slow = strict_pool.submit(drug_like, 8)
+    water = strict_pool.submit(CRAWFORD_WATER, 9)              # queued behind it
+    r = slow.result()
+    assert not r.ok and r.reason.startswith("timeout") and 4.9 < r.seconds < 9
+    assert reaped(pid)
+    assert water.result().ok
+    assert water.result().energy == pytest.approx(-74.942079928192, abs=1e-8)
+
+
+def test_scf_non_convergence_is_a_failure_record():
+    with oracles.LocalOraclePool(METHOD, n_workers=1, retries=0,
+                                 psi4_options={"maxiter": 2, "fail_on_maxiter": True}) as pool:
+        r = pool.submit(CRAWFORD_WATER, 0).result()
+    assert not r.ok and "SCFConvergenceError" in r.reason
+
+
+def test_a_crashed_optimization_keeps_its_finished_steps(strict_pool):
+    benzene = embedded("c1ccccc1")
+    future = strict_pool.submit(benzene, 10, kind="optimize")
+    wait_until_running(future)
+    end = time.monotonic() + 30
+    while not strict_pool._workers[0].job.steps and time.monotonic() < end:
+        time.sleep(0.01)                                 # step 0 is done: kill the worker
+    os.kill(strict_pool.worker_pids[0], signal.SIGKILL)
+    r = future.result()
+    assert not r.ok and r.reason.startswith("worker died")
+    assert r.n_steps >= 1 and r.trajectory_forces.shape[1:] == (12, 3)
+    single_point = strict_pool.submit(benzene, 11).result()
+    assert r.energy == pytest.approx(single_point.energy, abs=1e-9)
+    np.testing.assert_allclose(r.forces, single_point.forces, atol=1e-7)
+
+
+def test_workers_are_reaped_and_scratch_removed():
+    with oracles.LocalOraclePool(METHOD, n_workers=1) as pool:
+        assert pool.submit(CRAWFORD_WATER, 0).result().ok
+        pids = pool.worker_pids
+        dirs = [w.dir for w in pool._workers]
+        assert all(os.path.isdir(d) for d in dirs)
+    assert all(reaped(pid) for pid in pids)
+    assert not any(os.path.exists(d) for d in dirs)
+    with pytest.raises(oracles.OracleError):
+        pool.submit(CRAWFORD_WATER, 1)
+
+
+def test_bad_settings_are_one_clear_error():
+    with pytest.raises(oracles.OracleError, match="--psi4_memory"):
+        oracles.LocalOraclePool(METHOD, n_workers=1, memory="lots")
+    with pytest.raises(oracles.OracleError, match="--n_workers"):
+        oracles.LocalOraclePool(METHOD, n_workers=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Geometry optimization
+# ---------------------------------------------------------------------------------------
+
+def test_water_optimization_reaches_the_literature_minimum(pool):
+    r = pool.submit(CRAWFORD_WATER, 3, kind="optimize").result()
+    assert r.ok and r.converged and r.kind == "optimize"
+    n = r.n_steps
+    assert n >= 3
+    assert r.trajectory_positions.shape == (n, 3, 3) and r.trajectory_forces.shape == (n, 3, 3)
+    np.testing.assert_allclose(r.trajectory_positions[0], CRAWFORD_WATER.positions, atol=1e-9)
+    assert r.energy == pytest.approx(-74.942079928192, abs=1e-8)     # step 0 = the start
+    assert np.all(np.diff(r.trajectory_energy) < 0)
+    assert r.optimal_energy == pytest.approx(-74.965901, abs=2e-6)   # CCCBDB
+    assert np.abs(r.trajectory_forces[-1]).max() < 1e-3
+    x = r.optimal_positions
+    bond = np.linalg.norm(x[1] - x[0])
+    angle = np.degrees(np.arccos(np.dot(x[1] - x[0], x[2] - x[0])
+                                 / (bond * np.linalg.norm(x[2] - x[0]))))
+    assert bond == pytest.approx(0.989, abs=1e-3) and angle == pytest.approx(100.0, abs=0.1)
+
+
+def test_optimization_out_of_steps_returns_its_steps(strict_pool):
+    r = strict_pool.submit(CRAWFORD_WATER, 4, kind="optimize").result()
+    assert r.ok and not r.converged and r.n_steps == 2
+    assert "not converged in 2 steps" in r.reason
+    assert r.optimal_energy == r.trajectory_energy[-1] < r.energy
+
+
+# ---------------------------------------------------------------------------------------
+# Dask back end: same results as the local pool
+# ---------------------------------------------------------------------------------------
+
+def test_dask_pool_gives_the_local_results(pool):
+    from dask.distributed import LocalCluster
+    ethanol = embedded("CCO")
+    local = [pool.submit(ethanol, 0).result(),
+             pool.submit(CRAWFORD_WATER, 1, kind="optimize").result()]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, \
+            oracles.DaskOraclePool(cluster.scheduler_address, METHOD, timeout=60,
+                                   retries=1, psi4_options=EXACT) as dask_pool:
+        futures = [dask_pool.submit(ethanol, 0),
+                   dask_pool.submit(CRAWFORD_WATER, 1, kind="optimize"),
+                   dask_pool.submit(Conformation(np.array([92]), np.zeros((1, 3))), 2)]
+        remote = [f.result(timeout=60) for f in futures]
+    for a, b in zip(local, remote):
+        assert b.ok and b.conf_id == a.conf_id
+        assert b.energy == pytest.approx(a.energy, abs=1e-10)
+        np.testing.assert_allclose(b.forces, a.forces, atol=1e-10)
+    np.testing.assert_allclose(remote[1].trajectory_energy, local[1].trajectory_energy,
+                               atol=1e-10)
+    assert not remote[2].ok and "BasisSetNotFound" in remote[2].reason
+
+
+def test_unreachable_dask_scheduler_is_one_clear_error():
+    with pytest.raises(oracles.OracleError, match="cannot reach the Dask scheduler"):
+        oracles.DaskOraclePool("tcp://127.0.0.1:9", METHOD, connect_timeout=1)
+
+
+# ---------------------------------------------------------------------------------------
+# Surrogate oracle: MMFF94
+# ---------------------------------------------------------------------------------------
+
+def test_mmff_energy_matches_rdkit_and_reuses_the_force_field():
+    conf = embedded("CC(=O)Oc1ccccc1C(=O)O")
+    surrogate = oracles.MMFFSurrogate(conf)
+    mol = Chem.AddHs(Chem.MolFromSmiles(conf.smiles))
+    AllChem.EmbedMolecule(mol, randomSeed=7)
+    reference = AllChem.MMFFGetMoleculeForceField(
+        mol, AllChem.MMFFGetMoleculeProperties(mol)).CalcEnergy()
+    assert surrogate.energy(conf.positions) == pytest.approx(reference, rel=1e-10)
+    moved = conf.positions + np.random.default_rng(0).normal(scale=0.05, size=conf.positions.shape)
+    assert surrogate.energy(moved) != pytest.approx(reference)
+    assert surrogate.energy(conf.positions) == pytest.approx(reference, rel=1e-10)
+
+
+def test_mmff_minimize_lowers_the_energy():
+    conf = embedded("CCOC(C)=O")
+    positions = oracles.mmff_minimize(conf, max_iters=500)
+    surrogate = oracles.MMFFSurrogate(conf)
+    assert positions.shape == conf.positions.shape
+    assert surrogate.energy(positions) < surrogate.energy(conf.positions) - 1.0
+
+
+def test_mmff_without_smiles_perceives_bonds():
+    conf = embedded("CCO")
+    with_smiles = oracles.MMFFSurrogate(conf).energy(conf.positions)
+    conf.smiles = None
+    assert oracles.MMFFSurrogate(conf).energy(conf.positions) == pytest.approx(with_smiles)
+
+
+def test_mmff_atom_order_mismatch_is_a_data_error():
+    conf = embedded("CCO")
+    conf.smiles, conf.id = "OCC", 12
+    with pytest.raises(data.DataError, match="row 12"):
+        oracles.MMFFSurrogate(conf)
