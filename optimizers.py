@@ -1,0 +1,509 @@
+"""Batched, per-molecule optimizers for NNP-optimization (Eq. 3 of GOLF, Tsypin et al. 2024).
+
+GOLF moves every conformation down the energy surface of the neural network potential (NNP):
+
+    s_{t+1} = Opt(s_t, F(s_t))            F = -dE/dX, E = f(z, X; theta)
+
+with L-BFGS (the paper's choice, Table 5: rate 1.0, at most 5 inner iterations) or, in
+Appendix B (Table 6), Adam or SGD with momentum (rate 5e-3). The official code keeps one
+`torch.optim.LBFGS` per molecule; here one object optimizes a whole batch of molecules of
+different sizes, with ONE batched NNP call per inner evaluation, and every molecule follows
+exactly the trajectory it would follow alone (per-molecule state, per-molecule reductions).
+
+Batch layout (shared with the rest of the repo)
+-----------------------------------------------
+A batch of molecules is flat atoms plus a molecule index:
+
+    positions [n_atoms, 3]  Angstrom
+    batch     [n_atoms]     slot index of every atom (long); atoms of a slot are contiguous
+
+The optimizer owns `n_slots` slots. The flat layout it hands out is "the atoms of every
+active slot, slots in increasing order, each slot's atoms in their original order".
+
+    energy_and_forces(positions [n_atoms, 3]) -> (energy [n_slots], forces [n_atoms, 3])
+
+is the caller's function: it evaluates the NNP on the WHOLE current layout in one call,
+e.g. `lambda pos: model(z, pos, opt.batch, opt.n_slots)` with `z = opt.concat_slots(z_list)`
+rebuilt whenever slots are replaced or deactivated. Energies of inactive slots are ignored.
+Positions are passed in `model_dtype`; everything the optimizer keeps is float64, on the
+device of the initial positions (results of energy_and_forces are moved there).
+During a call, `opt.evaluating` [n_slots] bool tells which slots' results will be used
+(an L-BFGS molecule that left its inner loop early is not); a caller may evaluate only
+those atoms (`keep = opt.evaluating[opt.batch]`) and return zeros for the others.
+
+API
+---
+    opt = BatchedLBFGS(positions, batch, n_slots=None, *, lr=1.0, max_iter=5, max_eval=None,
+                       tolerance_grad=1e-7, tolerance_change=1e-9, history_size=100,
+                       grad_threshold=1e-5, max_step=None, model_dtype=None)
+    opt = BatchedAdam(positions, batch, n_slots=None, *, lr=5e-3, betas=(0.9, 0.999),
+                      eps=1e-8, grad_threshold=1e-5, max_step=None, model_dtype=None)
+    opt = BatchedSGD(positions, batch, n_slots=None, *, lr=5e-3, momentum=0.9,
+                     grad_threshold=1e-5, max_step=None, model_dtype=None)
+    opt = make_optimizer(name, positions, batch, n_slots, lr=None, max_iter=5, history=100,
+                         max_step=None, grad_threshold=1e-5, model_dtype=None)
+    add_optimizer_args(parser)        # --conf_opt --conf_opt_lr --max_iter --lbfgs_history
+                                      # --max_step --grad_threshold
+
+    opt.step(energy_and_forces)       # s_t -> s_{t+1} for every active, unconverged slot
+    opt.replace(k, positions_k)       # new molecule [n_k, 3] in slot k, fresh state, active
+    opt.deactivate(k)                 # slot k leaves the layout (its last positions are kept)
+    opt.positions                     # [n_atoms, 3] float64, current flat layout
+    opt.batch                         # [n_atoms] slot of every atom of the layout
+    opt.slot_positions(k)             # [n_k, 3] float64 (also for a deactivated slot)
+    opt.concat_slots(per_slot)        # cat per-slot tensors (e.g. atomic numbers) in layout order
+    opt.active, opt.converged         # [n_slots] bool
+    opt.evaluating                    # [n_slots] bool, slots the current evaluation is for
+    opt.n_atoms                       # [n_slots] long, atoms of each slot
+    opt.n_steps, opt.n_evals          # [n_slots] long: steps taken / energy evaluations since
+                                      #   the slot was (re)filled
+    opt.energy                        # [n_slots] float64, E(s_t) from the first evaluation of
+                                      #   the last step (nan before any step)
+    opt.forces                        # [n_atoms, 3] float64, F(s_t) from that same evaluation
+
+Convergence: a slot is `converged` when the largest force component of its last evaluation
+in a step is <= grad_threshold (the official code: `done = flat_grad.abs().max() <=
+grad_threshold` after `optimizer.step`). A converged slot is not moved or counted any more;
+it stays in the layout until the caller replaces or deactivates it.
+
+max_step (default None = off, the paper): if the largest atom displacement |dX_i| of one
+update of a molecule exceeds max_step (Angstrom), that whole update is scaled down to it.
+"""
+import argparse
+
+import torch
+
+# Per-molecule vectors are stored padded in rows of [n_slots, 3 * max_atoms]. Row lengths
+# are rounded up to a multiple of PAD_ATOMS atoms (3 * 16 = 48 doubles, a multiple of the
+# SIMD block torch sums over), so a row reduction (dot product, norm) gives bit-identical
+# results whatever the padding: a molecule follows exactly the same trajectory alone, with
+# others, or after a bigger molecule made the rows grow.
+PAD_ATOMS = 16
+
+
+def _dot(a, b):
+    """Per-molecule dot product of padded rows: [S, D], [S, D] -> [S]."""
+    return torch.linalg.vecdot(a, b, dim=-1)
+
+
+class BatchedOptimizer:
+    """Slots, flat layout <-> padded rows, force evaluation. Subclasses define step()."""
+
+    def __init__(self, positions, batch, n_slots=None, *, grad_threshold=1e-5, max_step=None,
+                 model_dtype=None):
+        if positions.ndim != 2 or positions.shape[1] != 3 or batch.shape != positions.shape[:1]:
+            raise ValueError("expected positions [n_atoms, 3] and batch [n_atoms]")
+        batch = batch.to(device=positions.device, dtype=torch.long)
+        if batch.numel() and (batch[1:] < batch[:-1]).any():
+            raise ValueError("batch must be non-decreasing (slots in order, atoms contiguous)")
+        if n_slots is None:
+            n_slots = int(batch.max()) + 1 if batch.numel() else 0
+        if batch.numel() and int(batch.max()) >= n_slots:
+            raise ValueError(f"batch has a slot index >= n_slots={n_slots}")
+        self.n_slots = S = n_slots
+        self.device = positions.device
+        self.model_dtype = model_dtype or positions.dtype
+        self.grad_threshold = grad_threshold
+        self.max_step = max_step
+
+        f64 = dict(dtype=torch.float64, device=self.device)
+        i64 = dict(dtype=torch.long, device=self.device)
+        self.active = torch.zeros(S, dtype=torch.bool, device=self.device)
+        self.converged = torch.zeros(S, dtype=torch.bool, device=self.device)
+        self.n_atoms = torch.zeros(S, **i64)
+        self.n_steps = torch.zeros(S, **i64)
+        self.n_evals = torch.zeros(S, **i64)
+        self.energy = torch.full((S,), float("nan"), **f64)
+        self.evaluating = torch.zeros(S, dtype=torch.bool, device=self.device)
+        self.x = torch.zeros(S, 0, **f64)         # positions, padded rows [S, D], D = 3 * max_atoms
+        self.f0 = torch.zeros(S, 0, **f64)        # forces at s_t (first evaluation of a step)
+        self._init_state()                        # optimizer state tensors of the subclass
+
+        sizes = torch.bincount(batch, minlength=S)
+        self._grow(int(sizes.max()) if S else 0)
+        for k, pos_k in zip(range(S), torch.split(positions, sizes.tolist())):
+            if len(pos_k):
+                self._fill(k, pos_k)
+        self._build_layout()
+
+    # ---------------------------------------------------------------- state kept per slot
+    def _init_state(self):
+        """Create the subclass' state tensors (rows of length D = 0 here, grown by _grow)."""
+        self._padded = ["x", "f0"]               # names of tensors whose last dim is D
+
+    def _reset_state(self, k):
+        """Fresh optimizer state for slot k."""
+
+    # ---------------------------------------------------------------- slots
+    def replace(self, k, positions_k):
+        """Put a new molecule (positions_k [n_k, 3]) in slot k with a fresh optimizer state.
+        Other slots' states are untouched; the flat layout is rebuilt."""
+        self._grow(len(positions_k))
+        self._fill(k, positions_k)
+        self._build_layout()
+
+    def deactivate(self, k):
+        """Take slot k out of the layout. Its positions stay readable (slot_positions)."""
+        self.active[k] = False
+        self._build_layout()
+
+    def _fill(self, k, positions_k):
+        n = len(positions_k)
+        self.x[k] = 0.0
+        self.x[k, : 3 * n] = positions_k.detach().reshape(-1).to(torch.float64)
+        self.f0[k] = 0.0
+        self.n_atoms[k] = n
+        self.active[k] = True
+        self.converged[k] = False
+        self.n_steps[k] = 0
+        self.n_evals[k] = 0
+        self.energy[k] = float("nan")
+        self._reset_state(k)
+
+    def _grow(self, n_atoms):
+        """Make the padded rows long enough for a molecule of n_atoms (zeros keep values)."""
+        D_new = 3 * (-(-n_atoms // PAD_ATOMS) * PAD_ATOMS)
+        D = self.x.shape[-1]
+        if D_new <= D:
+            return
+        for name in self._padded:
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:-1], D_new)
+            new[..., :D] = old
+            setattr(self, name, new)
+
+    def _build_layout(self):
+        """Flat layout: active slots in order. Precompute the element index of every flat
+        coordinate in the padded rows, so that flat <-> padded is one gather / scatter."""
+        sizes = torch.where(self.active, self.n_atoms, 0)                   # [S]
+        slots = torch.arange(self.n_slots, device=self.device)
+        self.batch = torch.repeat_interleave(slots, sizes)                   # [n_atoms]
+        first = torch.cumsum(sizes, 0) - sizes                               # [S]
+        local = torch.arange(len(self.batch), device=self.device) - first[self.batch]
+        D = self.x.shape[-1]
+        self._index = ((self.batch * D + 3 * local)[:, None]
+                       + torch.arange(3, device=self.device))                # [n_atoms, 3]
+
+    def concat_slots(self, per_slot):
+        """Concatenate per-slot tensors (a list of n_slots tensors [n_k, ...], e.g. atomic
+        numbers) in the order of the flat layout (empty when no slot is active)."""
+        active = torch.nonzero(self.active)[:, 0].tolist()
+        return torch.cat([per_slot[k] for k in active]) if active else per_slot[0][:0]
+
+    def _to_flat(self, rows):
+        """Padded rows [S, D] -> flat [n_atoms, 3]."""
+        return rows.reshape(-1)[self._index]
+
+    @property
+    def positions(self):
+        return self._to_flat(self.x)
+
+    @property
+    def forces(self):
+        return self._to_flat(self.f0)
+
+    def slot_positions(self, k):
+        return self.x[k, : 3 * int(self.n_atoms[k])].view(-1, 3).clone()
+
+    # ---------------------------------------------------------------- evaluation
+    def _evaluate(self, energy_and_forces):
+        """One batched NNP call on the whole layout -> E [S], g = -F [S, D], both float64."""
+        energy, forces = energy_and_forces(self.positions.to(self.model_dtype))
+        if energy.shape != (self.n_slots,) or forces.shape != self._index.shape:
+            raise ValueError(f"energy_and_forces returned energy {tuple(energy.shape)} and "
+                             f"forces {tuple(forces.shape)}, expected ({self.n_slots},) and "
+                             f"{tuple(self._index.shape)}")
+        g = torch.zeros_like(self.x)
+        g.view(-1)[self._index] = -forces.detach().to(self.device, torch.float64)
+        return energy.detach().to(self.device, torch.float64), g
+
+    def _start_step(self, energy_and_forces):
+        """Slots to move and the first evaluation of a step, F(s_t). None if nothing moves."""
+        running = self.active & ~self.converged
+        if not bool(running.any()):
+            return None
+        self.evaluating = running
+        energy, g = self._evaluate(energy_and_forces)
+        self.energy = torch.where(running, energy, self.energy)
+        self.f0 = torch.where(running[:, None], -g, self.f0)
+        self.n_evals += running
+        self.n_steps += running
+        return running, energy, g
+
+    def _max_step_scale(self, update):
+        """Factor [S] (<= 1) so that no atom of a molecule moves more than max_step."""
+        S, D = update.shape
+        largest = torch.linalg.vector_norm(update.view(S, D // 3, 3), dim=-1).amax(-1)  # [S]
+        return torch.where(largest > self.max_step, self.max_step / largest, 1.0)
+
+    def step(self, energy_and_forces):
+        raise NotImplementedError
+
+
+class BatchedLBFGS(BatchedOptimizer):
+    """torch.optim.LBFGS (line_search_fn=None), one independent instance per slot, batched.
+
+    Per slot, one step() is exactly one `torch.optim.LBFGS.step(closure)` of the official
+    code: evaluate f, g at s_t; up to max_iter updates x += t d, each followed by an
+    evaluation except after the last; the memory (d, t, old_dirs, old_stps, ro, H_diag,
+    prev_flat_grad, prev_loss, n_iter) carries over to the next step. All branches of
+    torch's loop (first-update scaling, curvature skip, history cap, the gradient,
+    step-size, energy-change and max_eval exits) are decided per molecule.
+    """
+
+    def __init__(self, positions, batch, n_slots=None, *, lr=1.0, max_iter=5, max_eval=None,
+                 tolerance_grad=1e-7, tolerance_change=1e-9, history_size=100,
+                 grad_threshold=1e-5, max_step=None, model_dtype=None):
+        self.lr = lr
+        self.max_iter = max_iter
+        self.max_eval = max_eval if max_eval is not None else max_iter * 5 // 4
+        self.tolerance_grad = tolerance_grad
+        self.tolerance_change = tolerance_change
+        self.history_size = history_size
+        super().__init__(positions, batch, n_slots, grad_threshold=grad_threshold,
+                         max_step=max_step, model_dtype=model_dtype)
+
+    def _init_state(self):
+        super()._init_state()
+        S, H = self.n_slots, self.history_size
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.n_iter = torch.zeros(S, dtype=torch.long, device=self.device)  # state['n_iter']
+        self.d = torch.zeros(S, 0, **f64)               # last direction           [S, D]
+        self.t = torch.zeros(S, **f64)                  # last step length         [S]
+        self.prev_flat_grad = torch.zeros(S, 0, **f64)  # g before the last update [S, D]
+        self.prev_loss = torch.zeros(S, **f64)          # E before the last update [S]
+        self.H_diag = torch.ones(S, **f64)              # initial inverse Hessian scale
+        # curvature pairs, oldest first like torch's lists: y = g_{k+1} - g_k, s = x_{k+1} - x_k.
+        # Unused entries are zero with ro = 0, so they are exact no-ops in the two-loop.
+        self.old_dirs = torch.zeros(S, H, 0, **f64)     # y                        [S, H, D]
+        self.old_stps = torch.zeros(S, H, 0, **f64)     # s                        [S, H, D]
+        self.ro = torch.zeros(S, H, **f64)              # 1 / (y . s)              [S, H]
+        self.hist_len = torch.zeros(S, dtype=torch.long, device=self.device)
+        self._padded += ["d", "prev_flat_grad", "old_dirs", "old_stps"]
+
+    def _reset_state(self, k):
+        for name in ["n_iter", "d", "t", "prev_flat_grad", "prev_loss", "old_dirs",
+                     "old_stps", "ro", "hist_len"]:
+            getattr(self, name)[k] = 0
+        self.H_diag[k] = 1.0
+
+    def _lbfgs_direction(self, g, update):
+        """For slots `update` [S]: add the curvature pair (y, s) of the last update to the
+        memory if y.s > 1e-10 and return d = -H g by the two-loop recursion [S, D]
+        (rows of other slots are computed too, and must be ignored)."""
+        y = g - self.prev_flat_grad                                          # [S, D]
+        s = self.d * self.t[:, None]                                         # [S, D]
+        ys = _dot(y, s)                                                      # [S]
+        push = update & (ys > 1e-10)
+        if bool(push.any()):
+            H = self.history_size
+            full = torch.nonzero(push & (self.hist_len == H))[:, 0]
+            if len(full):   # limited memory: drop the oldest pair (torch: list.pop(0))
+                self.old_dirs[full, :-1] = self.old_dirs[full, 1:]
+                self.old_stps[full, :-1] = self.old_stps[full, 1:]
+                self.ro[full, :-1] = self.ro[full, 1:]
+            idx = torch.nonzero(push)[:, 0]
+            col = self.hist_len[idx].clamp(max=H - 1)                        # append here
+            self.old_dirs[idx, col] = y[idx]
+            self.old_stps[idx, col] = s[idx]
+            self.ro[idx, col] = 1.0 / ys[idx]
+            self.hist_len[idx] = col + 1
+            self.H_diag = torch.where(push, ys / _dot(y, y), self.H_diag)
+
+        # two-loop recursion, vectorized over molecules, sequential over the memory
+        num_old = int(torch.where(update, self.hist_len, 0).max())
+        q = g.neg()
+        al = [None] * num_old
+        for i in range(num_old - 1, -1, -1):                                 # newest first
+            al[i] = _dot(self.old_stps[:, i], q) * self.ro[:, i]
+            q.addcmul_(al[i][:, None], self.old_dirs[:, i], value=-1.0)
+        r = q * self.H_diag[:, None]                                         # H_0 = H_diag I
+        for i in range(num_old):                                             # oldest first
+            be_i = _dot(self.old_dirs[:, i], r) * self.ro[:, i]
+            r.addcmul_((al[i] - be_i)[:, None], self.old_stps[:, i])
+        return r
+
+    @torch.no_grad()
+    def step(self, energy_and_forces):
+        start = self._start_step(energy_and_forces)
+        if start is None:
+            return
+        running, loss, g = start                  # loss [S] and g = -F [S, D] at s_t
+        # torch: `if flat_grad.abs().max() <= tolerance_grad: return orig_loss`
+        iterating = running & (g.abs().amax(1) > self.tolerance_grad)
+        n = 0
+        while n < self.max_iter and bool(iterating.any()):
+            n += 1
+            self.n_iter += iterating
+
+            # ---- direction: steepest descent on the first-ever iteration, else L-BFGS
+            first = iterating & (self.n_iter == 1)
+            d = self._lbfgs_direction(g, iterating & ~first)
+            d = torch.where(first[:, None], -g, d)
+            it = iterating[:, None]
+            self.d = torch.where(it, d, self.d)
+            self.prev_flat_grad = torch.where(it, g, self.prev_flat_grad)
+            self.prev_loss = torch.where(iterating, loss, self.prev_loss)
+
+            # ---- step length: lr, the first-ever update scaled by min(1, 1/|g|_1)
+            inv_l1 = 1.0 / g.abs().sum(1)
+            t = torch.where(first, torch.where(inv_l1 < 1.0, inv_l1, 1.0) * self.lr, self.lr)
+            if self.max_step is not None:
+                t = t * self._max_step_scale(self.d * t[:, None])
+            self.t = torch.where(iterating, t, self.t)
+
+            # torch: `if gtd > -tolerance_change: break` (not a descent direction)
+            gtd = _dot(g, self.d)
+            iterating = iterating & (gtd <= -self.tolerance_change)
+
+            # ---- move, x += t d; evaluate again unless this was the last iteration
+            self.x = torch.where(iterating[:, None], self.x + self.t[:, None] * self.d, self.x)
+            if n == self.max_iter:
+                break
+            self.evaluating = iterating
+            new_loss, new_g = self._evaluate(energy_and_forces)
+            loss = torch.where(iterating, new_loss, loss)
+            g = torch.where(iterating[:, None], new_g, g)
+            self.n_evals += iterating
+            if 1 + n >= self.max_eval:            # current_evals >= max_eval
+                break
+            stop = ((g.abs().amax(1) <= self.tolerance_grad)                 # optimal
+                    | ((self.d * self.t[:, None]).abs().amax(1) <= self.tolerance_change)
+                    | ((loss - self.prev_loss).abs() < self.tolerance_change))
+            iterating = iterating & ~stop
+
+        # official GOLF: done = last gathered gradient's max |component| <= grad_threshold
+        self.converged |= running & (g.abs().amax(1) <= self.grad_threshold)
+
+
+class BatchedAdam(BatchedOptimizer):
+    """torch.optim.Adam (no weight decay, no amsgrad), one instance per slot, batched.
+    One step = one force evaluation and one update; grad = -F."""
+
+    def __init__(self, positions, batch, n_slots=None, *, lr=5e-3, betas=(0.9, 0.999),
+                 eps=1e-8, grad_threshold=1e-5, max_step=None, model_dtype=None):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        super().__init__(positions, batch, n_slots, grad_threshold=grad_threshold,
+                         max_step=max_step, model_dtype=model_dtype)
+
+    def _init_state(self):
+        super()._init_state()
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.step_count = torch.zeros(self.n_slots, **f64)   # torch: state['step']
+        self.exp_avg = torch.zeros(self.n_slots, 0, **f64)     # m  [S, D]
+        self.exp_avg_sq = torch.zeros(self.n_slots, 0, **f64)  # v  [S, D]
+        self._padded += ["exp_avg", "exp_avg_sq"]
+
+    def _reset_state(self, k):
+        self.step_count[k] = 0.0
+        self.exp_avg[k] = 0.0
+        self.exp_avg_sq[k] = 0.0
+
+    @torch.no_grad()
+    def step(self, energy_and_forces):
+        start = self._start_step(energy_and_forces)
+        if start is None:
+            return
+        running, _, g = start
+        conv = running & (g.abs().amax(1) <= self.grad_threshold)
+        self.converged |= conv
+        moving = running & ~conv
+        mv = moving[:, None]
+        beta1, beta2 = self.betas
+        self.step_count = self.step_count + moving
+        self.exp_avg = torch.where(mv, self.exp_avg.lerp(g, 1 - beta1), self.exp_avg)
+        self.exp_avg_sq = torch.where(
+            mv, torch.addcmul(self.exp_avg_sq * beta2, g, g, value=1 - beta2), self.exp_avg_sq)
+        step = self.step_count.clamp(min=1.0)                  # avoid 0/0 for idle slots
+        bias_correction1 = 1 - beta1 ** step                    # [S]
+        bias_correction2_sqrt = (1 - beta2 ** step).sqrt()      # [S]
+        step_size = self.lr / bias_correction1                  # [S]
+        denom = self.exp_avg_sq.sqrt() / bias_correction2_sqrt[:, None] + self.eps
+        update = -step_size[:, None] * (self.exp_avg / denom)   # torch: addcdiv_(m, denom, -lr')
+        if self.max_step is not None:
+            update = update * self._max_step_scale(update)[:, None]
+        self.x = torch.where(mv, self.x + update, self.x)
+
+
+class BatchedSGD(BatchedOptimizer):
+    """torch.optim.SGD with momentum (dampening 0, no Nesterov), one instance per slot,
+    batched: buf = momentum * buf + g (buf = g on the first step), x -= lr * buf."""
+
+    def __init__(self, positions, batch, n_slots=None, *, lr=5e-3, momentum=0.9,
+                 grad_threshold=1e-5, max_step=None, model_dtype=None):
+        self.lr, self.momentum = lr, momentum
+        super().__init__(positions, batch, n_slots, grad_threshold=grad_threshold,
+                         max_step=max_step, model_dtype=model_dtype)
+
+    def _init_state(self):
+        super()._init_state()
+        self.momentum_buffer = torch.zeros(self.n_slots, 0, dtype=torch.float64,
+                                           device=self.device)
+        self._padded += ["momentum_buffer"]
+
+    def _reset_state(self, k):
+        self.momentum_buffer[k] = 0.0            # 0.9 * 0 + g == g: torch's first step
+
+    @torch.no_grad()
+    def step(self, energy_and_forces):
+        start = self._start_step(energy_and_forces)
+        if start is None:
+            return
+        running, _, g = start
+        conv = running & (g.abs().amax(1) <= self.grad_threshold)
+        self.converged |= conv
+        mv = (running & ~conv)[:, None]
+        self.momentum_buffer = torch.where(mv, self.momentum_buffer * self.momentum + g,
+                                           self.momentum_buffer)
+        update = -self.lr * self.momentum_buffer
+        if self.max_step is not None:
+            update = update * self._max_step_scale(update)[:, None]
+        self.x = torch.where(mv, self.x + update, self.x)
+
+
+# ------------------------------------------------------------------------------ helpers
+DEFAULT_LR = {"lbfgs": 1.0, "adam": 5e-3, "sgd": 5e-3}   # Table 5 and Table 6
+
+
+def make_optimizer(name, positions, batch, n_slots=None, lr=None, max_iter=5, history=100,
+                   max_step=None, grad_threshold=1e-5, model_dtype=None):
+    """The optimizer of `--conf_opt name` (lbfgs | adam | sgd); lr None = paper default."""
+    if name not in DEFAULT_LR:
+        raise ValueError(f"unknown optimizer {name!r}; expected lbfgs, adam or sgd")
+    lr = DEFAULT_LR[name] if lr is None else lr
+    common = dict(lr=lr, grad_threshold=grad_threshold, max_step=max_step,
+                  model_dtype=model_dtype)
+    if name == "lbfgs":
+        return BatchedLBFGS(positions, batch, n_slots, max_iter=max_iter,
+                            history_size=history, **common)
+    if name == "adam":
+        return BatchedAdam(positions, batch, n_slots, **common)
+    return BatchedSGD(positions, batch, n_slots, momentum=0.9, **common)
+
+
+def add_optimizer_args(parser):
+    """The shared command-line flags of the conformation optimizer."""
+    parser.add_argument("--conf_opt", choices=["lbfgs", "adam", "sgd"], default="lbfgs",
+                        help="optimizer of the NNP-optimization (Eq. 3)")
+    parser.add_argument("--conf_opt_lr", type=float, default=None,
+                        help="its rate; default 1.0 for lbfgs, 5e-3 for adam and sgd")
+    parser.add_argument("--max_iter", type=int, default=5,
+                        help="L-BFGS iterations per trajectory step")
+    parser.add_argument("--lbfgs_history", type=int, default=100, help="L-BFGS memory size")
+    parser.add_argument("--max_step", type=float, default=None,
+                        help="largest atom displacement per update, Angstrom (default: off)")
+    parser.add_argument("--grad_threshold", type=float, default=1e-5,
+                        help="a molecule is converged when max |F| <= this")
+    return parser
+
+
+def optimizer_from_args(args, positions, batch, n_slots=None, model_dtype=None):
+    """make_optimizer with the flags of add_optimizer_args."""
+    return make_optimizer(args.conf_opt, positions, batch, n_slots, lr=args.conf_opt_lr,
+                          max_iter=args.max_iter, history=args.lbfgs_history,
+                          max_step=args.max_step, grad_threshold=args.grad_threshold,
+                          model_dtype=model_dtype)
+
+
+if __name__ == "__main__":
+    print(add_optimizer_args(argparse.ArgumentParser()).parse_args())
