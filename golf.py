@@ -137,11 +137,11 @@ class Golf:
             energy_mmff = slot.surrogate.energy(positions)             # line 6
             t = int(self.opt.n_steps[k])
             if energy_mmff > slot.energy_mmff:                          # line 7: a rise
-                if t == 1:        # s_0 is in D0 already: nothing new to label
-                    self.stats["n_rise_at_start"] += 1
-                    self.restart(k)
-                else:
-                    self.end_trajectory(k, positions_before, slot.energy_mmff)
+                # s_t is sent even for t = 0, as Algorithm 1 says (s_0 is a D0 conformation,
+                # relabelled); skipping it can stall a poor f_baseline whose every first
+                # step goes uphill
+                self.stats["n_rise_at_start"] += t == 1
+                self.end_trajectory(k, positions_before, slot.energy_mmff)
             elif t >= self.args.timelimit_train or bool(self.opt.converged[k]):
                 self.end_trajectory(k, positions, energy_mmff)          # t = T: s_T is sent
             else:

@@ -21,8 +21,9 @@ Hartree/Angstrom in row.data; keys):
     --out_optimal, optimize: one row per conformation: its start (positions, energy,
         forces) with optimal_energy and optimal_positions (the last step); keys conf_id,
         smiles, name, converged (False: --max_opt_steps ran out), n_steps
-    metadata: method (Psi4 method), mode, seed, conformers_per_molecule, source; nablaDFT's
-        atomrefs only for its level, wb97x-d/def2-svp (else training fits them).
+    metadata: method (Psi4 method), mode, seed, conformers_per_molecule, source; atomrefs:
+        energies of the free atoms at the oracle's level (nablaDFT's own values for its
+        level, wb97x-d/def2-svp), the per-element references the NNP learns on top of.
 The SMILES is stored as written in the file: the atom order of a row follows it.
 
 conf_id: with --smiles, (line number - 1) * conformers_per_molecule + k for the k-th
@@ -47,6 +48,7 @@ import sys
 from concurrent.futures import FIRST_COMPLETED, wait
 from contextlib import ExitStack
 
+import ase.db
 import numpy as np
 from rdkit import Chem, RDLogger
 from rdkit.Chem import AllChem
@@ -248,13 +250,21 @@ def log_failure(path, conf, conf_id, mode, reason, result=None):
 # The stage
 # ---------------------------------------------------------------------------------------
 
-def atomrefs_for(method):
-    """nablaDFT's atomrefs for its level of theory; None for any other (training then
-    fits per-element references by least squares, data.fit_atomrefs)."""
+def atomrefs_for(args, elements):
+    """Per-element reference energies for the metadata: free-atom energies at the oracle's
+    level (what nablaDFT's atomrefs are; its own values for its level), or those an
+    existing output db already holds."""
     import painn
-    if method.lower().replace(" ", "") == oracles.DEFAULT_METHOD:
+    if args.oracle_method.lower().replace(" ", "") == oracles.DEFAULT_METHOD:
         return painn.NABLADFT_ATOMREFS
-    return None
+    for path in (args.out, args.out_optimal):
+        if path and os.path.exists(path):
+            refs = data.read_atomrefs(ase.db.connect(path).metadata)
+            if refs and set(elements) <= set(refs):
+                return refs
+    print(f"atomrefs: energies of the free atoms {sorted(elements)} with {args.oracle_method}")
+    with oracles.make_oracle_pool(args) as pool:
+        return oracles.isolated_atom_energies(pool, elements)
 
 
 def make(args):
@@ -269,7 +279,12 @@ def make(args):
                 lines.append(line)
     else:
         confs = selected(data.read_db(args.db, verbose=False)[0], args)
-    atomrefs = atomrefs_for(args.oracle_method)
+    if args.smiles:
+        elements = {a.GetAtomicNum() for _, smi, _ in lines
+                    for a in Chem.AddHs(parse_smiles(smi)).GetAtoms()}
+    else:
+        elements = {int(z) for c in confs for z in c.numbers}
+    atomrefs = atomrefs_for(args, elements)
     out = open_output(args.out, args, atomrefs)
     optimal = open_output(args.out_optimal, args, atomrefs) if args.mode == "optimize" else None
     failures_path = args.out + ".failures.jsonl"

@@ -92,6 +92,8 @@ def psi4_molecule(psi4, numbers, positions, charge, multiplicity):
 def psi4_gradient(psi4, method, numbers, positions, charge, multiplicity):
     """Energy (Hartree) and gradient dE/dX [n_atoms, 3] (Hartree/Bohr) of one conformation."""
     molecule = psi4_molecule(psi4, numbers, positions, charge, multiplicity)
+    if len(numbers) == 1:   # a free atom has no gradient (and psi4.gradient crashes on one)
+        return float(psi4.energy(method, molecule=molecule)), np.zeros((1, 3))
     gradient, wfn = psi4.gradient(method, molecule=molecule, return_wfn=True)
     return float(wfn.energy()), np.array(gradient)
 
@@ -697,6 +699,32 @@ def make_oracle_pool(args):
     if args.dask_scheduler:
         return DaskOraclePool(args.dask_scheduler, **common)
     return LocalOraclePool(n_workers=args.n_workers, **common)
+
+
+# ---------------------------------------------------------------------------------------
+# Reference energies of isolated atoms (the `atomrefs` of a dataset)
+# ---------------------------------------------------------------------------------------
+
+# Ground-state spin multiplicities of the free atoms (Hund's rules)
+ATOM_MULTIPLICITY = {1: 2, 3: 2, 5: 2, 6: 3, 7: 4, 8: 3, 9: 2, 11: 2, 13: 2, 14: 3, 15: 4,
+                     16: 3, 17: 2, 35: 2, 53: 2}
+
+
+def isolated_atom_energies(pool, elements):
+    """{z: energy of the free atom} (Hartree) at the pool's level of theory, unrestricted
+    for open shells: what nablaDFT's atomrefs are (Psi4 reproduces its wB97X-D/def2-SVP
+    values to 0.001 kcal/mol). Raises OracleError naming an atom that fails."""
+    futures = {}
+    for z in sorted(set(int(z) for z in elements)):
+        atom = data.Conformation(numbers=np.array([z]), positions=np.zeros((1, 3)))
+        futures[z] = pool.submit(atom, -z, charge=0, multiplicity=ATOM_MULTIPLICITY.get(z, 1))
+    energies = {}
+    for z, future in futures.items():
+        result = future.result()
+        if not result.ok:
+            raise OracleError(f"the isolated atom Z={z} failed: {result.reason}")
+        energies[z] = result.energy
+    return energies
 
 
 # ---------------------------------------------------------------------------------------

@@ -86,15 +86,16 @@ def test_rise_sends_the_conformation_before_the_step(setup):
     assert ckpt["trainer"]["step"] == 2 * 3                         # U updates per addition
 
 
-def test_rise_at_the_first_step_and_mmff_threshold_send_nothing(setup):
+def test_rise_at_the_first_step_sends_s0_and_mmff_threshold_sends_nothing(setup):
     run, pool, out = setup
-    ScriptedSurrogate.scripts = [[10, 11],                  # s_0 is in D0 already: restart
+    ScriptedSurrogate.scripts = [[10, 11],                  # rise at step 1: s_0 is sent
                                  [400, 399, 398],           # ends at T = 2 above 300 kcal/mol
-                                 [10, 9, 8],                # ends at T = 2: sent
+                                 [10, 9, 8],                # ends at T = 2: s_2 is sent
                                  [10]]
-    run("--max_oracle_steps", "1", "--utd_ratio", "2", "--timelimit_train", "2")
-    assert len(pool.submitted) == 1
-    np.testing.assert_array_equal(pool.submitted[0].positions, ScriptedSurrogate.built[2].seen[2])
+    run("--max_oracle_steps", "2", "--utd_ratio", "2", "--timelimit_train", "2")
+    assert len(pool.submitted) == 2
+    np.testing.assert_array_equal(pool.submitted[0].positions, ScriptedSurrogate.built[0].seen[0])
+    np.testing.assert_array_equal(pool.submitted[1].positions, ScriptedSurrogate.built[2].seen[2])
     log = [l for l in open(out / "metrics.jsonl")]
     assert '"n_rise_at_start": 1' in log[-1] and '"n_rejected_mmff": 1' in log[-1]
 

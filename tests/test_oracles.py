@@ -303,3 +303,16 @@ def test_mmff_atom_order_mismatch_is_a_data_error():
     conf.smiles, conf.id = "OCC", 12
     with pytest.raises(data.DataError, match="row 12"):
         oracles.MMFFSurrogate(conf)
+
+
+def test_isolated_atom_energies_are_the_nabladft_atomrefs():
+    """Free atoms, unrestricted, Hund's multiplicity: STO-3G's hydrogen atom is the textbook
+    -0.46658 Hartree, and at wB97X-D/def2-SVP H and O give nablaDFT's atomrefs."""
+    import painn
+    with oracles.LocalOraclePool(method="hf/sto-3g", n_workers=1) as pool:
+        refs = oracles.isolated_atom_energies(pool, [1, 1, 8])
+    assert refs[1] == pytest.approx(-0.466581849, abs=1e-7) and refs[8] < -73
+    with oracles.LocalOraclePool(method="wb97x-d/def2-svp", n_workers=1) as pool:
+        refs = oracles.isolated_atom_energies(pool, [1, 8])
+    for z in (1, 8):
+        assert refs[z] == pytest.approx(painn.NABLADFT_ATOMREFS[z], abs=1e-5)
