@@ -162,6 +162,14 @@ def read_db(path, energy_kind="auto", require_energy=False, require_forces=False
 # Writing (total energies, nablaDFT metadata)
 # ---------------------------------------------------------------------------------------
 
+def atomrefs_list(atomrefs):
+    """{z: E} -> the metadata layout, one value per atomic number 0..MAX_Z-1."""
+    refs = np.zeros(MAX_Z)
+    for z, e in atomrefs.items():
+        refs[int(z)] = e
+    return refs.tolist()
+
+
 def connect_for_writing(path, atomrefs=None, **metadata):
     """Open (or create) an ASE db for appending; a new db gets the nablaDFT metadata.
 
@@ -174,10 +182,7 @@ def connect_for_writing(path, atomrefs=None, **metadata):
                 "_property_unit_dict": {"energy": "Hartree", "forces": "Hartree/Ang"},
                 **metadata}
         if atomrefs:
-            refs = np.zeros(MAX_Z)
-            for z, e in atomrefs.items():
-                refs[int(z)] = e
-            meta["atomrefs"] = {"energy": refs.tolist()}
+            meta["atomrefs"] = {"energy": atomrefs_list(atomrefs)}
         db.metadata = meta
     return db
 

@@ -174,6 +174,8 @@ def open_output(path, args, atomrefs):
     try:
         db = data.connect_for_writing(path, atomrefs=atomrefs, **metadata)
         old = db.metadata
+        if atomrefs and "atomrefs" not in old:     # an earlier run could not compute them
+            db.metadata = {**old, "atomrefs": {"energy": data.atomrefs_list(atomrefs)}}
     except Exception as err:
         raise data.DataError(f"{path}: cannot open it as an ASE database ({err})") from None
     flags = {"method": "--oracle_method", "mode": "--mode", "seed": "--seed",
@@ -263,8 +265,13 @@ def atomrefs_for(args, elements):
             if refs and set(elements) <= set(refs):
                 return refs
     print(f"atomrefs: energies of the free atoms {sorted(elements)} with {args.oracle_method}")
-    with oracles.make_oracle_pool(args) as pool:
-        return oracles.isolated_atom_energies(pool, elements)
+    try:
+        with oracles.make_oracle_pool(args) as pool:
+            return oracles.isolated_atom_energies(pool, elements)
+    except oracles.OracleError as err:   # not fatal: a rerun fills them in
+        print(f"warning: no atomrefs in the metadata ({err}); rerun to compute them, or "
+              "training fits per-element references by least squares", file=sys.stderr)
+        return None
 
 
 def make(args):

@@ -52,7 +52,9 @@ def test_single_point_schema_and_values(d0, smiles_file):
     assert f"{smiles_file} line 3: RDKit cannot parse SMILES 'C1CC'; skipped" in stderr
     db = ase.db.connect(out)
     assert db.metadata["method"] == METHOD and db.metadata["mode"] == "single_point"
-    assert "atomrefs" not in db.metadata                    # not nablaDFT's level
+    # atomrefs: the free atoms at the oracle's level; STO-3G's H atom is -0.466582 Hartree
+    refs = db.metadata["atomrefs"]["energy"]
+    assert refs[1] == pytest.approx(-0.466581849, abs=1e-7) and refs[8] < -73 and refs[7] < -53
     assert db.metadata["_property_unit_dict"] == {"energy": "Hartree", "forces": "Hartree/Ang"}
     by_id = {row.conf_id: row for row in db.select()}
     assert sorted(by_id) == [0, 1, 3]
@@ -60,7 +62,7 @@ def test_single_point_schema_and_values(d0, smiles_file):
     assert by_id[0].name == "water" and "name" not in by_id[3].key_value_pairs
 
     confs, atomrefs = data.read_db(out, require_energy=True, require_forces=True, verbose=False)
-    assert atomrefs is None
+    assert set(atomrefs) == {1, 6, 7, 8} and atomrefs[1] == refs[1]
     # the conformations are ETKDG's with --seed 42 + line number: a rerun makes the same
     numbers, (positions,) = make_trajectories.embed("O", 1, 42 + 1)
     water = next(c for c in confs if c.smiles == "O")
@@ -167,13 +169,16 @@ def test_failures_are_recorded_and_retried(smiles_file, tmp_path, capsys):
     out = str(tmp_path / "d0.db")
     args = ("--smiles", smiles_file, "--max_molecules", "1", "--out", out)
     assert run(*args, "--oracle_timeout", "0.05", "--oracle_retries", "0") == 0
-    assert "1 x timeout" in capsys.readouterr().out
-    assert rows(out) == []
+    captured = capsys.readouterr()
+    assert "1 x timeout" in captured.out
+    assert "warning: no atomrefs" in captured.err            # the atom jobs timed out too
+    assert rows(out) == [] and "atomrefs" not in ase.db.connect(out).metadata
     (record,) = [json.loads(line) for line in open(out + ".failures.jsonl")]
     assert record["conf_id"] == 0 and record["smiles"] == "O"
     assert record["reason"].startswith("timeout") and record["attempts"] == 1
 
     assert run(*args) == 0                                        # the rerun retries it
+    assert ase.db.connect(out).metadata["atomrefs"]["energy"][8] < -73   # and fills these in
     (row,) = rows(out)
     assert row.conf_id == 0 and row.data["energy"][0] == pytest.approx(-74.96, abs=0.01)
 
@@ -203,6 +208,8 @@ def test_bad_input_is_one_error_line(smiles_file, d0, tmp_path, capsys):
     assert "made with --oracle_method hf/sto-3g, not hf/3-21g" in errors[0]
 
 
-def test_only_nabladft_level_gets_nabladft_atomrefs():
-    assert make_trajectories.atomrefs_for("wB97X-D/def2-SVP") == painn.NABLADFT_ATOMREFS
-    assert make_trajectories.atomrefs_for("hf/sto-3g") is None
+def test_nabladft_level_gets_nabladft_atomrefs_without_a_job(tmp_path):
+    args = make_trajectories.parse_args(["--smiles", "x.smi", "--out", str(tmp_path / "x.db"),
+                                         "--oracle_method", "wB97X-D/def2-SVP",
+                                         "--dask_scheduler", "tcp://127.0.0.1:1"])
+    assert make_trajectories.atomrefs_for(args, {1, 6}) == painn.NABLADFT_ATOMREFS
