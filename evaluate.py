@@ -385,6 +385,7 @@ def main(argv=None):
     if args.model == "nnp" and not args.checkpoint:
         sys.exit("error: --checkpoint is required (or --model rdkit)")
     os.makedirs(args.out_dir, exist_ok=True)
+    torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
     if args.task == "prediction":
         confs, _ = data.read_db(args.db, args.energy_kind, require_energy=True, require_forces=True)
         model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))

@@ -282,8 +282,9 @@ class Golf:
             self.trainer.load_state_dict(ckpt["trainer"])
             set_rng_state(self.rng, ckpt["rng"])
         self.updates_owed = max(0, len(collected) * self.args.utd_ratio - self.trainer.step)
-        print(f"resumed: {len(collected)} conformations collected, {self.trainer.step} updates "
-              f"done, {self.updates_owed} owed")
+        if collected or self.trainer.step:
+            print(f"resumed: {len(collected)} conformations collected, {self.trainer.step} "
+                  f"updates done, {self.updates_owed} owed")
 
 
 def main(argv=None):
@@ -297,6 +298,7 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     if os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")) and not args.resume:
         sys.exit(f"error: {args.out_dir} holds a GOLF run; pass --resume to continue it")
+    torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
     model = painn.load_checkpoint(args.load_baseline).to(args.device, getattr(torch, args.dtype))
     with oracles.make_oracle_pool(args) as pool:
         golf = Golf(args, d0, model, pool, rng)

@@ -691,6 +691,14 @@ def add_oracle_args(parser):
     return parser
 
 
+def torch_threads_beside_the_pool(args):
+    """Cores this machine has left for the NNP next to the local Psi4 workers (at least 1):
+    an oversubscribed torch thread pool runs many times slower, measured here."""
+    if args.dask_scheduler:
+        return os.cpu_count() or 1
+    return max(1, (os.cpu_count() or 1) - args.n_workers * args.psi4_threads)
+
+
 def make_oracle_pool(args):
     """A DaskOraclePool with --dask_scheduler, else a LocalOraclePool."""
     common = dict(method=args.oracle_method, threads=args.psi4_threads,

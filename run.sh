@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Command 1 of 2: set up (if needed) and run the whole paper in miniature:
+#   1. make_trajectories.py  D0, a test db with DFT optima, and D_traj-K
+#   2. train_baseline.py     f_baseline on D0, and f_traj-K fine-tuned on D0 + D_traj-K
+#   3. golf.py               f_GOLF-K fine-tuned from f_baseline with the same K
+#   4. evaluate.py           the three NNPs and the RDKit row on the test db: Table 2
+#
+#   ./run.sh                    demo: about 10 minutes on 2 cores
+#   ./run.sh --preset laptop    a larger run, about an hour on 2 cores
+#
+# Every stage resumes, so a second run reuses what is done. Flags that differ from the
+# paper's defaults are set here, with the paper's value in the comment beside them.
+set -euo pipefail
+cd "$(dirname "$0")"
+preset=demo
+[ "${1:-}" = "--preset" ] && preset="${2:?--preset demo|laptop}"
+./setup.sh
+PY=.venv/bin/python
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+ORACLE=(--oracle_method hf/sto-3g   # paper: wb97x-d/def2-svp (~5 min a job here)
+        --n_workers 2)              # paper: a cluster
+case $preset in
+demo)
+    N_TRAIN=60; N_TEST=16; CONFS=3  # molecules of data/small_molecules.smi (paper: nablaDFT)
+    K=60                            # paper: 10000 (--max_oracle_steps)
+    MODEL=(--n_atom_basis 64)       # paper: 128
+    BASE_STEPS=1500                 # paper: 5e5 (--total_steps)
+    FT_STEPS=$((K * 5))             # traj-K fine-tuning as long as GOLF's K * U
+    GOLF=(--utd_ratio 5             # paper: 50
+          --n_parallel 16           # paper: 120
+          --timelimit_train 50)     # paper: 100
+    EVAL=(--timelimit_eval 50       # paper: 100
+          --eval_steps 1,5,20,50)   # paper: 1,2,3,5,8,13,21,30,50,75,100
+    ;;
+laptop)
+    N_TRAIN=80; N_TEST=20; CONFS=8
+    K=400
+    MODEL=(--n_atom_basis 128)
+    BASE_STEPS=6000
+    FT_STEPS=$((K * 10))
+    GOLF=(--utd_ratio 10 --n_parallel 32 --timelimit_train 100)
+    EVAL=(--timelimit_eval 100 --eval_steps 1,2,3,5,8,13,21,30,50,75,100)
+    ;;
+*) echo "error: unknown preset $preset (demo or laptop)" >&2; exit 2 ;;
+esac
+OUT=runs/$preset
+mkdir -p "$OUT"
+TRAIN=(--batch_size 32              # paper: 64
+       --lr 5e-4                    # paper: 1e-4
+       --checkpoint_every 250 --resume)
+start=$(date +%s)
+
+echo "== 1. make_trajectories.py: D0, test db, D_traj-$K"
+$PY make_trajectories.py --smiles data/small_molecules.smi --max_molecules $N_TRAIN \
+    --conformers_per_molecule $CONFS --mode single_point --out "$OUT/d0.db" "${ORACLE[@]}"
+$PY make_trajectories.py --smiles data/small_molecules.smi --skip_molecules $N_TRAIN \
+    --max_molecules $N_TEST --mode optimize --out "$OUT/test_traj.db" \
+    --out_optimal "$OUT/test.db" "${ORACLE[@]}"
+$PY make_trajectories.py --smiles data/small_molecules.smi --max_molecules $N_TRAIN \
+    --mode optimize --max_conformations $K --out "$OUT/traj.db" "${ORACLE[@]}"
+
+echo "== 2. train_baseline.py: f_baseline, f_traj-$K"
+$PY train_baseline.py --db "$OUT/d0.db" --out_dir "$OUT/baseline" "${MODEL[@]}" \
+    --total_steps $BASE_STEPS --eval_every 500 "${TRAIN[@]}"
+$PY train_baseline.py --db "$OUT/d0.db" "$OUT/traj.db" --out_dir "$OUT/traj" \
+    --load_baseline "$OUT/baseline/checkpoint.pt" --total_steps $FT_STEPS --eval_every 500 \
+    "${TRAIN[@]}"
+
+echo "== 3. golf.py: f_GOLF-$K"
+$PY golf.py --d0 "$OUT/d0.db" --load_baseline "$OUT/baseline/checkpoint.pt" \
+    --out_dir "$OUT/golf" --max_oracle_steps $K "${GOLF[@]}" "${TRAIN[@]}" "${ORACLE[@]}"
+
+echo "== 4. evaluate.py on $OUT/test.db"
+for model in baseline traj golf; do
+    $PY evaluate.py --checkpoint "$OUT/$model/checkpoint.pt" --db "$OUT/test.db" \
+        --out_dir "$OUT/eval_$model" "${EVAL[@]}" "${ORACLE[@]}"
+done
+$PY evaluate.py --model rdkit --db "$OUT/test.db" --out_dir "$OUT/eval_rdkit" \
+    "${EVAL[@]}" "${ORACLE[@]}"
+
+echo
+echo "== Results ($preset preset, K = $K, $(( $(date +%s) - start )) s)"
+$PY evaluate.py --task table --names f_baseline "f_traj-$K" "f_GOLF-$K" RDKit \
+    --summaries "$OUT"/eval_{baseline,traj,golf,rdkit}/summary.json
+echo "plots: $OUT/eval_*/fig*.png"
