@@ -22,10 +22,10 @@ ORACLE=(--oracle_method hf/sto-3g   # paper: wb97x-d/def2-svp (~5 min a job here
         --n_workers 2)              # paper: a cluster
 case $preset in
 demo)
-    N_TRAIN=60; N_TEST=16; CONFS=3  # molecules of data/small_molecules.smi (paper: nablaDFT)
+    N_TRAIN=50; N_TEST=12; CONFS=3  # molecules of data/small_molecules.smi (paper: nablaDFT)
     K=60                            # paper: 10000 (--max_oracle_steps)
     MODEL=(--n_atom_basis 64)       # paper: 128
-    BASE_STEPS=1500                 # paper: 5e5 (--total_steps)
+    BASE_STEPS=1200                 # paper: 5e5 (--total_steps)
     FT_STEPS=$((K * 5))             # traj-K fine-tuning as long as GOLF's K * U
     GOLF=(--utd_ratio 5             # paper: 50
           --n_parallel 16           # paper: 120
@@ -54,7 +54,7 @@ start=$(date +%s)
 echo "== 1. make_trajectories.py: D0, test db, D_traj-$K"
 $PY make_trajectories.py --smiles data/small_molecules.smi --max_molecules $N_TRAIN \
     --conformers_per_molecule $CONFS --mode single_point --out "$OUT/d0.db" "${ORACLE[@]}"
-$PY make_trajectories.py --smiles data/small_molecules.smi --skip_molecules $N_TRAIN \
+$PY make_trajectories.py --smiles data/small_molecules.smi --skip_molecules 80 \
     --max_molecules $N_TEST --mode optimize --out "$OUT/test_traj.db" \
     --out_optimal "$OUT/test.db" "${ORACLE[@]}"
 $PY make_trajectories.py --smiles data/small_molecules.smi --max_molecules $N_TRAIN \
