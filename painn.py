@@ -9,14 +9,24 @@ checkpoints load into it (`load_checkpoint`) and give the same numbers.
 One call handles a batch of molecules of different sizes, laid out as flat atoms:
     z         [n_atoms]     atomic numbers
     positions [n_atoms, 3]  Angstrom
-    batch     [n_atoms]     molecule index of every atom; atoms of a molecule are contiguous
+    batch     [n_atoms]     molecule index of every atom, sorted (atoms of a molecule are
+                            contiguous, molecules in increasing order)
 and returns
     energy    [n_molecules] total energy, Hartree, float64
     forces    [n_atoms, 3]  F = -dE/dX (Eq. 1), Hartree/Angstrom
 
 Energy = sum over atoms of the atomwise head + sum over atoms of a per-element reference
 energy (`atomrefs`); the network itself learns E - sum_i ref[z_i].
+
+Same function as schnetpack, computed differently for speed on CPU (benchmarks/painn.py):
+  * the filters W(r_ij) depend on |r_ij| only, so they are computed once per pair {i, j},
+    and the cutoff multiplies the filter net's input, not its wide output (PaiNN.filters);
+  * vector features are stored component first, mu [3, n_atoms, F] (schnetpack:
+    [n_atoms, 3, F]), so sums over x, y, z add contiguous blocks (Interaction, Mixing);
+  * a batch is evaluated a few molecules at a time (group_molecules), which keeps the
+    per-pair tensors small: 64 molecules cost no more per molecule than 8.
 """
+import itertools
 import math
 import os
 
@@ -25,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MAX_Z = 100  # size of the element embedding (atomic numbers 0..99)
+MAX_GROUP_PAIRS = 8192  # atom pairs per pass of the network, see group_molecules
 
 # wB97X-D/def2-SVP energies of isolated atoms (Hartree), the `atomrefs` of nablaDFT.
 # The official GOLF checkpoints predict E - sum_i NABLADFT_ATOMREFS[z_i].
@@ -77,6 +88,27 @@ def cosine_cutoff(d, cutoff):
     return 0.5 * (torch.cos(d * math.pi / cutoff) + 1.0) * (d < cutoff).to(d.dtype)
 
 
+def group_molecules(counts, max_pairs):
+    """Cut molecules 0..len(counts)-1 (counts: atoms of each) into consecutive groups of at
+    most `max_pairs` atom pairs n(n-1) in total (a bigger molecule makes a group alone).
+    Returns [(first, end)] molecule ranges.
+
+    One group is one pass of the network, with its own autograd graph. Small groups keep the
+    [n_pairs, ...] tensors small, and so cheap: glibc's malloc hands out blocks above 32 MB
+    as fresh pages from the kernel, zeroed and faulted in again on every call (here ~15x
+    the cost of streaming the same bytes), while smaller blocks are recycled. In one pass,
+    64 molecules of 36 atoms cost ~2x more per molecule than 8 (benchmarks/painn.py)."""
+    groups, start, pairs = [], 0, 0
+    for m, n in enumerate(counts):
+        if m > start and pairs + n * (n - 1) > max_pairs:
+            groups.append((start, m))
+            start, pairs = m, 0
+        pairs += n * (n - 1)
+    if counts:
+        groups.append((start, len(counts)))
+    return groups
+
+
 class MLP(nn.Sequential):
     """Linear -> SiLU -> Linear, the two-layer nets of PaiNN (keys .0 and .1, as schnetpack)."""
 
@@ -88,26 +120,37 @@ class MLP(nn.Sequential):
 
 
 # ---------------------------------------------------------------------------------------
-# The two PaiNN blocks. Features: scalars q [n_atoms, F], vectors mu [n_atoms, 3, F].
+# The two PaiNN blocks. Features: scalars q [n_atoms, F], vectors mu [3, n_atoms, F].
+# The vectors are stored component first (schnetpack: [n_atoms, 3, F]), so that sums over
+# the x, y, z components, here and in the backward pass, add up contiguous blocks.
 # ---------------------------------------------------------------------------------------
 
 class Interaction(nn.Module):
     """Message block (PaiNN Eq. 7-8): atom i gathers scalar and vector messages from its
-    neighbours j, built from phi(q_j) and the filter W(r_ij)."""
+    neighbours j, built from phi(q_j) and the filter W(r_ij).
+
+    Every pair {a, b} is visited once and sends its messages both ways, b -> a and a -> b:
+    W_ab = W_ba (the filter depends on the distance only) and unit_ba = -unit_ab."""
 
     def __init__(self, n_features):
         super().__init__()
         self.n_features = n_features
         self.interatomic_context_net = MLP(n_features, n_features, 3 * n_features)  # phi
 
-    def forward(self, q, mu, filters, unit_ij, idx_i, idx_j):
-        # q [n_atoms, F]; mu [n_atoms, 3, F]; filters [n_pairs, 3F]; unit_ij [n_pairs, 3]
-        x = self.interatomic_context_net(q)[idx_j] * filters              # [n_pairs, 3F]
-        dq, dmu_r, dmu_mu = torch.split(x, self.n_features, dim=-1)       # 3 x [n_pairs, F]
-        dmu = dmu_r[:, None, :] * unit_ij[:, :, None] + dmu_mu[:, None, :] * mu[idx_j]
-        q = q.index_add(0, idx_i, dq)                                     # sum over j
-        mu = mu.index_add(0, idx_i, dmu)                                  # [n_atoms, 3, F]
-        return q, mu
+    def forward(self, q, mu, filters, unit, src, dst):
+        # q [n_atoms, F]; mu [3, n_atoms, F]; filters [n_half, 3F], one row per pair {a, b};
+        # src = (b, a) and dst = (a, b) [2 * n_half]: the two directions of every pair;
+        # unit [3, 2, n_half, 1]: unit vector from dst to src.
+        # (index_select, not phi[src]: its backward, index_add, is much faster on CPU.)
+        n_half, n_features = filters.shape[0], self.n_features
+        phi_j = self.interatomic_context_net(q).index_select(0, src)      # [2 * n_half, 3F]
+        x = filters * phi_j.view(2, n_half, 3 * n_features)               # [2, n_half, 3F]
+        dq, dmu_r, dmu_mu = torch.split(x, n_features, dim=-1)            # 3 x [2, n_half, F]
+        mu_j = mu.index_select(1, src).view(3, 2, n_half, n_features)
+        dmu = torch.addcmul(dmu_mu * mu_j, dmu_r, unit)                   # [3, 2, n_half, F]
+        messages = torch.cat([dq[None], dmu]).flatten(1, 2)               # [4, 2 * n_half, F]
+        update = q.new_zeros(4, q.shape[0], n_features).index_add(1, dst, messages)
+        return q + update[0], mu + update[1:]                             # sums over j
 
 
 class Mixing(nn.Module):
@@ -121,12 +164,12 @@ class Mixing(nn.Module):
         self.intraatomic_context_net = MLP(2 * n_features, n_features, 3 * n_features)  # a
 
     def forward(self, q, mu):
-        mu_v, mu_w = torch.split(self.mu_channel_mix(mu), self.n_features, dim=-1)  # [n,3,F]
-        norm_v = torch.sqrt(torch.sum(mu_v ** 2, dim=1) + self.epsilon)   # ||V mu|| [n, F]
+        mu_v, mu_w = torch.split(self.mu_channel_mix(mu), self.n_features, dim=-1)  # [3,n,F]
+        norm_v = torch.sqrt(torch.sum(mu_v ** 2, dim=0) + self.epsilon)   # ||V mu|| [n, F]
         a = self.intraatomic_context_net(torch.cat([q, norm_v], dim=-1))  # [n, 3F]
         a_ss, a_vv, a_sv = torch.split(a, self.n_features, dim=-1)
-        q = q + a_ss + a_sv * torch.sum(mu_v * mu_w, dim=1)               # <V mu, U mu>
-        mu = mu + a_vv[:, None, :] * mu_w
+        q = q + a_ss + a_sv * torch.sum(mu_v * mu_w, dim=0)               # <V mu, U mu>
+        mu = mu + a_vv * mu_w
         return q, mu
 
 
@@ -145,6 +188,7 @@ class PaiNN(nn.Module):
         self.n_features = n_atom_basis
         self.n_interactions = n_interactions
         self.cutoff = cutoff
+        self.max_group_pairs = MAX_GROUP_PAIRS  # atom pairs per pass, see group_molecules
         self.register_buffer("rbf_frequencies", torch.arange(1, n_rbf + 1) * math.pi / cutoff)
         self.embedding = nn.Embedding(MAX_Z, n_atom_basis)
         # one filter net for all blocks: n_rbf -> n_interactions * 3F
@@ -179,20 +223,36 @@ class PaiNN(nn.Module):
         refs = self._atomrefs_tensor[z.device][z]
         return refs.new_zeros(n_molecules).index_add(0, batch, refs)
 
+    def filters(self, d):
+        """W(d) = filter_net(rbf(d)) * f_c(d) for all blocks, d [n] -> [n, n_interactions*3F].
+
+        The cutoff multiplies the (n_rbf + 1)-wide input instead of the wide output:
+        (rbf W^T + b) f_c = [rbf f_c, f_c] [W, b]^T, one matrix product. (Scaling the rows
+        of the wide output, and its gradient, is a slow broadcast on CPU: ~7x a plain
+        elementwise product in float32.)"""
+        fc = cosine_cutoff(d, self.cutoff)[:, None]                       # [n, 1]
+        rbf = torch.cat([bessel_rbf(d, self.rbf_frequencies), torch.ones_like(fc)], dim=1)
+        weight = torch.cat([self.filter_net.weight, self.filter_net.bias[:, None]], dim=1)
+        return (rbf * fc) @ weight.T                                      # [n, n_int*3F]
+
     def atomic_energies(self, z, positions, batch, n_molecules):
         """The network's energy contribution of every atom, [n_atoms] (Hartree)."""
+        # pairs (i, j) and (j, i) share distance and filter: keep each pair {a, b} once
         idx_i, idx_j = neighbor_pairs(positions, batch, n_molecules, self.cutoff)
-        r_ij = positions[idx_j] - positions[idx_i]                        # [n_pairs, 3]
-        d_ij = torch.linalg.vector_norm(r_ij, dim=1)                      # [n_pairs]
-        unit_ij = r_ij / d_ij[:, None]
-        filters = (self.filter_net(bessel_rbf(d_ij, self.rbf_frequencies))
-                   * cosine_cutoff(d_ij, self.cutoff)[:, None])           # [n_pairs, n_int*3F]
-        filters = torch.split(filters, 3 * self.n_features, dim=-1)
+        half = idx_i < idx_j
+        a, b = idx_i[half], idx_j[half]                                   # [n_half]
+        r_ab = positions.index_select(0, b) - positions.index_select(0, a)  # [n_half, 3]
+        d_ab = torch.linalg.vector_norm(r_ab, dim=1)                      # [n_half]
+        unit_ab = r_ab / d_ab[:, None]
+        filters = torch.split(self.filters(d_ab), 3 * self.n_features, dim=-1)
+        # messages go both ways: to a from b along unit_ab, to b from a along -unit_ab
+        src, dst = torch.cat([b, a]), torch.cat([a, b])                   # [2 * n_half]
+        unit = torch.stack([unit_ab.T, -unit_ab.T], dim=1)[..., None]     # [3, 2, n_half, 1]
 
         q = self.embedding(z)                                             # [n_atoms, F]
-        mu = q.new_zeros(q.shape[0], 3, self.n_features)                  # [n_atoms, 3, F]
+        mu = q.new_zeros(3, q.shape[0], self.n_features)                  # [3, n_atoms, F]
         for interaction, mixing, w in zip(self.interactions, self.mixing, filters):
-            q, mu = interaction(q, mu, w, unit_ij, idx_i, idx_j)
+            q, mu = interaction(q, mu, w, unit, src, dst)
             q, mu = mixing(q, mu)
         return self.energy_head(q).squeeze(-1)                            # [n_atoms]
 
@@ -205,12 +265,26 @@ class PaiNN(nn.Module):
             n_molecules = int(batch.max()) + 1 if batch.numel() else 0
         if create_graph is None:
             create_graph = self.training
+        if bool((batch[1:] < batch[:-1]).any()):
+            raise ValueError("batch must be sorted: the atoms of a molecule contiguous, "
+                             "molecules in increasing order")
+        counts = torch.bincount(batch, minlength=n_molecules).tolist()   # atoms per molecule
+        first_atom = [0] + list(itertools.accumulate(counts))
+        energy_net, grad = [], []
         with torch.enable_grad():
-            if not positions.requires_grad:
-                positions = positions.detach().requires_grad_(True)
-            atomic = self.atomic_energies(z, positions, batch, n_molecules)
-            energy_net = atomic.new_zeros(n_molecules).index_add(0, batch, atomic)
-            (grad,) = torch.autograd.grad(energy_net.sum(), positions, create_graph=create_graph)
+            # molecules are independent: evaluate them a group at a time (see group_molecules)
+            for m0, m1 in group_molecules(counts, self.max_group_pairs):
+                a0, a1 = first_atom[m0], first_atom[m1]
+                pos = positions[a0:a1]                                    # [n_group_atoms, 3]
+                if not pos.requires_grad:
+                    pos = pos.detach().requires_grad_(True)
+                mol = batch[a0:a1] - m0
+                atomic = self.atomic_energies(z[a0:a1], pos, mol, m1 - m0)
+                energy = atomic.new_zeros(m1 - m0).index_add(0, mol, atomic)  # [m1 - m0]
+                energy_net.append(energy)
+                grad += torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+        energy_net = torch.cat(energy_net) if energy_net else positions.new_zeros(0)
+        grad = torch.cat(grad) if grad else torch.zeros_like(positions)
         energy = energy_net.double() + self.reference_energy(z, batch, n_molecules)
         return energy, -grad
 

@@ -173,3 +173,71 @@ def test_radial_basis_and_cutoff_by_hand():
     assert rbf[0, 2].item() == pytest.approx(math.sin(3 * math.pi / 5) / 1.0)
     fc = painn.cosine_cutoff(d, 5.0)
     assert fc.tolist() == pytest.approx([0.5 * (math.cos(math.pi / 5) + 1), 0.5, 0.0, 0.0])
+
+
+def test_group_molecules():
+    # pairs n(n-1): 20, 6, 0, 90, 2
+    assert painn.group_molecules([5, 3, 1, 10, 2], 30) == [(0, 3), (3, 4), (4, 5)]
+    assert painn.group_molecules([5, 3, 1, 10, 2], 10**6) == [(0, 5)]
+    assert painn.group_molecules([5, 3], 1) == [(0, 1), (1, 2)]     # one molecule at least
+    assert painn.group_molecules([], 100) == []
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_molecule_groups_do_not_change_the_function(model, create_graph):
+    z, pos, batch = flat(random_molecules(7, np.random.default_rng(8), 2, 30))
+    results = []
+    for max_pairs in (10**9, 1000, 1):                       # one pass, a few groups, 1 by 1
+        model.max_group_pairs = max_pairs
+        model.zero_grad(set_to_none=True)
+        energy, forces = model(z, pos, batch, create_graph=create_graph)
+        if create_graph:                                     # a training step's gradients
+            (energy.square().sum() + forces.square().sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters()] if create_graph else []
+        results.append((energy.detach(), forces.detach(), grads))
+    model.max_group_pairs = painn.MAX_GROUP_PAIRS
+    model.zero_grad(set_to_none=True)
+    for energy, forces, grads in results[1:]:
+        torch.testing.assert_close(energy, results[0][0], rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(forces, results[0][1], rtol=1e-10, atol=1e-12)
+        for g, g0 in zip(grads, results[0][2]):
+            torch.testing.assert_close(g, g0, rtol=1e-9, atol=1e-12)
+
+
+def test_training_gradients_match_schnetpack():
+    """A training step backpropagates through the forces (double backward): the parameter
+    gradients of a loss on energies and forces equal schnetpack's."""
+    sizes = dict(n_atom_basis=16, n_interactions=2, n_rbf=10, cutoff=5.0)
+    torch.manual_seed(3)
+    spk, nnp = schnetpack_model(**sizes)
+    nnp = nnp.double()
+    with torch.no_grad():
+        for p in nnp.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    official = {"model." + k: v for k, v in nnp.state_dict().items()}
+    hparams, state_dict = painn.from_official_state_dict(official)
+    ours = painn.PaiNN(**hparams).double()
+    ours.load_state_dict(state_dict)
+    ours.max_group_pairs = 2000                              # several passes per batch
+
+    from ase import Atoms
+    mols = random_molecules(5, np.random.default_rng(9), 3, 30)
+    converter = spk.interfaces.AtomsConverter(
+        neighbor_list=spk.transform.MatScipyNeighborList(cutoff=sizes["cutoff"]),
+        dtype=torch.float64)
+    inputs = converter([Atoms(numbers=zm, positions=pm) for zm, pm in mols])
+    nnp.train()
+    ref = nnp(inputs)
+    (ref["energy"].square().sum() + ref["forces"].square().sum()).backward()
+
+    ours.train()
+    energy, forces = ours(*flat(mols))
+    (energy.square().sum() + forces.square().sum()).backward()
+    torch.testing.assert_close(energy, ref["energy"].detach(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(forces.detach(), ref["forces"].detach(), rtol=1e-9, atol=1e-10)
+
+    spk_grads = {"model." + k: p.grad for k, p in nnp.named_parameters()}
+    _, ref_grads = painn.from_official_state_dict({k: spk_grads.get(k, v)
+                                                   for k, v in official.items()})
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-8, atol=1e-10, msg=name)
