@@ -31,34 +31,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import painn  # noqa: E402
+from molecules import load_molecules  # noqa: E402
 
 CUTOFF = 5.0
-SMILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data",
-                      "moses_sample.smi")
-
-
-def load_molecules(n_molecules, min_atoms=36, max_atoms=44, seed=0):
-    """[(z [n] array, positions [n, 3] array)]: ETKDG conformers, with hydrogens."""
-    from rdkit import Chem
-    from rdkit.Chem import AllChem
-    mols = []
-    with open(SMILES) as f:
-        for line in f:
-            mol = Chem.MolFromSmiles(line.split()[0]) if line.strip() else None
-            if mol is None:
-                continue
-            mol = Chem.AddHs(mol)
-            if not min_atoms <= mol.GetNumAtoms() <= max_atoms:
-                continue
-            params = AllChem.ETKDGv3()
-            params.randomSeed = seed
-            if AllChem.EmbedMolecule(mol, params) != 0:
-                continue
-            z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
-            mols.append((z, mol.GetConformer().GetPositions()))
-            if len(mols) == n_molecules:
-                return mols
-    raise SystemExit(f"only {len(mols)} molecules of {min_atoms}-{max_atoms} atoms in {SMILES}")
 
 
 def timeit(fn, repeats, warmup=3, min_time=0.1):
@@ -92,7 +67,7 @@ def main():
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load: {load}")
 
-    mols = load_molecules(args.n_molecules)
+    mols = load_molecules(args.n_molecules, 36, 44)
     z = np.concatenate([m[0] for m in mols])
     pos = torch.as_tensor(np.concatenate([m[1] for m in mols]), dtype=torch.float32)
     counts = torch.tensor([len(m[0]) for m in mols])

@@ -29,34 +29,9 @@ sys.path.insert(0, ROOT)
 
 import optimizers  # noqa: E402
 import painn  # noqa: E402
+from molecules import load_molecules  # noqa: E402
 
 
-def load_molecules(path, n_molecules, min_atoms, max_atoms, seed):
-    """[(z [n] long, positions [n, 3] float64)] from SMILES, RDKit ETKDG conformers."""
-    from rdkit import Chem, RDLogger
-    from rdkit.Chem import AllChem
-    RDLogger.DisableLog("rdApp.*")
-    mols = []
-    with open(path) as f:
-        for line in f:
-            if len(mols) == n_molecules:
-                break
-            mol = Chem.MolFromSmiles(line.split()[0]) if line.strip() else None
-            if mol is None:
-                continue
-            mol = Chem.AddHs(mol)
-            if not min_atoms <= mol.GetNumAtoms() <= max_atoms:
-                continue
-            params = AllChem.ETKDGv3()
-            params.randomSeed = seed
-            if AllChem.EmbedMolecule(mol, params) != 0:
-                continue
-            z = torch.tensor([a.GetAtomicNum() for a in mol.GetAtoms()])
-            pos = torch.tensor(mol.GetConformer().GetPositions(), dtype=torch.float64)
-            mols.append((z, pos))
-    if len(mols) < n_molecules:
-        raise SystemExit(f"only {len(mols)} molecules with {min_atoms}-{max_atoms} atoms in {path}")
-    return mols
 
 
 def restrained(energy, forces, positions, start, batch, n_molecules, k):
@@ -160,7 +135,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    mols = load_molecules(args.smiles, args.n_molecules, args.min_atoms, args.max_atoms, args.seed)
+    mols = [(torch.as_tensor(z), torch.as_tensor(pos)) for z, pos in
+            load_molecules(args.n_molecules, args.min_atoms, args.max_atoms, args.seed, args.smiles)]
     if args.checkpoint:
         model = painn.load_checkpoint(args.checkpoint)
     else:

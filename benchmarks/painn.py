@@ -32,34 +32,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import painn  # noqa: E402
+from molecules import load_molecules  # noqa: E402
 
 SIZES = dict(n_atom_basis=128, n_interactions=3, n_rbf=50, cutoff=5.0)  # Table 5
-SMILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data",
-                      "moses_sample.smi")
-
-
-def load_molecules(n_molecules, min_atoms=30, max_atoms=40, seed=0):
-    """[(z [n] int64 array, positions [n, 3] float64 array)]: ETKDG conformers, with H."""
-    from rdkit import Chem
-    from rdkit.Chem import AllChem
-    mols = []
-    with open(SMILES) as f:
-        for line in f:
-            mol = Chem.MolFromSmiles(line.split()[0]) if line.strip() else None
-            if mol is None:
-                continue
-            mol = Chem.AddHs(mol)
-            if not min_atoms <= mol.GetNumAtoms() <= max_atoms:
-                continue
-            params = AllChem.ETKDGv3()
-            params.randomSeed = seed
-            if AllChem.EmbedMolecule(mol, params) != 0:
-                continue
-            z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
-            mols.append((z, mol.GetConformer().GetPositions()))
-            if len(mols) == n_molecules:
-                return mols
-    raise SystemExit(f"only {len(mols)} molecules of {min_atoms}-{max_atoms} atoms in {SMILES}")
 
 
 def flat(mols, dtype):
@@ -140,7 +115,7 @@ def main():
     print("(other processes on the machine slow both models down and make the timings "
           "noisy; the two models take turns, so the ratios hold up better than the times)")
 
-    mols = load_molecules(args.n_molecules, seed=args.seed)
+    mols = load_molecules(args.n_molecules, 30, 40, seed=args.seed)
     n_atoms = sum(len(m[0]) for m in mols)
     z, pos, batch = flat(mols, torch.float32)
     n_pairs = len(painn.neighbor_pairs(pos, batch, len(mols), SIZES["cutoff"], skin=0.0)[0])
