@@ -230,6 +230,23 @@ class BatchedOptimizer:
         self.n_steps += running
         return running, energy, g
 
+    def _start_first_order_step(self, energy_and_forces):
+        """_start_step for one-evaluation optimizers (Adam, SGD): slots whose max |F| is at
+        the threshold are marked converged and stay. -> (moving [S], g = -F [S, D]) or None."""
+        start = self._start_step(energy_and_forces)
+        if start is None:
+            return None
+        running, _, g = start
+        conv = running & (g.abs().amax(1) <= self.grad_threshold)
+        self.converged |= conv
+        return running & ~conv, g
+
+    def _move(self, moving, update):
+        """x += update [S, D] for the moving slots, capped at --max_step per atom if set."""
+        if self.max_step is not None:
+            update = update * self._max_step_scale(update)[:, None]
+        self.x = torch.where(moving[:, None], self.x + update, self.x)
+
     def _max_step_scale(self, update):
         """Factor [S] (<= 1) so that no atom of a molecule moves more than max_step."""
         S, D = update.shape
@@ -401,13 +418,10 @@ class BatchedAdam(BatchedOptimizer):
 
     @torch.no_grad()
     def step(self, energy_and_forces):
-        start = self._start_step(energy_and_forces)
+        start = self._start_first_order_step(energy_and_forces)
         if start is None:
             return
-        running, _, g = start
-        conv = running & (g.abs().amax(1) <= self.grad_threshold)
-        self.converged |= conv
-        moving = running & ~conv
+        moving, g = start
         mv = moving[:, None]
         beta1, beta2 = self.betas
         self.step_count = self.step_count + moving
@@ -419,10 +433,7 @@ class BatchedAdam(BatchedOptimizer):
         bias_correction2_sqrt = (1 - beta2 ** step).sqrt()      # [S]
         step_size = self.lr / bias_correction1                  # [S]
         denom = self.exp_avg_sq.sqrt() / bias_correction2_sqrt[:, None] + self.eps
-        update = -step_size[:, None] * (self.exp_avg / denom)   # torch: addcdiv_(m, denom, -lr')
-        if self.max_step is not None:
-            update = update * self._max_step_scale(update)[:, None]
-        self.x = torch.where(mv, self.x + update, self.x)
+        self._move(moving, -step_size[:, None] * (self.exp_avg / denom))  # torch: addcdiv_
 
 
 class BatchedSGD(BatchedOptimizer):
@@ -446,19 +457,13 @@ class BatchedSGD(BatchedOptimizer):
 
     @torch.no_grad()
     def step(self, energy_and_forces):
-        start = self._start_step(energy_and_forces)
+        start = self._start_first_order_step(energy_and_forces)
         if start is None:
             return
-        running, _, g = start
-        conv = running & (g.abs().amax(1) <= self.grad_threshold)
-        self.converged |= conv
-        mv = (running & ~conv)[:, None]
-        self.momentum_buffer = torch.where(mv, self.momentum_buffer * self.momentum + g,
-                                           self.momentum_buffer)
-        update = -self.lr * self.momentum_buffer
-        if self.max_step is not None:
-            update = update * self._max_step_scale(update)[:, None]
-        self.x = torch.where(mv, self.x + update, self.x)
+        moving, g = start
+        buf = self.momentum_buffer
+        self.momentum_buffer = torch.where(moving[:, None], buf * self.momentum + g, buf)
+        self._move(moving, -self.lr * self.momentum_buffer)
 
 
 # ------------------------------------------------------------------------------ helpers
