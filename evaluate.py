@@ -10,7 +10,7 @@ optimizes s_0 .. s_T in batches, and the genuine oracle labels s_t at the eval s
 (E_0 from the db when the row has an energy). Then, with E_t = E^DFT(s_t):
     pct(s_t)   = 100 (E_0 - E_t) / (E_0 - E_opt)             Eq. 4, % of the optimization
     E_res(s_t) = E_t - E_opt                                 Eq. 6, kcal/mol
-    diverged   : E_t > E_0 (the optimization made it worse)
+    diverged   : E_t > E_0 (the optimization made it worse), or the oracle failed at s_t
     success    : E_res(s_t) < 1 kcal/mol                     Eq. 8, chemical accuracy
 pct, E_res and success are averaged over the conformations that did not diverge; pct_div is
 the share of those that did. COV / MAT (Appendix F): per molecule, the share of DFT-optimal
@@ -51,19 +51,19 @@ def residual_energy(et, e_opt):
 
 
 def aggregate(e0, et, e_opt):
-    """Table 2's numbers for one step over many conformations (arrays of Hartree; NaN in
-    et = the oracle failed there, left out). Diverged (E_t > E_0) conformations count in
-    pct_div only; the others give pct (mean, std), E_res (mean) and pct_success."""
+    """Table 2's numbers for one step over many conformations (arrays of Hartree). Diverged
+    conformations count in pct_div only; the others give pct (mean, std), E_res (mean) and
+    pct_success. Diverged = E_t > E_0, or no E_t at all (NaN: the oracle failed at s_t,
+    which in practice means the SCF did not converge on atoms the NNP pulled apart)."""
     e0, et, e_opt = (np.asarray(x, dtype=np.float64) for x in (e0, et, e_opt))
-    ok = np.isfinite(et)
-    e0, et, e_opt = e0[ok], et[ok], e_opt[ok]
-    diverged = et > e0
+    failed = ~np.isfinite(et)
+    diverged = failed | (et > e0)
     keep = ~diverged
     pct = pct_of_optimization(e0[keep], et[keep], e_opt[keep])
     e_res = residual_energy(et[keep], e_opt[keep])
     n = len(et)
     nan = float("nan")
-    return {"n": int(n),
+    return {"n": int(n), "n_failed": int(failed.sum()),
             "pct_mean": float(pct.mean()) if keep.any() else nan,
             "pct_std": float(pct.std()) if keep.any() else nan,
             "pct_div": float(100.0 * diverged.mean()) if n else nan,
@@ -72,8 +72,8 @@ def aggregate(e0, et, e_opt):
 
 
 def best_rmsd(conf_a_positions, conf_b_positions, smiles, numbers):
-    """Symmetry-aware RMSD (RDKit GetBestRMS, the GetBestRMSD of the paper) of two conformations of one molecule, on
-    heavy atoms (as GeoDiff's COV/MAT)."""
+    """Symmetry-aware RMSD (RDKit GetBestRMS, the paper's GetBestRMSD) of two conformations
+    of one molecule, on heavy atoms (as GeoDiff's COV/MAT)."""
     from rdkit import Chem
     from rdkit.Chem import AllChem
     mols = []
@@ -240,7 +240,8 @@ def summarize(args, records, confs_by_id):
 
     summary = {"model": args.model if args.model == "rdkit" else args.checkpoint,
                "db": args.db, "n_conformations": len(records),
-               "n_failed_oracle": sum(1 for r in records if r["failures"]),
+               "n_failed_oracle": sum(1 for r in records if r["failures"]),   # at any step
+               "n_failed_oracle_T": final["n_failed"],      # at s_T: counted in pct_div
                **{k: final[k] for k in ("pct_mean", "pct_std", "pct_div",
                                         "e_res_mean_kcal_mol", "pct_success")},
                "steps": steps}
@@ -282,7 +283,7 @@ def cov_mat(args, records, confs_by_id):
 # ---------------------------------------------------------------------------------------
 
 TABLE_COLUMNS = [("pct_mean", "pct_T (%)"), ("pct_std", "std"), ("pct_div", "pct_div (%)"),
-                 ("e_res_mean_kcal_mol", "E_res (kcal/mol)"), ("pct_success", "pct_success (%)"),
+                 ("n_failed_oracle_T", "no SCF (n)"), ("e_res_mean_kcal_mol", "E_res (kcal/mol)"), ("pct_success", "pct_success (%)"),
                  ("cov", "COV (%)"), ("mat", "MAT (A)"), ("n_conformations", "n")]
 
 
@@ -295,7 +296,7 @@ def format_table(rows):
         for key, _ in TABLE_COLUMNS:
             v = s.get(key)
             cells.append("-" if v is None or (isinstance(v, float) and np.isnan(v))
-                         else f"{v:.0f}" if key == "n_conformations" else f"{v:.2f}")
+                         else f"{v:.0f}" if key.startswith("n_") else f"{v:.2f}")
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)

@@ -39,9 +39,11 @@ def test_aggregate_by_hand():
     assert agg["pct_success"] == pytest.approx(100 * 1 / 3)    # only conformation 1 (E_res<0)
 
 
-def test_aggregate_leaves_out_failed_oracle_calls():
+def test_aggregate_counts_failed_oracle_calls_as_diverged():
+    # the SCF fails on exploded geometries: that optimization diverged, it is not left out
     agg = evaluate.aggregate([-100.0, -100.0], [np.nan, -100.005], [-100.01, -100.01])
-    assert agg["n"] == 1 and agg["pct_mean"] == pytest.approx(50.0) and agg["pct_div"] == 0.0
+    assert agg["n"] == 2 and agg["n_failed"] == 1 and agg["pct_div"] == pytest.approx(50.0)
+    assert agg["pct_mean"] == pytest.approx(50.0) and agg["pct_success"] == 0.0   # 3.1 kcal/mol
 
 
 def ethanol_conformers(n, seed):
