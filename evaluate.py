@@ -68,7 +68,9 @@ def aggregate(e0, et, e_opt):
             "pct_std": float(pct.std()) if keep.any() else nan,
             "pct_div": float(100.0 * diverged.mean()) if n else nan,
             "e_res_mean_kcal_mol": float(e_res.mean()) if keep.any() else nan,
-            "pct_success": float(100.0 * (e_res < 1.0).mean()) if keep.any() else nan}
+            "pct_success": float(100.0 * (e_res < 1.0).mean()) if keep.any() else nan,
+            # the same successes over all n conformations (a diverged one never succeeds)
+            "pct_success_all": float(100.0 * (e_res < 1.0).sum() / n) if n else nan}
 
 
 def best_rmsd(conf_a_positions, conf_b_positions, smiles, numbers):
@@ -243,9 +245,11 @@ def summarize(args, records, confs_by_id):
                "n_failed_oracle": sum(1 for r in records if r["failures"]),   # at any step
                "n_failed_oracle_T": final["n_failed"],      # at s_T: counted in pct_div
                **{k: final[k] for k in ("pct_mean", "pct_std", "pct_div",
-                                        "e_res_mean_kcal_mol", "pct_success")},
+                                        "e_res_mean_kcal_mol", "pct_success",
+                                        "pct_success_all")},
                "steps": steps}
-    for key in ("pct_mean", "pct_std", "pct_div", "e_res_mean_kcal_mol", "pct_success"):
+    for key in ("pct_mean", "pct_std", "pct_div", "e_res_mean_kcal_mol", "pct_success",
+                "pct_success_all"):
         summary[f"{key}_per_step"] = [s[key] for s in per_step]
     summary["energy_mse_kcal_mol2_per_step"] = [mse_stats("energy_mse_kcal_mol2", i)
                                                 for i in range(len(steps))]
@@ -283,7 +287,8 @@ def cov_mat(args, records, confs_by_id):
 # ---------------------------------------------------------------------------------------
 
 TABLE_COLUMNS = [("pct_mean", "pct_T (%)"), ("pct_std", "std"), ("pct_div", "pct_div (%)"),
-                 ("n_failed_oracle_T", "no SCF (n)"), ("e_res_mean_kcal_mol", "E_res (kcal/mol)"), ("pct_success", "pct_success (%)"),
+                 ("n_failed_oracle_T", "no SCF (n)"), ("e_res_mean_kcal_mol", "E_res (kcal/mol)"),
+                 ("pct_success", "pct_success (%)"), ("pct_success_all", "of all (%)"),
                  ("cov", "COV (%)"), ("mat", "MAT (A)"), ("n_conformations", "n")]
 
 

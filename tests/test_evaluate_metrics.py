@@ -37,6 +37,7 @@ def test_aggregate_by_hand():
     assert agg["pct_std"] == pytest.approx(np.std([50, 120, pct3]))
     assert agg["e_res_mean_kcal_mol"] == pytest.approx((0.005 * H - 0.002 * H + 1.0) / 3)
     assert agg["pct_success"] == pytest.approx(100 * 1 / 3)    # only conformation 1 (E_res<0)
+    assert agg["pct_success_all"] == pytest.approx(100 * 1 / 4)
 
 
 def test_aggregate_counts_failed_oracle_calls_as_diverged():
@@ -44,6 +45,8 @@ def test_aggregate_counts_failed_oracle_calls_as_diverged():
     agg = evaluate.aggregate([-100.0, -100.0], [np.nan, -100.005], [-100.01, -100.01])
     assert agg["n"] == 2 and agg["n_failed"] == 1 and agg["pct_div"] == pytest.approx(50.0)
     assert agg["pct_mean"] == pytest.approx(50.0) and agg["pct_success"] == 0.0   # 3.1 kcal/mol
+    agg = evaluate.aggregate([-100.0, -100.0], [np.nan, -100.0099], [-100.01, -100.01])
+    assert agg["pct_success"] == 100.0 and agg["pct_success_all"] == 50.0
 
 
 def ethanol_conformers(n, seed):
