@@ -3,10 +3,10 @@
 #   1. make_trajectories.py  D0, a test db with DFT optima, and D_traj-K
 #   2. train_baseline.py     f_baseline on D0, and f_traj-K fine-tuned on D0 + D_traj-K
 #   3. golf.py               f_GOLF-K fine-tuned from f_baseline with the same K
-#   4. evaluate.py           the three NNPs and the RDKit row on the test db: Table 2
+#   4. evaluate.py           the three NNPs and the RDKit row on two test dbs: Table 2
 #
-#   ./run.sh                    demo: about 10 minutes on 2 cores
-#   ./run.sh --preset laptop    a larger run, about an hour on 2 cores
+#   ./run.sh                    demo: about 8 minutes on 2 cores (goal: 10)
+#   ./run.sh --preset laptop    a larger run, about 45 minutes on 2 cores
 #
 # Every stage resumes, so a second run reuses what is done. Flags that differ from the
 # paper's defaults are set here, with the paper's value in the comment beside them.
