@@ -73,6 +73,11 @@ def aggregate(e0, et, e_opt):
             "pct_success_all": float(100.0 * (e_res < 1.0).sum() / n) if n else nan}
 
 
+# aggregate's numbers that summary.json holds at s_T and per eval step
+STEP_METRICS = ("pct_mean", "pct_std", "pct_div", "e_res_mean_kcal_mol", "pct_success",
+                "pct_success_all")
+
+
 def best_rmsd(conf_a_positions, conf_b_positions, smiles, numbers):
     """Symmetry-aware RMSD (RDKit GetBestRMS, the paper's GetBestRMSD) of two conformations
     of one molecule, on heavy atoms (as GeoDiff's COV/MAT)."""
@@ -244,12 +249,9 @@ def summarize(args, records, confs_by_id):
                "db": args.db, "n_conformations": len(records),
                "n_failed_oracle": sum(1 for r in records if r["failures"]),   # at any step
                "n_failed_oracle_T": final["n_failed"],      # at s_T: counted in pct_div
-               **{k: final[k] for k in ("pct_mean", "pct_std", "pct_div",
-                                        "e_res_mean_kcal_mol", "pct_success",
-                                        "pct_success_all")},
+               **{k: final[k] for k in STEP_METRICS},
                "steps": steps}
-    for key in ("pct_mean", "pct_std", "pct_div", "e_res_mean_kcal_mol", "pct_success",
-                "pct_success_all"):
+    for key in STEP_METRICS:
         summary[f"{key}_per_step"] = [s[key] for s in per_step]
     summary["energy_mse_kcal_mol2_per_step"] = [mse_stats("energy_mse_kcal_mol2", i)
                                                 for i in range(len(steps))]
