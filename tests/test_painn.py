@@ -62,6 +62,18 @@ def schnetpack_model(n_atom_basis, n_interactions, n_rbf, cutoff):
     return spk, nnp
 
 
+def perturbed_schnetpack_model(sizes, seed):
+    """schnetpack's model in float64 with every weight and bias moved by 0.1 N(0, 1): its
+    default init (zero biases) is too tame to catch mistakes."""
+    torch.manual_seed(seed)
+    spk, nnp = schnetpack_model(**sizes)
+    nnp = nnp.double()
+    with torch.no_grad():
+        for p in nnp.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return spk, nnp
+
+
 class Actor(torch.nn.Module):
     """The official GOLF checkpoints are state dicts of an actor holding the NNP as `model`."""
 
@@ -72,12 +84,7 @@ class Actor(torch.nn.Module):
 
 def test_matches_schnetpack_and_loads_official_layout(tmp_path):
     sizes = dict(n_atom_basis=32, n_interactions=3, n_rbf=20, cutoff=5.0)
-    torch.manual_seed(1)
-    spk, nnp = schnetpack_model(**sizes)
-    nnp = nnp.double()
-    with torch.no_grad():
-        for p in nnp.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    spk, nnp = perturbed_schnetpack_model(sizes, seed=1)
     path = tmp_path / "NNP_checkpoint_actor"
     torch.save(Actor(nnp).state_dict(), path)
     sd = torch.load(path)
@@ -208,12 +215,7 @@ def test_training_gradients_match_schnetpack():
     """A training step backpropagates through the forces (double backward): the parameter
     gradients of a loss on energies and forces equal schnetpack's."""
     sizes = dict(n_atom_basis=16, n_interactions=2, n_rbf=10, cutoff=5.0)
-    torch.manual_seed(3)
-    spk, nnp = schnetpack_model(**sizes)
-    nnp = nnp.double()
-    with torch.no_grad():
-        for p in nnp.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    spk, nnp = perturbed_schnetpack_model(sizes, seed=3)
     official = {"model." + k: v for k, v in nnp.state_dict().items()}
     hparams, state_dict = painn.from_official_state_dict(official)
     ours = painn.PaiNN(**hparams).double()
