@@ -8,7 +8,9 @@ Tsypin et al. (ICLR 2024) train NNPs on conformations labelled with DFT energies
     --mode mmff          MMFF94-minimize every conformation, then label it  -> D_rdkit db
 
 Conformations come from a SMILES file (RDKit ETKDGv3, as nablaDFT made its conformations;
-`SMILES [name]` per line, # starts a comment) or from an existing db (--db). Example:
+`SMILES [name]` per line, # starts a comment) or from an existing db (--db); --min_atoms /
+--max_atoms keep molecules of a size range (App. D: 17-35 atoms; Table 4's D_LM: 36-57).
+Example:
 
     python make_trajectories.py --smiles data/small_molecules.smi --max_molecules 20 \\
         --mode single_point --out runs/d0.db --oracle_method hf/sto-3g
@@ -74,6 +76,11 @@ def parse_args(argv=None):
                         help="skip the first N molecules (lines of --smiles, rows of --db)")
     parser.add_argument("--max_molecules", type=int, default=None,
                         help="then take at most N molecules (e.g. to split train/test)")
+    parser.add_argument("--min_atoms", type=int, default=None,
+                        help="only molecules of at least N atoms, hydrogens included (App. D: "
+                             "17 for D0; Table 4's D_LM: 36); applied before --skip/--max_molecules")
+    parser.add_argument("--max_atoms", type=int, default=None,
+                        help="only molecules of at most N atoms (App. D: 35; D_LM: 57)")
     parser.add_argument("--mode", choices=("single_point", "optimize", "mmff"),
                         default="single_point")
     parser.add_argument("--out", required=True, help="output db")
@@ -87,7 +94,7 @@ def parse_args(argv=None):
     oracles.add_oracle_args(parser)
     args = parser.parse_args(argv)
     for name in ("conformers_per_molecule", "max_molecules", "max_conformations",
-                 "mmff_max_iters"):
+                 "mmff_max_iters", "min_atoms", "max_atoms"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.skip_molecules < 0:
@@ -154,6 +161,19 @@ def smiles_conformations(args, lines, done, warn):
             if k < len(conformers):
                 yield ids[k], Conformation(numbers, conformers[k], smiles=smiles,
                                            info={"name": name} if name else {})
+
+
+def n_atoms_with_hydrogens(smiles):
+    """Atoms of a SMILES with hydrogens added; None if RDKit cannot parse it."""
+    mol = parse_smiles(smiles)
+    return None if mol is None else Chem.AddHs(mol).GetNumAtoms()
+
+
+def in_size_range(n_atoms, args):
+    """--min_atoms <= n_atoms <= --max_atoms (None: no bound; an unparsable SMILES passes,
+    to be reported by name later)."""
+    return n_atoms is None or ((args.min_atoms is None or n_atoms >= args.min_atoms) and
+                               (args.max_atoms is None or n_atoms <= args.max_atoms))
 
 
 def selected(items, args):
@@ -278,14 +298,17 @@ def make(args):
     # the input first: a bad one must not leave an output db behind
     if args.smiles:
         lines = []
-        for line in selected(read_smiles_file(args.smiles), args):
+        sized = [line for line in read_smiles_file(args.smiles)
+                 if in_size_range(n_atoms_with_hydrogens(line[1]), args)]
+        for line in selected(sized, args):
             if parse_smiles(line[1]) is None:
                 print(f"warning: {args.smiles} line {line[0]}: RDKit cannot parse SMILES "
                       f"{line[1]!r}; skipped", file=sys.stderr)
             else:
                 lines.append(line)
     else:
-        confs = selected(data.read_db(args.db, verbose=False)[0], args)
+        confs = selected([c for c in data.read_db(args.db, verbose=False)[0]
+                          if in_size_range(c.n_atoms, args)], args)
     if args.smiles:
         elements = {a.GetAtomicNum() for _, smi, _ in lines
                     for a in Chem.AddHs(parse_smiles(smi)).GetAtoms()}

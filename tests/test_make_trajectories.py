@@ -213,3 +213,17 @@ def test_nabladft_level_gets_nabladft_atomrefs_without_a_job(tmp_path):
                                          "--oracle_method", "wB97X-D/def2-SVP",
                                          "--dask_scheduler", "tcp://127.0.0.1:1"])
     assert make_trajectories.atomrefs_for(args, {1, 6}) == painn.NABLADFT_ATOMREFS
+
+
+def test_atom_count_filter_keeps_molecules_in_range_before_skip_and_max(tmp_path):
+    # with hydrogens: water 3, methane 5, ammonia 4 atoms; line 3 does not parse (passes)
+    smi = tmp_path / "sizes.smi"
+    smi.write_text(TINY)
+    args = make_trajectories.parse_args(["--smiles", str(smi), "--out", "x.db",
+                                         "--min_atoms", "4", "--max_atoms", "5"])
+    kept = [line for line in make_trajectories.read_smiles_file(str(smi))
+            if make_trajectories.in_size_range(
+                make_trajectories.n_atoms_with_hydrogens(line[1]), args)]
+    assert [name for _, _, name in kept] == ["methane", "broken_ring", None]
+    args.max_molecules = 1
+    assert make_trajectories.selected(kept, args)[0][2] == "methane"
