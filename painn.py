@@ -361,3 +361,51 @@ def load_checkpoint(path, device="cpu"):
     model = PaiNN(**hparams, atomrefs=atomrefs).to(state_dict["embedding.weight"].dtype)
     model.load_state_dict(state_dict)
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------
+# ASE calculator: relax, run MD or compute frequencies with a trained NNP in ASE
+# ---------------------------------------------------------------------------------------
+
+try:   # ase is needed by GolfCalculator only: the rest of this file works without it
+    from ase.calculators.calculator import Calculator, all_changes
+    from ase.units import Hartree as HARTREE_TO_EV
+except ImportError:
+    Calculator, all_changes, HARTREE_TO_EV = object, None, None
+
+
+class GolfCalculator(Calculator):
+    """ASE calculator for any checkpoint that load_checkpoint reads (ours or an official
+    `NNP_checkpoint_actor`), or for a loaded PaiNN:
+
+        atoms.calc = GolfCalculator("models/official/GOLF-10k.NNP_checkpoint_actor")
+        BFGS(atoms).run(fmax=0.01)
+
+    Energy in eV and forces in eV/A, as ASE expects (the model works in Hartree and
+    Hartree/A). Molecules only: the model has no periodic images, so pbc must be off.
+    dtype float64 (default) gives forces that are the exact gradient of the energy to ~1e-9,
+    which relaxations with line searches and frequency calculations need."""
+
+    implemented_properties = ["energy", "free_energy", "forces"]
+
+    def __init__(self, checkpoint, device="cpu", dtype=torch.float64, **kwargs):
+        if Calculator is object:
+            raise ImportError("GolfCalculator needs ase: pip install ase")
+        super().__init__(**kwargs)
+        model = checkpoint if isinstance(checkpoint, nn.Module) else load_checkpoint(checkpoint, device)
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype = device, dtype
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)   # sets self.atoms
+        if self.atoms.pbc.any():
+            raise ValueError("GolfCalculator: the NNP is for isolated molecules; set "
+                             "atoms.pbc = False")
+        z = torch.as_tensor(self.atoms.numbers, device=self.device)                # [n_atoms]
+        positions = torch.as_tensor(self.atoms.positions, dtype=self.dtype,
+                                    device=self.device)                            # [n_atoms, 3] A
+        batch = torch.zeros(len(z), dtype=torch.long, device=self.device)          # one molecule
+        energy, forces = self.model(z, positions, batch, 1)                        # Hartree, Hartree/A
+        energy_ev = float(energy.detach()[0]) * HARTREE_TO_EV
+        self.results = {"energy": energy_ev, "free_energy": energy_ev,
+                        "forces": forces.detach().cpu().double().numpy() * HARTREE_TO_EV}
