@@ -41,3 +41,11 @@ if [ $want_test = 1 ] && [ "$(cat .venv/.test-stamp 2>/dev/null)" != "$(stamp re
     pip --no-deps schnetpack==2.1.1
     stamp requirements-test.txt > .venv/.test-stamp
 fi
+
+# 4. tests only: Debian's chromium, the real browser tests/test_report.py renders
+#    conformations.html in (headless)
+if [ $want_test = 1 ] && ! command -v chromium >/dev/null; then
+    echo "setup: installing Debian's chromium (apt-get)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
+fi
