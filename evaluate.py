@@ -31,6 +31,7 @@ import data
 import optimizers
 import oracles
 import painn
+import report
 from train_baseline import prediction_errors
 
 EVAL_STEPS = "1,2,3,5,8,13,21,30,50,75,100"
@@ -354,6 +355,31 @@ def plot(summary, records, out_dir):
     plt.close(fig)
 
 
+def write_page(args, records):
+    """conformations.html (Appendix H): s_0, s_T and the DFT optimum in 3D, for the first
+    --page_conformations test conformations (by conf_id) that have optimal_positions."""
+    confs, _ = data.read_db(args.db, args.energy_kind, verbose=False)
+    by_id = {c.id: c for c in confs}
+    chosen = [r for r in sorted(records, key=lambda r: r["conf_id"])
+              if by_id[r["conf_id"]].optimal_positions is not None][:args.page_conformations]
+    if not chosen:
+        return
+    finals, _ = data.read_db(os.path.join(args.out_dir, "final.db"), "total", verbose=False)
+    final_by_id = {int(c.info["conf_id"]): c.positions for c in finals}
+    final_title = ("MMFF-optimized (RDKit)" if args.model == "rdkit"
+                   else f"NNP-optimized s_{records[0]['steps'][-1]}")
+    rows = []
+    for r in chosen:
+        c = by_id[r["conf_id"]]
+        rmsd = lambda x, c=c: best_rmsd(x, c.optimal_positions, c.smiles, c.numbers)  # noqa: E731
+        rows.append(report.conformation_row(c, final_by_id[r["conf_id"]], r["e0"],
+                                            r["energy_dft"][-1], rmsd, final_title))
+    path = os.path.join(args.out_dir, "conformations.html")
+    model = "RDKit MMFF" if args.model == "rdkit" else args.checkpoint
+    report.write_conformations_page(path, rows, f"{model} on {args.db}: test conformations")
+    print(f"page: {path}")
+
+
 # ---------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -372,6 +398,8 @@ def parse_args(argv=None):
     p.add_argument("--energy_kind", choices=data.ENERGY_KINDS, default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--page_conformations", type=int, default=4,
+                   help="conformations.html shows this many test conformations in 3D (0: none)")
     p.add_argument("--summaries", nargs="+", help="--task table: summary.json files")
     p.add_argument("--names", nargs="+", help="--task table: row names")
     optimizers.add_optimizer_args(p)
@@ -407,6 +435,8 @@ def main(argv=None):
         print(format_table([(os.path.basename(os.path.normpath(args.out_dir)), summary)]))
         print(f"plots: {args.out_dir}/fig1_nnp_error.png, fig2_pct_violin.png, "
               "fig3_pct_over_steps.png")
+        if args.page_conformations > 0:
+            write_page(args, records)
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {args.out_dir}/summary.json")

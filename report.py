@@ -1,6 +1,6 @@
 """conformations.html: test conformations side by side in 3D, as the paper's Appendix H.
 
-    rows = [conformation_row(conf, final_positions, e0, e_T, rmsd, T), ...]
+    rows = [conformation_row(conf, final_positions, e0, e_T, rmsd, "NNP-optimized s_T"), ...]
     write_conformations_page("runs/eval_golf/conformations.html", rows, title)
 
 One row per test conformation, three panels: the initial conformation s_0, the
@@ -52,14 +52,15 @@ def molecule_text(numbers, positions, smiles):
         return f"{len(numbers)}\n{smiles or ''}\n" + "\n".join(lines) + "\n", "xyz"
 
 
-def conformation_row(conf, final_positions, e0, e_final, rmsd, timelimit):
+def conformation_row(conf, final_positions, e0, e_final, rmsd, final_title):
     """One row of the page for a test conformation `conf` (with optimal_positions and
     optimal_energy): e0, e_final are the DFT energies (Hartree, None where the oracle
-    failed) of s_0 and s_T; rmsd(positions) gives the RMSD (A) to the DFT optimum."""
+    failed) of s_0 and of the optimized s_T (titled final_title); rmsd(positions) gives
+    the RMSD (A) to the DFT optimum."""
     optimum = np.asarray(conf.optimal_positions, dtype=np.float64)
     panels = []
     for title, positions, energy in (("initial s_0", conf.positions, e0),
-                                     (f"NNP-optimized s_{timelimit}", final_positions, e_final),
+                                     (final_title, final_positions, e_final),
                                      ("DFT optimum", optimum, conf.optimal_energy)):
         positions = np.asarray(positions, dtype=np.float64)
         text, fmt = molecule_text(conf.numbers, kabsch_align(positions, optimum), conf.smiles)
@@ -84,7 +85,7 @@ def caption(panel, e_opt):
 PAGE_STYLE = """
 body { font-family: sans-serif; margin: 16px; color: #222; }
 .row { margin-bottom: 28px; }
-.grid { position: relative; width: %dpx; height: %dpx; border: 1px solid #ccc; }
+.grid { position: relative; width: %dpx; height: %dpx; outline: 1px solid #ccc; }
 .captions { display: grid; grid-template-columns: repeat(3, %dpx); font-size: 13px; }
 .captions div { padding: 4px 6px; }
 """
@@ -126,8 +127,8 @@ def write_conformations_page(path, rows, title):
 {threedmol}</script>
 </head><body>
 <h2>{html.escape(title)}</h2>
-<p>Per test conformation: the initial conformation s_0, the NNP-optimized one and the DFT
-optimum. Energies are DFT (the genuine oracle) relative to the DFT optimum E<sub>opt</sub>;
+<p>Per test conformation: the initial conformation s_0, the optimized one s_T (by the NNP;
+by MMFF for the RDKit row) and the DFT optimum. Energies are DFT (the genuine oracle) relative to the DFT optimum E<sub>opt</sub>;
 RMSD is to the DFT optimum, symmetry-aware, on heavy atoms. s_0 and s_T are rotated onto
 the optimum; drag a panel to turn the row.</p>
 {"".join(body)}

@@ -19,6 +19,7 @@ import data
 import evaluate
 import report
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMILES = ["CCO", "C=CC(=O)N", "c1ccncc1"]
 
 
@@ -37,7 +38,7 @@ def tiny_rows():
                                  optimal_positions=x_opt, optimal_energy=-100.0)
         rmsd = lambda x, c=conf: evaluate.best_rmsd(x, c.optimal_positions, c.smiles, c.numbers)  # noqa: E731
         rows.append(report.conformation_row(conf, x_T, -99.99, None if i == 2 else -99.999,
-                                            rmsd, 100))
+                                            rmsd, "NNP-optimized s_100"))
     return rows
 
 
@@ -236,3 +237,31 @@ def test_browser_check_sees_errors_and_blank_panels(browser, tmp_path):
     image = browser.screenshot()
     rect = browser.evaluate(PANELS_JS)[0]
     assert all(drawn_share(image, rect, k) < 0.001 for k in range(3))
+
+
+def test_evaluate_writes_the_page(browser, tmp_path):
+    """evaluate.py with the paper's f_GOLF-10k on a Psi4-optimized test db (hf/sto-3g, two
+    tiny molecules) writes conformations.html: the first conformation, its numbers from
+    per_conformation.jsonl, drawn in the browser."""
+    import make_trajectories
+    oracle = ["--oracle_method", "hf/sto-3g", "--n_workers", "2"]
+    smiles = tmp_path / "mols.smi"
+    smiles.write_text("CO methanol\nC=O formaldehyde\n")
+    test_db = str(tmp_path / "test.db")
+    make_trajectories.main(["--smiles", str(smiles), "--mode", "optimize",
+                            "--conformers_per_molecule", "1", "--out", str(tmp_path / "traj.db"),
+                            "--out_optimal", test_db, *oracle])
+    golf_10k = os.path.join(REPO, "models", "official", "GOLF-10k.NNP_checkpoint_actor")
+    out = tmp_path / "eval"
+    evaluate.main(["--checkpoint", golf_10k, "--db", test_db, "--out_dir", str(out),
+                   "--timelimit_eval", "5", "--eval_steps", "5", "--page_conformations", "1",
+                   *oracle])
+    first = min(evaluate.read_records(out / "per_conformation.jsonl"), key=lambda r: r["conf_id"])
+    page = (out / "conformations.html").read_text()
+    assert page.count('class="grid"') == 1 and f"conformation {first['conf_id']}:" in page
+    assert "NNP-optimized s_5" in page
+    assert f"E<sub>DFT</sub> = {first['energy_dft'][-1]:.6f} Ha" in page
+    assert console_errors(browser.open((out / "conformations.html").as_uri())) == []
+    image = browser.screenshot()
+    rect = browser.evaluate(PANELS_JS)[0]
+    assert all(drawn_share(image, rect, k) > 0.005 for k in range(3))
