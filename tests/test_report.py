@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import time
@@ -101,7 +102,8 @@ class Chromium:
 
     def _read_message(self, deadline):
         while b"\0" not in self._buffer:
-            if time.time() > deadline:
+            ready, _, _ = select.select([self._from_browser], [], [], max(0.0, deadline - time.time()))
+            if not ready:
                 raise TimeoutError("no answer from Chromium")
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
