@@ -513,15 +513,19 @@ def draw_figures(named_summaries):
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     for k, (name, s) in enumerate(named_summaries):
-        steps = s["steps"]
-        a1.plot(steps, s["pct_mean_per_step"], marker="o", color=f"C{k}", label=name)
-        if "pct_p10_per_step" in s:
-            a1.fill_between(steps, s["pct_p10_per_step"], s["pct_p90_per_step"],
-                            color=f"C{k}", alpha=0.25)
-        a2.plot(steps, s["pct_div_per_step"], marker="o", color=f"C{k}", label=name)
+        # steps where some conformation did not diverge at T (else pct_t is NaN: no point)
+        band = [(t, m, lo, hi) for t, m, lo, hi in zip(
+            s["steps"], s["pct_mean_per_step"], s.get("pct_p10_per_step", s["steps"]),
+            s.get("pct_p90_per_step", s["steps"])) if m is not None and np.isfinite(m)]
+        if band:
+            t, m, lo, hi = zip(*band)
+            a1.plot(t, m, marker="o", color=f"C{k}", label=name)
+            if "pct_p10_per_step" in s:
+                a1.fill_between(t, lo, hi, color=f"C{k}", alpha=0.25)
+        a2.plot(s["steps"], s["pct_div_per_step"], marker="o", color=f"C{k}", label=name)
     a1.set(xscale="log", xlabel="step t", ylabel="pct_t, %", title="Figure 3: pct_t (mean, p10-p90)")
     a2.set(xscale="log", xlabel="step t", ylabel="pct_div_t, %", title="diverged at t")
-    a1.legend(fontsize="small")
+    a1.legend(fontsize="small") if a1.lines else None
     fig.tight_layout()
     figs["fig3_pct_over_steps.png"] = fig
     return figs

@@ -94,6 +94,10 @@ def test_evaluate_end_to_end(stages):
         assert summary["pct_success"] == pytest.approx(100 * (e_res[ok] < 1).mean())
         assert summary["pct_success_all"] == pytest.approx(100 * (e_res[ok] < 1).sum() / 4)
     assert summary["cov"] is not None and 0 <= summary["cov"] <= 100 and summary["mat"] >= 0
+    # make_trajectories' optima converged (key converged True): all scored; 95 % intervals
+    assert summary["n_unconverged_reference"] == 0 and summary["n_no_e0"] == 0
+    lo, hi = summary["pct_div_ci95"]
+    assert lo <= summary["pct_div"] <= hi
     # E_0 came from the db, E_T from Psi4 at the final conformation in final.db
     test_confs = {c.id: c for c in data.read_db(test, "total")[0]}
     assert all(r["e0"] == test_confs[r["conf_id"]].energy for r in records)
@@ -109,6 +113,12 @@ def test_evaluate_end_to_end(stages):
                    "--timelimit_eval", "8", *ORACLE])
     rd = json.load(open(root / "eval_rdkit" / "summary.json"))
     assert rd["n_conformations"] == 4 and rd["steps"] == [8]
+    rd_records = evaluate.read_records(root / "eval_rdkit" / "per_conformation.jsonl")
+    assert rd["n_mmff_unconverged"] == sum(r["mmff_converged"] is False for r in rd_records)
+    # Table 2 and Figures 1-3 of both rows
+    evaluate.main(["--task", "table", "--summaries", str(out / "summary.json"),
+                   str(root / "eval_rdkit" / "summary.json"), "--figures", str(root / "figs")])
+    assert all(os.path.getsize(root / "figs" / name) > 0 for name in evaluate.FIGURES)
     evaluate.main(["--task", "prediction", "--checkpoint", str(root / "baseline" / "checkpoint.pt"),
                    "--db", test, "--out_dir", str(root / "pred")])
     pred = json.load(open(root / "pred" / "summary.json"))
