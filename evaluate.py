@@ -181,7 +181,8 @@ def molecule_identity(conf):
     from rdkit import Chem
     try:
         mol = oracles.rdkit_molecule(data.Conformation(
-            numbers=conf.numbers, positions=conf.optimal_positions, smiles=conf.smiles, id=conf.id))
+            numbers=conf.numbers, positions=conf.optimal_positions, smiles=conf.smiles,
+            id=conf.id))
     except data.DataError:
         return None, None
     if conf.smiles:
@@ -354,7 +355,8 @@ def summarize(args, records, confs_by_id):
         v = np.array([r[key][i] for r in records if r[key][i] is not None])
         if not len(v):
             return {"mean": None, "p10": None, "p50": None, "p90": None}
-        return {"mean": float(v.mean()), **{f"p{q}": float(np.percentile(v, q)) for q in (10, 50, 90)}}
+        return {"mean": float(v.mean()),
+                **{f"p{q}": float(np.percentile(v, q)) for q in (10, 50, 90)}}
 
     summary = {"model": args.model if args.model == "rdkit" else args.checkpoint,
                "db": args.db, "n_conformations": len(records),
@@ -370,7 +372,7 @@ def summarize(args, records, confs_by_id):
                              "level": 95.0},
                "steps": steps}
     if args.model == "rdkit":
-        summary["n_mmff_unconverged"] = sum(1 for r in records if r.get("mmff_converged") is False)
+        summary["n_mmff_unconverged"] = sum(r.get("mmff_converged") is False for r in records)
         summary["mmff_max_iters"] = args.mmff_max_iters
     for key in STEP_METRICS + ("pct_p10", "pct_p50", "pct_p90", "n_failed"):
         summary[f"{key}_per_step"] = [s[key] for s in per_step]
@@ -493,13 +495,14 @@ def draw_figures(named_summaries):
                                 color=f"C{k}", alpha=0.25)
         ax.set(xscale="log", yscale="log", xlabel="step t", ylabel=label)
     axes[0].set_title("Figure 1: NNP error along the optimization (median, p10-p90)")
-    axes[0].legend(fontsize="small") if axes[0].lines else None
+    if axes[0].lines:
+        axes[0].legend(fontsize="small")
     fig.tight_layout()
     figs["fig1_nnp_error.png"] = fig
 
     fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(named_summaries)), 4))
-    values = [(k, name, s.get("pct_T_values") or []) for k, (name, s) in enumerate(named_summaries)]
-    values = [v for v in values if len(v[2])]
+    values = [(k, name, s["pct_T_values"]) for k, (name, s) in enumerate(named_summaries)
+              if s.get("pct_T_values")]      # [(colour, name, pct_T of each kept conformation)]
     if values:
         parts = ax.violinplot([v for _, _, v in values], showmeans=True, showextrema=False,
                               quantiles=[[0.1, 0.9]] * len(values))
@@ -513,19 +516,20 @@ def draw_figures(named_summaries):
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     for k, (name, s) in enumerate(named_summaries):
-        # steps where some conformation did not diverge at T (else pct_t is NaN: no point)
-        band = [(t, m, lo, hi) for t, m, lo, hi in zip(
-            s["steps"], s["pct_mean_per_step"], s.get("pct_p10_per_step", s["steps"]),
-            s.get("pct_p90_per_step", s["steps"])) if m is not None and np.isfinite(m)]
-        if band:
-            t, m, lo, hi = zip(*band)
-            a1.plot(t, m, marker="o", color=f"C{k}", label=name)
-            if "pct_p10_per_step" in s:
-                a1.fill_between(t, lo, hi, color=f"C{k}", alpha=0.25)
+        # the steps with a pct_t (NaN where every conformation diverged at T)
+        ok = [i for i, m in enumerate(s["pct_mean_per_step"]) if m is not None and np.isfinite(m)]
+        if ok:
+            a1.plot([s["steps"][i] for i in ok], [s["pct_mean_per_step"][i] for i in ok],
+                    marker="o", color=f"C{k}", label=name)
+        if ok and "pct_p10_per_step" in s:
+            a1.fill_between([s["steps"][i] for i in ok], [s["pct_p10_per_step"][i] for i in ok],
+                            [s["pct_p90_per_step"][i] for i in ok], color=f"C{k}", alpha=0.25)
         a2.plot(s["steps"], s["pct_div_per_step"], marker="o", color=f"C{k}", label=name)
-    a1.set(xscale="log", xlabel="step t", ylabel="pct_t, %", title="Figure 3: pct_t (mean, p10-p90)")
+    a1.set(xscale="log", xlabel="step t", ylabel="pct_t, %",
+           title="Figure 3: pct_t (mean, p10-p90)")
     a2.set(xscale="log", xlabel="step t", ylabel="pct_div_t, %", title="diverged at t")
-    a1.legend(fontsize="small") if a1.lines else None
+    if a1.lines:
+        a1.legend(fontsize="small")
     fig.tight_layout()
     figs["fig3_pct_over_steps.png"] = fig
     return figs
@@ -559,8 +563,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_steps", default=EVAL_STEPS, help="steps where DFT is computed")
     p.add_argument("--batch_size", type=int, default=64, help="molecules per NNP batch")
     p.add_argument("--cov_delta", type=float, default=0.5, help="COV threshold, Angstrom")
-    p.add_argument("--mmff_max_iters", type=int,
-                   default=inspect.signature(oracles.mmff_minimize).parameters["max_iters"].default,
+    mmff_default = inspect.signature(oracles.mmff_minimize).parameters["max_iters"].default
+    p.add_argument("--mmff_max_iters", type=int, default=mmff_default,
                    help="RDKit row: MMFF iterations (default: oracles.mmff_minimize's, as D_rdkit)")
     p.add_argument("--n_bootstrap", type=int, default=2000,
                    help="resamples of the 95 %% bootstrap intervals over conformations")

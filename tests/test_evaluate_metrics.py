@@ -155,8 +155,8 @@ def test_bootstrap_resamples_conformations_jointly_for_pct_div_and_the_non_diver
     e0, e_opt = np.full(6, -100.0), np.full(6, -100.01)
     et = np.array([-100.0099, -100.0098, -99.9, -100.0097, -99.8, -100.0096])
     ci = evaluate.bootstrap_interval(
-        (e0, et, e_opt), lambda *c: {k: evaluate.aggregate(*c)[k] for k in evaluate.INTERVAL_METRICS},
-        2000, seed=0)
+        (e0, et, e_opt),
+        lambda *c: {k: evaluate.aggregate(*c)[k] for k in evaluate.INTERVAL_METRICS}, 2000, seed=0)
     assert ci["pct_success"] == [100.0, 100.0]
     assert ci["pct_div"][0] < 100 * 2 / 6 < ci["pct_div"][1]
     assert ci["pct_success_all"][0] < 100 * 4 / 6 < ci["pct_success_all"][1]
@@ -266,10 +266,10 @@ def test_mmff_minimize_checked_reports_convergence():
 
 def test_figures_put_every_model_in_one_picture(tmp_path):
     s = evaluate.summarize(summary_args(tmp_path), hand_records(), {})
+    no_nnp = [{"mean": None, "p10": None, "p50": None, "p90": None}]
     rdkit = {**s, "steps": [8], "pct_mean_per_step": [s["pct_mean"]],
              "pct_p10_per_step": [40.0], "pct_p90_per_step": [90.0], "pct_div_per_step": [40.0],
-             "energy_mse_kcal_mol2_per_step": [{"mean": None, "p10": None, "p50": None, "p90": None}],
-             "forces_mse_kcal_mol_A2_per_step": [{"mean": None, "p10": None, "p50": None, "p90": None}]}
+             "energy_mse_kcal_mol2_per_step": no_nnp, "forces_mse_kcal_mol_A2_per_step": no_nnp}
     figs = evaluate.draw_figures([("golf", s), ("baseline", s), ("rdkit", rdkit)])
     fig1, fig2, fig3 = (figs[name] for name in evaluate.FIGURES)
     assert [len(ax.lines) for ax in fig1.axes[:2]] == [2, 2]          # no NNP in the RDKit row
