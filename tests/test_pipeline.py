@@ -2,7 +2,9 @@
 molecules: make_trajectories -> train_baseline -> golf (K = 10) -> evaluate."""
 import json
 import os
+import shutil
 
+import ase.db
 import numpy as np
 import pytest
 import torch
@@ -108,12 +110,19 @@ def test_evaluate_end_to_end(stages):
     # a rerun finds everything done and writes the same summary
     evaluate.main(argv)
     assert json.load(open(out / "summary.json")) == summary
-    # the RDKit row and the prediction task
-    evaluate.main(["--model", "rdkit", "--db", test, "--out_dir", str(root / "eval_rdkit"),
-                   "--timelimit_eval", "8", *ORACLE])
+    # the RDKit row and the prediction task; the RDKit row on a copy of the test db where
+    # one reference optimization ran out of steps: that row is neither evaluated nor scored
+    unconverged = str(root / "test_unconverged.db")
+    shutil.copy(test, unconverged)
+    with ase.db.connect(unconverged) as db:
+        db.update(min(test_confs), converged=False)
+    evaluate.main(["--model", "rdkit", "--db", unconverged, "--out_dir",
+                   str(root / "eval_rdkit"), "--timelimit_eval", "8", *ORACLE])
     rd = json.load(open(root / "eval_rdkit" / "summary.json"))
-    assert rd["n_conformations"] == 4 and rd["steps"] == [8]
+    assert rd["n_conformations"] == 3 and rd["n_unconverged_reference"] == 1
+    assert rd["steps"] == [8]
     rd_records = evaluate.read_records(root / "eval_rdkit" / "per_conformation.jsonl")
+    assert sorted(r["conf_id"] for r in rd_records) == sorted(test_confs)[1:]
     assert rd["n_mmff_unconverged"] == sum(r["mmff_converged"] is False for r in rd_records)
     # Table 2 and Figures 1-3 of both rows
     evaluate.main(["--task", "table", "--summaries", str(out / "summary.json"),
