@@ -479,6 +479,7 @@ def draw_figures(named_summaries):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     figs = {}
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -494,10 +495,9 @@ def draw_figures(named_summaries):
                 ax.fill_between(t, [v["p10"] for v in x], [v["p90"] for v in x],
                                 color=f"C{k}", alpha=0.25)
         ax.set(xscale="log", yscale="log", xlabel="step t", ylabel=label)
-    axes[0].set_title("Figure 1: NNP error along the optimization (median, p10-p90)")
+    fig.suptitle("Figure 1: NNP error along the optimization (median, p10-p90)")
     if axes[0].lines:
         axes[0].legend(fontsize="small")
-    fig.tight_layout()
     figs["fig1_nnp_error.png"] = fig
 
     fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(named_summaries)), 4))
@@ -508,10 +508,11 @@ def draw_figures(named_summaries):
                               quantiles=[[0.1, 0.9]] * len(values))
         for body, (k, _, _) in zip(parts["bodies"], values):
             body.set_facecolor(f"C{k}")
+        parts["cmeans"].set(color="k", linestyle="-")          # the mean
+        parts["cquantiles"].set(color="k", linestyle="--")     # p10 and p90
     ax.set_xticks(range(1, len(values) + 1), [name for _, name, _ in values])
     ax.set_ylabel("pct(s_T), %")
     ax.set_title("Figure 2: optimization percentage\n(mean; p10, p90)")
-    fig.tight_layout()
     figs["fig2_pct_violin.png"] = fig
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -528,10 +529,13 @@ def draw_figures(named_summaries):
     a1.set(xscale="log", xlabel="step t", ylabel="pct_t, %",
            title="Figure 3: pct_t (mean, p10-p90)")
     a2.set(xscale="log", xlabel="step t", ylabel="pct_div_t, %", title="diverged at t")
-    if a1.lines:
-        a1.legend(fontsize="small")
-    fig.tight_layout()
+    a2.legend(fontsize="small")
+    for ax in (*fig.axes, *figs["fig1_nnp_error.png"].axes):   # steps as plain numbers
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     figs["fig3_pct_over_steps.png"] = fig
+    for fig in figs.values():
+        fig.tight_layout()
     return figs
 
 
@@ -583,7 +587,16 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.task == "table":
-        rows = [json.load(open(path)) for path in args.summaries]
+        if not args.summaries or (args.names and len(args.names) != len(args.summaries)):
+            sys.exit("error: --task table needs --summaries (summary.json files), and as many "
+                     "--names, if given")
+        rows = []
+        for path in args.summaries:
+            try:
+                rows.append(json.load(open(path)))
+            except (OSError, ValueError) as err:
+                sys.exit(f"error: {path}: not a readable summary.json ({err}); run "
+                         "evaluate.py --task optimization first")
         names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(p)))
                                for p in args.summaries]
         print(format_table(list(zip(names, rows))))

@@ -298,3 +298,10 @@ def test_figures_put_every_model_in_one_picture(tmp_path):
         json.dump(summary, open(paths[-1], "w"))
     evaluate.main(["--task", "table", "--summaries", *paths, "--figures", str(tmp_path / "figs")])
     assert all(os.path.getsize(tmp_path / "figs" / name) > 0 for name in evaluate.FIGURES)
+
+
+def test_table_task_names_a_missing_summary_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        evaluate.main(["--task", "table", "--summaries", str(tmp_path / "nope" / "summary.json")])
+    assert "nope/summary.json: not a readable summary.json" in str(err.value)
+    assert "\n" not in str(err.value)
