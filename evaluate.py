@@ -3,7 +3,8 @@
     python evaluate.py --checkpoint runs/golf/checkpoint.pt --db D_test.db --out_dir runs/eval_golf
     python evaluate.py --model rdkit --db D_test.db --out_dir runs/eval_rdkit      (RDKit row)
     python evaluate.py --task prediction --checkpoint ... --db labelled.db --out_dir ...
-    python evaluate.py --task table --summaries runs/eval_*/summary.json           (Table 2)
+    python evaluate.py --task table --summaries runs/eval_*/summary.json --figures runs/figs
+                                                     (Table 2; Figs 1-3 with every model)
 
 For every test conformation s (rows carry `optimal_energy`, the DFT minimum E_opt): the NNP
 optimizes s_0 .. s_T in batches, and the genuine oracle labels s_t at the eval steps
@@ -13,10 +14,17 @@ optimizes s_0 .. s_T in batches, and the genuine oracle labels s_t at the eval s
     diverged   : E_t > E_0 (the optimization made it worse), or the oracle failed at s_t
     success    : E_res(s_t) < 1 kcal/mol                     Eq. 8, chemical accuracy
 pct, E_res and success are averaged over the conformations that did not diverge; pct_div is
-the share of those that did. COV / MAT (Appendix F): per molecule, the share of DFT-optimal
-conformations with an NNP-optimized one within RMSD delta, and the mean smallest RMSD.
+the share of those that did (a failed oracle at s_0, no E_0, counts as diverged too). Per
+step (Fig. 3), pct_div_t is the share diverged at t, and the means are over the conformations
+that did not diverge at T, at every t (Sec. 6). A row whose reference optimization did not
+converge (key converged False) is not scored, only counted. Table cells carry 95 % percentile
+bootstrap intervals over conformations. COV / MAT (Appendix F): per molecule, the share of
+DFT-optimal conformations with an NNP-optimized one within RMSD delta, and the mean smallest
+RMSD.
 """
 import argparse
+import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -55,16 +63,17 @@ def aggregate(e0, et, e_opt):
     """Table 2's numbers for one step over many conformations (arrays of Hartree). Diverged
     conformations count in pct_div only; the others give pct (mean, std), E_res (mean) and
     pct_success. Diverged = E_t > E_0, or no E_t at all (NaN: the oracle failed at s_t,
-    which in practice means the SCF did not converge on atoms the NNP pulled apart)."""
+    which in practice means the SCF did not converge on atoms the NNP pulled apart), or no
+    E_0 (NaN: the oracle failed at s_0 of a db without energies; counted as n_no_e0)."""
     e0, et, e_opt = (np.asarray(x, dtype=np.float64) for x in (e0, et, e_opt))
     failed = ~np.isfinite(et)
-    diverged = failed | (et > e0)
+    diverged = failed | ~np.isfinite(e0) | (et > e0)
     keep = ~diverged
     pct = pct_of_optimization(e0[keep], et[keep], e_opt[keep])
     e_res = residual_energy(et[keep], e_opt[keep])
     n = len(et)
     nan = float("nan")
-    return {"n": int(n), "n_failed": int(failed.sum()),
+    return {"n": int(n), "n_failed": int(failed.sum()), "n_no_e0": int((~np.isfinite(e0)).sum()),
             "pct_mean": float(pct.mean()) if keep.any() else nan,
             "pct_std": float(pct.std()) if keep.any() else nan,
             "pct_div": float(100.0 * diverged.mean()) if n else nan,
@@ -77,19 +86,109 @@ def aggregate(e0, et, e_opt):
 # aggregate's numbers that summary.json holds at s_T and per eval step
 STEP_METRICS = ("pct_mean", "pct_std", "pct_div", "e_res_mean_kcal_mol", "pct_success",
                 "pct_success_all")
+# the ones whose 95 % bootstrap interval summary.json and the table carry
+INTERVAL_METRICS = ("pct_mean", "pct_div", "e_res_mean_kcal_mol", "pct_success",
+                    "pct_success_all")
+
+
+def aggregate_steps(e0, e_steps, e_opt):
+    """Figure 3's curves: aggregate's numbers at every eval step, e_steps [n, n_steps]
+    Hartree (NaN: oracle failed), its last column s_T. As Sec. 6: pct_div_t is the share of
+    all n diverged at t (E_t > E_0, or no E_t, or no E_0); pct_t, E_res_t and the successes
+    are over the conformations that did not diverge at T, the same set at every t (one that
+    diverged at T is left out at every t; a kept one with E_t > E_0 at t < T counts with its
+    negative pct_t; one whose oracle failed at t < T only is left out at t: n_failed).
+    The last step is exactly aggregate(e0, e_steps[:, -1], e_opt). Also the p10/p50/p90 of
+    pct_t over the kept set (Fig. 3's band)."""
+    e0, e_steps, e_opt = (np.asarray(x, dtype=np.float64) for x in (e0, e_steps, e_opt))
+    n = len(e0)
+    e_T = e_steps[:, -1] if n else np.zeros(0)
+    keep_T = np.isfinite(e0) & np.isfinite(e_T) & ~(e_T > e0)         # [n]
+    out = []
+    for t in range(e_steps.shape[1]):
+        et = e_steps[:, t]
+        step = aggregate(e0, et, e_opt)          # n, n_failed, pct_div at t (over all n)
+        scored = keep_T & np.isfinite(et)        # the T-kept set, with an E_t
+        pct = pct_of_optimization(e0[scored], et[scored], e_opt[scored])
+        e_res = residual_energy(et[scored], e_opt[scored])
+        has = scored.any()
+        nan = float("nan")
+        step.update({
+            "pct_mean": float(pct.mean()) if has else nan,
+            "pct_std": float(pct.std()) if has else nan,
+            "e_res_mean_kcal_mol": float(e_res.mean()) if has else nan,
+            "pct_success": float(100.0 * (e_res < 1.0).mean()) if has else nan,
+            "pct_success_all": float(100.0 * (e_res < 1.0).sum() / n) if n else nan,
+            **{f"pct_p{q}": float(np.percentile(pct, q)) if has else nan for q in (10, 50, 90)}})
+        out.append(step)
+    return out
+
+
+def bootstrap_interval(columns, statistic, n_resamples=2000, seed=0, level=95.0):
+    """Percentile bootstrap interval over conformations: draw n of the n rows with
+    replacement (the same rows of every column, so pct_div and the means over the
+    non-diverged of one resample come from one resampled test set), n_resamples times
+    (numpy default_rng(seed)), and take the (100-level)/2 and (100+level)/2 percentiles of
+    statistic(*resampled columns). statistic returns a float or a dict of floats; returns
+    [lo, hi] or {key: [lo, hi]}. Resamples where a statistic is NaN (e.g. all diverged) are
+    left out of its percentiles; [nan, nan] if none is left."""
+    columns = [np.asarray(c) for c in columns]
+    n = len(columns[0])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_resamples, n)) if n else np.zeros((0, 0), dtype=int)
+    values = [statistic(*(c[i] for c in columns)) for i in idx]        # [n_resamples]
+    q = [(100.0 - level) / 2, (100.0 + level) / 2]
+
+    def interval(v):
+        v = np.asarray(v, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        return [float(x) for x in np.percentile(v, q)] if len(v) else [float("nan")] * 2
+    if values and isinstance(values[0], dict):
+        return {k: interval([v[k] for v in values]) for k in values[0]}
+    return interval(values)
 
 
 def best_rmsd(conf_a_positions, conf_b_positions, smiles, numbers):
     """Symmetry-aware RMSD (RDKit GetBestRMS, the paper's GetBestRMSD) of two conformations
-    of one molecule, on heavy atoms (as GeoDiff's COV/MAT)."""
+    of one molecule, on heavy atoms (as GeoDiff's COV/MAT); both on the graph of the SMILES
+    (or, without one, the bonds perceived at conformation a)."""
+    mol = oracles.rdkit_molecule(data.Conformation(numbers=numbers, positions=conf_a_positions,
+                                                   smiles=smiles))
+    return best_rmsd_of_graphs(mol, conf_a_positions, mol, conf_b_positions)
+
+
+def best_rmsd_of_graphs(mol_a, positions_a, mol_b, positions_b):
+    """GetBestRMS of mol_a at positions_a and mol_b at positions_b (RDKit molecules with
+    hydrogens, atoms in the order of their positions [n_atoms, 3]; the two may order the
+    atoms of one molecule differently). Each geometry rides on its own row's graph, so an
+    exploded NNP geometry gets a large RMSD, not a failed bond perception."""
     from rdkit import Chem
     from rdkit.Chem import AllChem
     mols = []
-    for positions in (conf_a_positions, conf_b_positions):
-        mol = oracles.rdkit_molecule(data.Conformation(numbers=numbers, positions=positions,
-                                                       smiles=smiles))
+    for mol, positions in ((mol_a, positions_a), (mol_b, positions_b)):
+        mol = Chem.Mol(mol)
+        conformer = mol.GetConformer()
+        for i, (x, y, z) in enumerate(np.asarray(positions, dtype=np.float64)):
+            conformer.SetAtomPosition(i, (float(x), float(y), float(z)))
         mols.append(Chem.RemoveHs(mol))
     return AllChem.GetBestRMS(mols[0], mols[1])
+
+
+def molecule_identity(conf):
+    """COV/MAT's molecule of a test row, and its graph: (key, RDKit molecule with
+    hydrogens). The row's SMILES; without one, the canonical SMILES (no stereo) of the
+    bonds RDKit's rdDetermineBonds perceives at the DFT optimum (neutral molecule), so two
+    isomers of one formula are two molecules. (None, None) if perception fails."""
+    from rdkit import Chem
+    try:
+        mol = oracles.rdkit_molecule(data.Conformation(
+            numbers=conf.numbers, positions=conf.optimal_positions, smiles=conf.smiles,
+            id=conf.id))
+    except data.DataError:
+        return None, None
+    if conf.smiles:
+        return conf.smiles, mol
+    return "perceived:" + Chem.MolToSmiles(Chem.RemoveHs(mol), isomericSmiles=False), mol
 
 
 def coverage_and_matching(generated, reference, rmsd, delta=0.5):
@@ -155,13 +254,17 @@ def evaluate_optimization(args):
     done = set()
     if os.path.exists(records_path):
         done = {r["conf_id"] for r in read_records(records_path)}
-    todo = [c for c in confs if conf_key(c) not in done]
+    todo = [c for c in confs if conf_key(c) not in done
+            and bool(c.info.get("converged", True))]     # unconverged E_opt: not scored
     print(f"{len(confs)} test conformations, {len(done)} done before, {len(todo)} to evaluate")
     final_db = data.connect_for_writing(os.path.join(args.out_dir, "final.db"))
 
     if args.model == "rdkit":
-        steps_of = [(c, {eval_steps[-1]: oracles.mmff_minimize(c, args.mmff_max_iters)}, {})
-                    for c in tqdm(todo, desc="MMFF minimization")]
+        steps_of = []
+        for c in tqdm(todo, desc="MMFF minimization"):
+            positions, converged = oracles.mmff_minimize_checked(c, args.mmff_max_iters)
+            c = dataclasses.replace(c, info={**c.info, "mmff_converged": converged})
+            steps_of.append((c, {eval_steps[-1]: positions}, {}))
         eval_steps = [eval_steps[-1]]
     else:
         model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
@@ -218,7 +321,9 @@ def conformation_record(conf, positions, nnp, results, eval_steps):
     return {"conf_id": conf_key(conf), "smiles": conf.smiles, "n_atoms": conf.n_atoms,
             "e0": e0, "e_opt": conf.optimal_energy, "steps": eval_steps,
             "energy_dft": energy_dft, "energy_mse_kcal_mol2": energy_mse,
-            "forces_mse_kcal_mol_A2": forces_mse, "failures": failures}
+            "forces_mse_kcal_mol_A2": forces_mse, "failures": failures,
+            **({"mmff_converged": conf.info["mmff_converged"]}        # the RDKit row
+               if "mmff_converged" in conf.info else {})}
 
 
 def read_records(path):
@@ -227,33 +332,54 @@ def read_records(path):
 
 
 def summarize(args, records, confs_by_id):
-    """summary.json from the per-conformation records (so a rerun recomputes it exactly)."""
-    records = [r for r in records if r["e0"] is not None]
+    """summary.json from the per-conformation records (so a rerun recomputes it exactly).
+    Rows whose reference optimization did not converge (converged False, App. E) are not
+    scored, only counted; rows without the key are scored."""
+    records = sorted(records, key=lambda r: r["conf_id"])    # the jsonl is in finishing order
+    unconverged = {i for i, c in confs_by_id.items() if not bool(c.info.get("converged", True))}
+    records = [r for r in records if r["conf_id"] not in unconverged]
     steps = records[0]["steps"] if records else []
-
-    def column(i):
-        return np.array([np.nan if r["energy_dft"][i] is None else r["energy_dft"][i]
-                         for r in records])
-    e0 = np.array([r["e0"] for r in records])
-    e_opt = np.array([r["e_opt"] for r in records])
-    per_step = [aggregate(e0, column(i), e_opt) for i in range(len(steps))]
+    nan = float("nan")
+    e0 = np.array([nan if r["e0"] is None else r["e0"] for r in records])           # [n]
+    e_opt = np.array([r["e_opt"] for r in records])                                   # [n]
+    e_steps = np.array([[nan if e is None else e for e in r["energy_dft"]] for r in records],
+                       dtype=np.float64).reshape(len(records), len(steps))         # [n, n_steps]
+    per_step = aggregate_steps(e0, e_steps, e_opt)
     final = per_step[-1] if per_step else aggregate([], [], [])
+    e_T = e_steps[:, -1] if len(steps) else np.zeros(0)
+    intervals = bootstrap_interval(
+        (e0, e_T, e_opt), lambda *cols: {k: aggregate(*cols)[k] for k in INTERVAL_METRICS},
+        args.n_bootstrap, seed=args.bootstrap_seed) if records else {}
+    kept = np.isfinite(e0) & np.isfinite(e_T) & ~(e_T > e0)
 
     def mse_stats(key, i):
         v = np.array([r[key][i] for r in records if r[key][i] is not None])
         if not len(v):
-            return {"mean": None, "p10": None, "p90": None}
-        return {"mean": float(v.mean()), "p10": float(np.percentile(v, 10)),
-                "p90": float(np.percentile(v, 90))}
+            return {"mean": None, "p10": None, "p50": None, "p90": None}
+        return {"mean": float(v.mean()),
+                **{f"p{q}": float(np.percentile(v, q)) for q in (10, 50, 90)}}
 
     summary = {"model": args.model if args.model == "rdkit" else args.checkpoint,
                "db": args.db, "n_conformations": len(records),
+               "n_unconverged_reference": len(unconverged),   # not scored (not in n)
+               "n_no_e0": final["n_no_e0"],                 # oracle failed at s_0: diverged
                "n_failed_oracle": sum(1 for r in records if r["failures"]),   # at any step
                "n_failed_oracle_T": final["n_failed"],      # at s_T: counted in pct_div
                **{k: final[k] for k in STEP_METRICS},
+               **{f"{k}_ci95": [None if np.isnan(x) else x for x in intervals[k]]
+                  for k in intervals},
+               "bootstrap": {"method": "percentile interval, resampling conformations",
+                             "n_resamples": args.n_bootstrap, "seed": args.bootstrap_seed,
+                             "level": 95.0},
                "steps": steps}
-    for key in STEP_METRICS:
+    if args.model == "rdkit":
+        summary["n_mmff_unconverged"] = sum(r.get("mmff_converged") is False for r in records)
+        summary["mmff_max_iters"] = args.mmff_max_iters
+    for key in STEP_METRICS + ("pct_p10", "pct_p50", "pct_p90", "n_failed"):
         summary[f"{key}_per_step"] = [s[key] for s in per_step]
+    # Figure 2's violin: pct_T of every conformation that did not diverge at T
+    summary["pct_T_values"] = [float(x) for x in
+                               pct_of_optimization(e0[kept], e_T[kept], e_opt[kept])]
     summary["energy_mse_kcal_mol2_per_step"] = [mse_stats("energy_mse_kcal_mol2", i)
                                                 for i in range(len(steps))]
     summary["forces_mse_kcal_mol_A2_per_step"] = [mse_stats("forces_mse_kcal_mol_A2", i)
@@ -263,26 +389,38 @@ def summarize(args, records, confs_by_id):
 
 
 def cov_mat(args, records, confs_by_id):
-    """COV / MAT over molecules, from final.db's conformations and optimal_positions."""
+    """COV / MAT over molecules (molecule_identity), from final.db's conformations and
+    optimal_positions."""
     refs = [confs_by_id.get(r["conf_id"]) for r in records]
     if not records or any(c is None or c.optimal_positions is None for c in refs):
         return {"cov": None, "mat": None,
                 "cov_mat_note": "left out: the test db has no optimal_positions"}
     finals, _ = data.read_db(os.path.join(args.out_dir, "final.db"), "total", verbose=False)
     final_by_id = {int(c.info["conf_id"]): c.positions for c in finals}
-    by_molecule = defaultdict(lambda: ([], []))
+    by_molecule = defaultdict(list)       # key -> [(graph, NNP-optimized, DFT-optimal)]
+    n_unidentified = 0
     for r, c in zip(records, refs):
-        gen, ref = by_molecule[data.molecule_key(c)]
-        gen.append(final_by_id[r["conf_id"]])
-        ref.append(c.optimal_positions)
+        key, mol = molecule_identity(c)
+        if key is None:
+            n_unidentified += 1
+            continue
+        by_molecule[key].append((mol, final_by_id[r["conf_id"]], c.optimal_positions))
     covs, mats = [], []
-    for key, (gen, ref) in by_molecule.items():
-        c = next(c for c in refs if data.molecule_key(c) == key)
-        rmsd = lambda a, b: best_rmsd(a, b, c.smiles, c.numbers)   # noqa: E731
+    for key in sorted(by_molecule):
+        rows = by_molecule[key]
+        gen = [(mol, g) for mol, g, _ in rows]
+        ref = [(mol, o) for mol, _, o in rows]
+        rmsd = lambda a, b: best_rmsd_of_graphs(*a, *b)   # noqa: E731
         cov, mat = coverage_and_matching(gen, ref, rmsd, args.cov_delta)
         covs.append(cov)
         mats.append(mat)
-    return {"cov": float(np.mean(covs)), "mat": float(np.mean(mats)), "cov_delta": args.cov_delta}
+    identity = ("SMILES key" if all(c.smiles for c in refs) else
+                "SMILES key, else canonical SMILES of bonds perceived at the DFT optimum "
+                "(RDKit rdDetermineBonds, no stereo)")
+    return {"cov": float(np.mean(covs)) if covs else None,
+            "mat": float(np.mean(mats)) if mats else None, "cov_delta": args.cov_delta,
+            "n_molecules": len(by_molecule), "molecule_identity": identity,
+            "n_cov_mat_unidentified": n_unidentified}   # no SMILES, bonds not perceived
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,67 +430,128 @@ def cov_mat(args, records, confs_by_id):
 TABLE_COLUMNS = [("pct_mean", "pct_T (%)"), ("pct_std", "std"), ("pct_div", "pct_div (%)"),
                  ("n_failed_oracle_T", "no SCF (n)"), ("e_res_mean_kcal_mol", "E_res (kcal/mol)"),
                  ("pct_success", "pct_success (%)"), ("pct_success_all", "of all (%)"),
-                 ("cov", "COV (%)"), ("mat", "MAT (A)"), ("n_conformations", "n")]
+                 ("cov", "COV (%)"), ("mat", "MAT (A)"), ("n_conformations", "n"),
+                 ("n_unconverged_reference", "unconv. ref (n)")]
 
 
 def format_table(rows):
-    """rows: (name, summary) -> a text table like the paper's Table 2."""
+    """rows: (name, summary) -> a text table like the paper's Table 2; a cell with a 95 %
+    bootstrap interval reads `value [lo, hi]`. Counts that are not columns follow as notes."""
+    def number(key, v):
+        return ("-" if v is None or (isinstance(v, float) and np.isnan(v))
+                else f"{v:.0f}" if key.startswith("n_") else f"{v:.2f}")
     header = ["model"] + [title for _, title in TABLE_COLUMNS]
     lines = [header]
+    notes = []
     for name, s in rows:
         cells = [name]
         for key, _ in TABLE_COLUMNS:
-            v = s.get(key)
-            cells.append("-" if v is None or (isinstance(v, float) and np.isnan(v))
-                         else f"{v:.0f}" if key.startswith("n_") else f"{v:.2f}")
+            cell = number(key, s.get(key))
+            if s.get(f"{key}_ci95") and cell != "-":
+                lo, hi = s[f"{key}_ci95"]
+                cell += f" [{number(key, lo)}, {number(key, hi)}]"
+            cells.append(cell)
         lines.append(cells)
+        if s.get("n_no_e0"):
+            notes.append(f"{name}: {s['n_no_e0']} conformations without E_0 (oracle failed at "
+                         "s_0) count as diverged")
+        if s.get("n_mmff_unconverged"):
+            notes.append(f"{name}: {s['n_mmff_unconverged']} of {s['n_conformations']} MMFF "
+                         f"minimizations did not converge in {s.get('mmff_max_iters')} iterations")
+    boot = next((s["bootstrap"] for _, s in rows if s.get("bootstrap")), None)
+    if boot:
+        notes.append(f"[lo, hi]: 95 % {boot['method']}, {boot['n_resamples']} resamples, "
+                     f"seed {boot['seed']}")
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+    return "\n".join(["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
+                     + notes)
 
 
-def plot(summary, records, out_dir):
-    """Figure 2 (violin of pct_T), Figure 3 (pct_t, pct_div_t), Figure 1 (NNP error)."""
+FIGURES = ("fig1_nnp_error.png", "fig2_pct_violin.png", "fig3_pct_over_steps.png")
+
+
+def draw_figures(named_summaries):
+    """Figures 1-3 with every model in one picture; named_summaries: (name, summary).
+    Returns {file name: matplotlib figure}. Fig. 1: median and p10-p90 band of the NNP's
+    energy and forces MSE against the oracle along the optimization (models without NNP
+    energies, as the RDKit row, are left out); Fig. 2: violins of pct_T over the
+    non-diverged conformations, with mean and p10/p90 marks; Fig. 3: mean pct_t with its
+    p10-p90 band (over the conformations not diverged at T), and pct_div_t."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    steps = summary["steps"]
-    last = len(steps) - 1
-    pct_T = [pct_of_optimization(r["e0"], r["energy_dft"][last], r["e_opt"]) for r in records
-             if r["e0"] is not None and r["energy_dft"][last] is not None
-             and r["energy_dft"][last] <= r["e0"]]
-    fig, ax = plt.subplots(figsize=(4, 4))
-    if pct_T:
-        ax.violinplot(pct_T, showmedians=True)
-    ax.set_ylabel("pct(s_T), %")
-    ax.set_xticks([])
-    ax.set_title("Figure 2: optimization percentage")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fig2_pct_violin.png"), dpi=100)
-    plt.close(fig)
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a1.plot(steps, summary["pct_mean_per_step"], marker="o")
-    a1.set(xscale="log", xlabel="step t", ylabel="pct_t, %", title="Figure 3: pct_t")
-    a2.plot(steps, summary["pct_div_per_step"], marker="o", color="C3")
-    a2.set(xscale="log", xlabel="step t", ylabel="pct_div_t, %", title="diverged")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fig3_pct_over_steps.png"), dpi=100)
-    plt.close(fig)
+    import matplotlib.ticker
+    figs = {}
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, key, label in ((axes[0], "energy_mse_kcal_mol2_per_step", "energy MSE, (kcal/mol)^2"),
                            (axes[1], "forces_mse_kcal_mol_A2_per_step",
                             "forces MSE, (kcal/mol/A)^2")):
-        pts = [(t, s) for t, s in zip(steps, summary[key]) if s["mean"] is not None]
-        if pts:
-            t, s = zip(*pts)
-            ax.plot(t, [x["mean"] for x in s], marker="o")
-            ax.fill_between(t, [x["p10"] for x in s], [x["p90"] for x in s], alpha=0.3)
+        for k, (name, s) in enumerate(named_summaries):
+            pts = [(t, x) for t, x in zip(s["steps"], s.get(key, []))
+                   if x["mean"] is not None and x.get("p50") is not None]
+            if pts:
+                t, x = zip(*pts)
+                ax.plot(t, [v["p50"] for v in x], marker="o", color=f"C{k}", label=name)
+                ax.fill_between(t, [v["p10"] for v in x], [v["p90"] for v in x],
+                                color=f"C{k}", alpha=0.25)
         ax.set(xscale="log", yscale="log", xlabel="step t", ylabel=label)
-    axes[0].set_title("Figure 1: NNP error along the optimization")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fig1_nnp_error.png"), dpi=100)
-    plt.close(fig)
+    fig.suptitle("Figure 1: NNP error along the optimization (median, p10-p90)")
+    if axes[0].lines:
+        axes[0].legend(fontsize="small")
+    figs["fig1_nnp_error.png"] = fig
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(named_summaries)), 4))
+    values = [(k, name, s["pct_T_values"]) for k, (name, s) in enumerate(named_summaries)
+              if s.get("pct_T_values")]      # [(colour, name, pct_T of each kept conformation)]
+    if values:
+        parts = ax.violinplot([v for _, _, v in values], showmeans=True, showextrema=False,
+                              quantiles=[[0.1, 0.9]] * len(values))
+        for body, (k, _, _) in zip(parts["bodies"], values):
+            body.set_facecolor(f"C{k}")
+        parts["cmeans"].set(color="k", linestyle="-")          # the mean
+        parts["cquantiles"].set(color="k", linestyle="--")     # p10 and p90
+    ax.set_xticks(range(1, len(values) + 1), [name for _, name, _ in values])
+    ax.set_ylabel("pct(s_T), %")
+    ax.set_title("Figure 2: optimization percentage\n(mean; p10, p90)")
+    figs["fig2_pct_violin.png"] = fig
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for k, (name, s) in enumerate(named_summaries):
+        # the steps with a pct_t (NaN where every conformation diverged at T)
+        ok = [i for i, m in enumerate(s["pct_mean_per_step"]) if m is not None and np.isfinite(m)]
+        if ok:
+            a1.plot([s["steps"][i] for i in ok], [s["pct_mean_per_step"][i] for i in ok],
+                    marker="o", color=f"C{k}", label=name)
+        if ok and "pct_p10_per_step" in s:
+            a1.fill_between([s["steps"][i] for i in ok], [s["pct_p10_per_step"][i] for i in ok],
+                            [s["pct_p90_per_step"][i] for i in ok], color=f"C{k}", alpha=0.25)
+        a2.plot(s["steps"], s["pct_div_per_step"], marker="o", color=f"C{k}", label=name)
+    a1.set(xscale="log", xlabel="step t", ylabel="pct_t, %",
+           title="Figure 3: pct_t (mean, p10-p90)")
+    a2.set(xscale="log", xlabel="step t", ylabel="pct_div_t, %", title="diverged at t")
+    a2.legend(fontsize="small")
+    for ax in (*fig.axes, *figs["fig1_nnp_error.png"].axes):   # steps as plain numbers
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    figs["fig3_pct_over_steps.png"] = fig
+    for fig in figs.values():
+        fig.tight_layout()
+    return figs
+
+
+def save_figures(figs, out_dir):
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    for name, fig in figs.items():
+        fig.savefig(os.path.join(out_dir, name), dpi=100)
+        plt.close(fig)
+
+
+def plot(summary, records, out_dir):
+    """This run's Figures 1-3 (draw_figures of one model). summary.json holds every
+    plotted number; records are not needed any more."""
+    save_figures(draw_figures([(os.path.basename(os.path.normpath(out_dir)), summary)]), out_dir)
 
 
 def write_page(args, records):
@@ -394,7 +593,12 @@ def parse_args(argv=None):
     p.add_argument("--eval_steps", default=EVAL_STEPS, help="steps where DFT is computed")
     p.add_argument("--batch_size", type=int, default=64, help="molecules per NNP batch")
     p.add_argument("--cov_delta", type=float, default=0.5, help="COV threshold, Angstrom")
-    p.add_argument("--mmff_max_iters", type=int, default=1000, help="RDKit row: MMFF iterations")
+    mmff_default = inspect.signature(oracles.mmff_minimize).parameters["max_iters"].default
+    p.add_argument("--mmff_max_iters", type=int, default=mmff_default,
+                   help="RDKit row: MMFF iterations (default: oracles.mmff_minimize's, as D_rdkit)")
+    p.add_argument("--n_bootstrap", type=int, default=2000,
+                   help="resamples of the 95 %% bootstrap intervals over conformations")
+    p.add_argument("--bootstrap_seed", type=int, default=0)
     p.add_argument("--energy_kind", choices=data.ENERGY_KINDS, default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -402,6 +606,7 @@ def parse_args(argv=None):
                    help="conformations.html shows this many test conformations in 3D (0: none)")
     p.add_argument("--summaries", nargs="+", help="--task table: summary.json files")
     p.add_argument("--names", nargs="+", help="--task table: row names")
+    p.add_argument("--figures", help="--task table: folder for Figures 1-3 of all the summaries")
     optimizers.add_optimizer_args(p)
     oracles.add_oracle_args(p)
     return p.parse_args(argv)
@@ -410,10 +615,22 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.task == "table":
-        rows = [json.load(open(path)) for path in args.summaries]
+        if not args.summaries or (args.names and len(args.names) != len(args.summaries)):
+            sys.exit("error: --task table needs --summaries (summary.json files), and as many "
+                     "--names, if given")
+        rows = []
+        for path in args.summaries:
+            try:
+                rows.append(json.load(open(path)))
+            except (OSError, ValueError) as err:
+                sys.exit(f"error: {path}: not a readable summary.json ({err}); run "
+                         "evaluate.py --task optimization first")
         names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(p)))
                                for p in args.summaries]
         print(format_table(list(zip(names, rows))))
+        if args.figures:
+            save_figures(draw_figures(list(zip(names, rows))), args.figures)
+            print(f"figures: {', '.join(os.path.join(args.figures, f) for f in FIGURES)}")
         return
     for flag in ("db", "out_dir"):
         if not getattr(args, flag):

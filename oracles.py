@@ -807,6 +807,19 @@ def mmff_minimize(conf, max_iters=200):
     return np.array(surrogate.force_field.Positions()).reshape(-1, 3)
 
 
+def mmff_minimize_checked(conf, max_iters=None):
+    """mmff_minimize and whether MMFF converged: (positions [n_atoms, 3] Angstrom, bool).
+    RDKit's Minimize returns 0 when converged, 1 when max_iters ran out. max_iters None:
+    mmff_minimize's default, the one D_rdkit is made with."""
+    if max_iters is None:
+        import inspect
+        max_iters = inspect.signature(mmff_minimize).parameters["max_iters"].default
+    surrogate = MMFFSurrogate(conf)
+    surrogate.force_field.Initialize()
+    not_converged = surrogate.force_field.Minimize(maxIts=max_iters)
+    return np.array(surrogate.force_field.Positions()).reshape(-1, 3), not_converged == 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--psi4_worker":
         worker_main(int(sys.argv[2]), int(sys.argv[3]))

@@ -96,6 +96,7 @@ for split in test test_seen; do
     [ $split = test ] && echo "$OUT/test.db: held-out molecules (as the paper)" \
                       || echo "$OUT/test_seen.db: new conformations of training molecules"
     $PY evaluate.py --task table --names f_baseline "f_traj-$K" "f_GOLF-$K" RDKit \
-        --summaries "$OUT"/eval_${split}_{baseline,traj,golf,rdkit}/summary.json
+        --summaries "$OUT"/eval_${split}_{baseline,traj,golf,rdkit}/summary.json \
+        --figures "$OUT/figures_$split"
 done
-echo "plots: $OUT/eval_*/fig*.png"
+echo "plots: $OUT/figures_*/fig*.png (all models), $OUT/eval_*/fig*.png (one each)"

@@ -1,5 +1,7 @@
 """evaluate.py's metrics on small hand-computed cases (Eq. 4, 6, 8, pct_div, COV/MAT)."""
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -79,3 +81,227 @@ def test_table_formatting():
          "pct_success": 62.9, "cov": None, "mat": None, "n_conformations": 10}
     text = evaluate.format_table([("golf", s)])
     assert "77.30" in text and "62.90" in text and text.splitlines()[1].split()[0] == "golf"
+
+
+# ---------------------------------------------------------------------------------------
+# Sec. 6 per-step curves, no E_0, unconverged references, bootstrap intervals (issue 11)
+# ---------------------------------------------------------------------------------------
+
+def test_per_step_leaves_out_what_diverged_at_T_at_every_step():
+    e0 = np.array([-100.0, -100.0, -100.0, -100.0, np.nan])   # E: the oracle failed at s_0
+    e_opt = np.full(5, -100.01)
+    e_steps = np.array([[-100.002, -100.005],             # A: pct 20, then 50
+                        [-100.008, -99.99],               # B: pct 80, then diverged at T
+                        [-99.995, -100.01 + 0.5 / H],     # C: E_1 > E_0, then E_res 0.5
+                        [np.nan, -100.009],               # D: SCF failed at t=1, pct 90 at T
+                        [-100.005, -100.005]])            # E: no E_0
+    first, last = evaluate.aggregate_steps(e0, e_steps, e_opt)
+    pct_c = 100 * (0.01 - 0.5 / H) / 0.01
+    # t = 1: diverged at t are C (E_1 > E_0), D (no E_1), E (no E_0); B is not, but it is
+    # left out of the means since it diverged at T; C stays in with its negative pct
+    assert first["n"] == 5 and first["n_failed"] == 1 and first["n_no_e0"] == 1
+    assert first["pct_div"] == pytest.approx(60.0)
+    assert first["pct_mean"] == pytest.approx((20 - 50) / 2)
+    assert first["pct_p50"] == pytest.approx(-15.0)
+    assert first["e_res_mean_kcal_mol"] == pytest.approx((0.008 + 0.015) * H / 2)
+    assert first["pct_success"] == 0.0 and first["pct_success_all"] == 0.0
+    # t = T: B and E diverged; A (3.1 kcal/mol) fails, C (0.5) and D (0.63) succeed
+    assert last["pct_div"] == pytest.approx(40.0)
+    assert last["pct_mean"] == pytest.approx((50 + pct_c + 90) / 3)
+    assert last["pct_success"] == pytest.approx(100 * 2 / 3)
+    assert last["pct_success_all"] == pytest.approx(100 * 2 / 5)
+    agg = evaluate.aggregate(e0, e_steps[:, -1], e_opt)
+    assert all(last[k] == pytest.approx(agg[k]) for k in agg)
+
+
+def test_bootstrap_of_constant_data_has_zero_width_and_a_seed_fixes_it():
+    assert evaluate.bootstrap_interval([np.full(7, 3.0)], np.mean, 500, seed=1) == [3.0, 3.0]
+    x = np.random.default_rng(0).normal(size=50)
+    a = evaluate.bootstrap_interval([x], np.mean, 1000, seed=4)
+    assert a == evaluate.bootstrap_interval([x], np.mean, 1000, seed=4)
+    assert a != evaluate.bootstrap_interval([x], np.mean, 1000, seed=5)
+    assert a[0] < x.mean() < a[1]
+
+
+def exact_bootstrap_percentiles(columns, statistic, q):
+    """Brute force: all n^n equally likely resamples, the q-quantiles (lower/upper) of the
+    statistic's exact distribution."""
+    import itertools
+    n = len(columns[0])
+    values = np.sort([statistic(*(c[list(i)] for c in columns))
+                      for i in itertools.product(range(n), repeat=n)])
+    cdf = np.arange(1, len(values) + 1) / len(values)
+    return [values[np.searchsorted(cdf, p / 100)] for p in q]
+
+
+def test_bootstrap_matches_the_exact_bootstrap_distribution_of_pct_div():
+    # 4 conformations, one diverged: a resample's pct_div is 25 k, k ~ Binomial(4, 1/4),
+    # whose 2.5 % / 97.5 % quantiles are 0 and 75 (P(k <= 2) = 0.949 < 0.975 <= P(k <= 3))
+    e0, e_opt = np.full(4, -100.0), np.full(4, -100.01)
+    et = np.array([-100.005, -100.002, -99.99, -100.009])
+    div = lambda *c: evaluate.aggregate(*c)["pct_div"]   # noqa: E731
+    assert exact_bootstrap_percentiles((e0, et, e_opt), div, (2.5, 97.5)) == [0.0, 75.0]
+    assert evaluate.bootstrap_interval((e0, et, e_opt), div, 20000, seed=0) == [0.0, 75.0]
+    # three values 0, 0, 3: 90 % interval [0, 2], 95 % [0, 3] (P(mean <= 2) = 26/27)
+    x = np.array([0.0, 0.0, 3.0])
+    assert exact_bootstrap_percentiles((x,), np.mean, (5, 95)) == [0.0, 2.0]
+    assert evaluate.bootstrap_interval((x,), np.mean, 20000, seed=0, level=90) == [0.0, 2.0]
+    assert evaluate.bootstrap_interval((x,), np.mean, 20000, seed=0) == [0.0, 3.0]
+
+
+def test_bootstrap_resamples_conformations_jointly_for_pct_div_and_the_non_diverged_means():
+    # every non-diverged conformation succeeds: in every resample pct_success is 100 while
+    # pct_div and the success share of all vary
+    e0, e_opt = np.full(6, -100.0), np.full(6, -100.01)
+    et = np.array([-100.0099, -100.0098, -99.9, -100.0097, -99.8, -100.0096])
+    ci = evaluate.bootstrap_interval(
+        (e0, et, e_opt),
+        lambda *c: {k: evaluate.aggregate(*c)[k] for k in evaluate.INTERVAL_METRICS}, 2000, seed=0)
+    assert ci["pct_success"] == [100.0, 100.0]
+    assert ci["pct_div"][0] < 100 * 2 / 6 < ci["pct_div"][1]
+    assert ci["pct_success_all"][0] < 100 * 4 / 6 < ci["pct_success_all"][1]
+
+
+def summary_args(tmp_path, **kw):
+    import argparse
+    return argparse.Namespace(**{"model": "nnp", "checkpoint": "ckpt.pt", "db": "test.db",
+                                 "out_dir": str(tmp_path), "cov_delta": 0.5, "n_bootstrap": 500,
+                                 "bootstrap_seed": 0, "mmff_max_iters": 200, **kw})
+
+
+def hand_records():
+    """Five conformations, two eval steps (see test_per_step_...)."""
+    e0 = [-100.0, -100.0, -100.0, -100.0, None]
+    e_steps = [[-100.002, -100.005], [-100.008, -99.99], [-99.995, -100.01 + 0.5 / H],
+               [None, -100.009], [-100.005, -100.005]]
+    return [{"conf_id": i + 1, "smiles": "C", "n_atoms": 5, "e0": e, "e_opt": -100.01,
+             "steps": [1, 8], "energy_dft": s, "energy_mse_kcal_mol2": [1.0 * (i + 1), 0.5],
+             "forces_mse_kcal_mol_A2": [2.0, 1.0], "failures": []}
+            for i, (e, s) in enumerate(zip(e0, e_steps))]
+
+
+def methane(conf_id, **info):
+    return data.Conformation(numbers=np.array([6, 1, 1, 1, 1]), positions=np.zeros((5, 3)),
+                             id=conf_id, optimal_energy=-100.01, info=info)
+
+
+def test_summary_scores_no_e0_as_diverged_skips_unconverged_references_and_is_order_free(tmp_path):
+    records = hand_records()
+    # row 6 is in the records (an old run) but its reference optimization ran out of steps
+    records.append({**records[0], "conf_id": 6, "e0": -100.0, "energy_dft": [-100.0, -100.01]})
+    confs = {i: methane(i) for i in range(1, 6)}
+    confs[6] = methane(6, converged=False)
+    confs[7] = methane(7, converged=False)         # never evaluated
+    confs[1] = methane(1, converged=True)
+    s = evaluate.summarize(summary_args(tmp_path), records, confs)
+    assert s["n_conformations"] == 5 and s["n_unconverged_reference"] == 2 and s["n_no_e0"] == 1
+    assert s["pct_div"] == pytest.approx(40.0) and s["pct_div_per_step"] == pytest.approx([60, 40])
+    assert s["pct_mean_per_step"][0] == pytest.approx(-15.0)
+    assert s["pct_T_values"] == pytest.approx([50, 100 * (0.01 - 0.5 / H) / 0.01, 90])
+    assert s["energy_mse_kcal_mol2_per_step"][0]["p50"] == pytest.approx(3.0)
+    for k in evaluate.INTERVAL_METRICS:
+        lo, hi = s[f"{k}_ci95"]
+        assert lo <= s[k] <= hi
+    # the jsonl is in finishing order: the same records in another order, the same summary
+    again = evaluate.summarize(summary_args(tmp_path), records[::-1], confs)
+    assert json.dumps(again) == json.dumps(s)
+    table = evaluate.format_table([("golf", s)])
+    lo, hi = s["pct_div_ci95"]
+    assert f"40.00 [{lo:.2f}, {hi:.2f}]" in table
+    assert "1 conformations without E_0" in table and table.splitlines()[1].split()[-1] == "2"
+
+
+def isomer_rows(tmp_path):
+    """Ethanol and dimethyl ether (both C2H6O) without SMILES, two conformers each (the
+    second ethanol with its atoms in another order), and final.db with NNP 'optima' near
+    the DFT ones."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for smiles in ("CCO", "COC"):
+        mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+        ids = AllChem.EmbedMultipleConfs(mol, numConfs=2, randomSeed=7)
+        AllChem.MMFFOptimizeMoleculeConfs(mol)
+        for k in ids:
+            numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
+            optimum = mol.GetConformer(k).GetPositions()
+            if smiles == "CCO" and k == 1:
+                order = rng.permutation(len(numbers))
+                numbers, optimum = numbers[order], optimum[order]
+            rows.append(data.Conformation(numbers=numbers, positions=optimum + 0.1,
+                                          id=len(rows) + 1, optimal_energy=-150.0,
+                                          optimal_positions=optimum))
+    final = data.connect_for_writing(str(tmp_path / "final.db"))
+    for c in rows:
+        near = c.optimal_positions + rng.normal(scale=0.01, size=c.optimal_positions.shape)
+        data.write_conformation(final, data.Conformation(numbers=c.numbers, positions=near),
+                                conf_id=c.id)
+    return rows
+
+
+def test_cov_mat_tells_isomers_apart_without_smiles(tmp_path):
+    rows = isomer_rows(tmp_path)
+    # before: one formula, one "molecule"
+    assert len({data.molecule_key(c) for c in rows}) == 1
+    keys = [evaluate.molecule_identity(c)[0] for c in rows]
+    assert keys[0] == keys[1] == "perceived:CCO" and keys[2] == keys[3] == "perceived:COC"
+    records = [{"conf_id": c.id} for c in rows]
+    out = evaluate.cov_mat(summary_args(tmp_path), records, {c.id: c for c in rows})
+    assert out["n_molecules"] == 2 and out["n_cov_mat_unidentified"] == 0
+    assert "rdDetermineBonds" in out["molecule_identity"]
+    assert out["cov"] == 100.0 and 0 < out["mat"] < 0.05
+
+
+def test_mmff_minimize_checked_reports_convergence():
+    import oracles
+    mol = Chem.AddHs(Chem.MolFromSmiles("CCCCO"))
+    AllChem.EmbedMolecule(mol, randomSeed=1)
+    conf = data.Conformation(numbers=np.array([a.GetAtomicNum() for a in mol.GetAtoms()]),
+                             positions=mol.GetConformer().GetPositions(), smiles="CCCCO")
+    positions, converged = oracles.mmff_minimize_checked(conf, 2)
+    assert not converged
+    positions, converged = oracles.mmff_minimize_checked(conf)
+    assert converged
+    np.testing.assert_array_equal(positions, oracles.mmff_minimize(conf))
+
+
+def test_figures_put_every_model_in_one_picture(tmp_path):
+    s = evaluate.summarize(summary_args(tmp_path), hand_records(), {})
+    no_nnp = [{"mean": None, "p10": None, "p50": None, "p90": None}]
+    rdkit = {**s, "steps": [8], "pct_mean_per_step": [s["pct_mean"]],
+             "pct_p10_per_step": [40.0], "pct_p90_per_step": [90.0], "pct_div_per_step": [40.0],
+             "energy_mse_kcal_mol2_per_step": no_nnp, "forces_mse_kcal_mol_A2_per_step": no_nnp}
+    figs = evaluate.draw_figures([("golf", s), ("baseline", s), ("rdkit", rdkit)])
+    fig1, fig2, fig3 = (figs[name] for name in evaluate.FIGURES)
+    assert [len(ax.lines) for ax in fig1.axes[:2]] == [2, 2]          # no NNP in the RDKit row
+    assert [len(ax.collections) for ax in fig1.axes[:2]] == [2, 2]    # p10-p90 bands
+    np.testing.assert_allclose(fig1.axes[0].lines[0].get_ydata(), [3.0, 0.5])   # medians
+    assert len(fig2.axes[0].collections) == 3 + 1 + 1     # violins, the mean, p10/p90 marks
+    assert [t.get_text() for t in fig2.axes[0].get_xticklabels()] == ["golf", "baseline", "rdkit"]
+    assert len(fig3.axes[0].lines) == 3 and len(fig3.axes[0].collections) == 3
+    np.testing.assert_allclose(fig3.axes[1].lines[0].get_ydata(), [60.0, 40.0])   # pct_div_t
+    import matplotlib.pyplot as plt
+    for fig in figs.values():
+        plt.close(fig)
+    # a run where everything diverged at T has no pct_t curve, only pct_div_t
+    nan = float("nan")
+    lost = {**s, "pct_mean_per_step": [nan, nan], "pct_p10_per_step": [nan, nan],
+            "pct_p90_per_step": [nan, nan], "pct_T_values": []}
+    figs = evaluate.draw_figures([("lost", lost)])
+    assert len(figs["fig3_pct_over_steps.png"].axes[0].lines) == 0
+    assert len(figs["fig3_pct_over_steps.png"].axes[1].lines) == 1
+    evaluate.save_figures(figs, str(tmp_path / "lost"))
+    # the table task draws them from summary.json files
+    paths = []
+    for name, summary in (("golf", s), ("rdkit", rdkit)):
+        (tmp_path / name).mkdir()
+        paths.append(str(tmp_path / name / "summary.json"))
+        json.dump(summary, open(paths[-1], "w"))
+    evaluate.main(["--task", "table", "--summaries", *paths, "--figures", str(tmp_path / "figs")])
+    assert all(os.path.getsize(tmp_path / "figs" / name) > 0 for name in evaluate.FIGURES)
+
+
+def test_table_task_names_a_missing_summary_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        evaluate.main(["--task", "table", "--summaries", str(tmp_path / "nope" / "summary.json")])
+    assert "nope/summary.json: not a readable summary.json" in str(err.value)
+    assert "\n" not in str(err.value)

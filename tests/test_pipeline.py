@@ -2,7 +2,9 @@
 molecules: make_trajectories -> train_baseline -> golf (K = 10) -> evaluate."""
 import json
 import os
+import shutil
 
+import ase.db
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,10 @@ def test_evaluate_end_to_end(stages):
         assert summary["pct_success"] == pytest.approx(100 * (e_res[ok] < 1).mean())
         assert summary["pct_success_all"] == pytest.approx(100 * (e_res[ok] < 1).sum() / 4)
     assert summary["cov"] is not None and 0 <= summary["cov"] <= 100 and summary["mat"] >= 0
+    # make_trajectories' optima converged (key converged True): all scored; 95 % intervals
+    assert summary["n_unconverged_reference"] == 0 and summary["n_no_e0"] == 0
+    lo, hi = summary["pct_div_ci95"]
+    assert lo <= summary["pct_div"] <= hi
     # E_0 came from the db, E_T from Psi4 at the final conformation in final.db
     test_confs = {c.id: c for c in data.read_db(test, "total")[0]}
     assert all(r["e0"] == test_confs[r["conf_id"]].energy for r in records)
@@ -104,11 +110,24 @@ def test_evaluate_end_to_end(stages):
     # a rerun finds everything done and writes the same summary
     evaluate.main(argv)
     assert json.load(open(out / "summary.json")) == summary
-    # the RDKit row and the prediction task
-    evaluate.main(["--model", "rdkit", "--db", test, "--out_dir", str(root / "eval_rdkit"),
-                   "--timelimit_eval", "8", *ORACLE])
+    # the RDKit row and the prediction task; the RDKit row on a copy of the test db where
+    # one reference optimization ran out of steps: that row is neither evaluated nor scored
+    unconverged = str(root / "test_unconverged.db")
+    shutil.copy(test, unconverged)
+    with ase.db.connect(unconverged) as db:
+        db.update(min(test_confs), converged=False)
+    evaluate.main(["--model", "rdkit", "--db", unconverged, "--out_dir",
+                   str(root / "eval_rdkit"), "--timelimit_eval", "8", *ORACLE])
     rd = json.load(open(root / "eval_rdkit" / "summary.json"))
-    assert rd["n_conformations"] == 4 and rd["steps"] == [8]
+    assert rd["n_conformations"] == 3 and rd["n_unconverged_reference"] == 1
+    assert rd["steps"] == [8]
+    rd_records = evaluate.read_records(root / "eval_rdkit" / "per_conformation.jsonl")
+    assert sorted(r["conf_id"] for r in rd_records) == sorted(test_confs)[1:]
+    assert rd["n_mmff_unconverged"] == sum(r["mmff_converged"] is False for r in rd_records)
+    # Table 2 and Figures 1-3 of both rows
+    evaluate.main(["--task", "table", "--summaries", str(out / "summary.json"),
+                   str(root / "eval_rdkit" / "summary.json"), "--figures", str(root / "figs")])
+    assert all(os.path.getsize(root / "figs" / name) > 0 for name in evaluate.FIGURES)
     evaluate.main(["--task", "prediction", "--checkpoint", str(root / "baseline" / "checkpoint.pt"),
                    "--db", test, "--out_dir", str(root / "pred")])
     pred = json.load(open(root / "pred" / "summary.json"))
