@@ -802,7 +802,8 @@ class DaskOraclePool:
 
 def check_settings(n_workers, threads, timeout, retries, max_opt_steps, method):
     if is_xtb(method) and method.strip().lower() not in XTB_METHODS:
-        raise OracleError(f"--oracle_method {method}: tblite has {', '.join(XTB_METHODS)}")
+        raise OracleError(f"--oracle_method {method} is not a tblite method; use "
+                          f"{' or '.join(XTB_METHODS)}")
     for name, value, low in (("--n_workers", n_workers, 1), ("--psi4_threads", threads, 1),
                              ("--oracle_retries", retries, 0),
                              ("--max_opt_steps", max_opt_steps, 1)):
@@ -817,8 +818,8 @@ def add_oracle_args(parser):
     group = parser.add_argument_group("genuine oracle (Psi4, or GFN2-xTB in tblite)")
     group.add_argument("--oracle_method", default=DEFAULT_METHOD,
                        help="Psi4 method/basis (default: %(default)s, the paper's level), "
-                            "or gfn2-xtb (GFN2-xTB in tblite, ~0.03 s per gradient of a "
-                            "drug-like molecule; also gfn1-xtb)")
+                            "or gfn2-xtb (GFN2-xTB in tblite, tens of ms per gradient of "
+                            "a drug-like molecule; also gfn1-xtb)")
     group.add_argument("--psi4_threads", type=int, default=1,
                        help="threads per Psi4 or xTB job (OMP_NUM_THREADS)")
     group.add_argument("--psi4_memory", default="2 GB",

@@ -389,7 +389,7 @@ def test_xtb_impossible_inputs_come_back_as_failure_records(xtb_pool):
                                  psi4_options={"max-iter": 2}) as pool:   # SCC out of cycles
         r = pool.submit(embedded("CCO"), 0).result()
     assert not r.ok and "SCF not converged in 2" in r.reason
-    with pytest.raises(oracles.OracleError, match="gfn2-xtb, gfn1-xtb"):
+    with pytest.raises(oracles.OracleError, match="not a tblite method; use gfn2-xtb or gfn1-xtb"):
         oracles.LocalOraclePool("gfn0-xtb", n_workers=1)
 
 
