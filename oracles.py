@@ -731,9 +731,9 @@ class DaskOraclePool:
     """Psi4 (or xTB) jobs on a Dask cluster: `dask scheduler` on one machine, and on every
     machine with this repo and Psi4 (or tblite), from the repo directory, `PYTHONPATH=.
     dask worker tcp://HOST:8786 --nthreads N` (N jobs at a time, each with `threads`
-    threads). Each task starts a worker process (~0.6 s with Psi4, ~0.2 s with tblite),
-    negligible next to a DFT job but several xTB gradients: for xTB single points, the
-    local pool is the faster one. Same
+    threads). Each task starts a worker process (~0.6 s, Psi4 or tblite), negligible next
+    to a DFT job but ~10-50 xTB gradients: send xTB single points to the local pool, and
+    to Dask only optimizations or more cores than this machine has. Same
     arguments and API as LocalOraclePool; scratch is each Dask worker's $PSI_SCRATCH or /tmp."""
 
     def __init__(self, scheduler, method=DEFAULT_METHOD, threads=1, memory="2 GB",
