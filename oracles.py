@@ -5,11 +5,11 @@ GOLF (Tsypin et al., ICLR 2024) improves an NNP with conformations labelled by t
 oracle*, the DFT method of the training data: wB97X-D/def2-SVP in Psi4, as nablaDFT. One
 call costs CPU-minutes (the paper spent ~80 CPU-years), so nothing it computes may be lost
 and one bad job (a segfault, an SCF that does not converge, a job that never ends) must
-never stop a run. GFN2-xTB (tight-binding DFT, Bannwarth et al. 2019) in tblite is a
-genuine oracle too, ~100 times cheaper than HF/STO-3G (benchmarks/oracle_pool.py), with
-geometries close to DFT's: method names starting with "gfn" run in tblite, every other
-method in Psi4, through the same pool. The *surrogate oracle*, MMFF94 at tens of
-microseconds per energy, is the cheap one.
+never stop a run. GFN2-xTB (semiempirical tight binding, Bannwarth et al. 2019) in
+tblite is a genuine oracle too, hundreds of times cheaper than HF/STO-3G
+(benchmarks/oracle_cost.py), with geometries close to DFT's: method names starting with
+"gfn" run in tblite, every other method in Psi4, through the same pool. The *surrogate
+oracle*, MMFF94 at tens of microseconds per energy, is the cheap one.
 
 Genuine oracle
 --------------
@@ -25,10 +25,9 @@ Genuine oracle
 A failure (worker death, timeout, SCF non-convergence, element without basis functions, ...)
 is an OracleResult with ok=False and a reason, never an exception. Each job runs in a
 persistent worker process that imported Psi4 (or tblite) once; a watchdog thread in the
-parent kills a
-worker whose job runs past `timeout` and starts a new one. A failed job is retried
-`retries` times. With Dask, each task runs its job the same way, in a child process of the
-Dask worker, so a segfault never takes the Dask worker down.
+parent kills a worker whose job runs past `timeout` and starts a new one. A failed job is
+retried `retries` times. With Dask, each task runs its job the same way, in a child
+process of the Dask worker, so a segfault never takes the Dask worker down.
 
 Psi4 in this process (what the workers call): psi4_gradient, psi4_optimize (optking).
 xTB in this process: xtb_gradient, xtb_optimize (ASE's BFGS in Cartesian coordinates,
@@ -69,15 +68,17 @@ DEFAULT_METHOD = "wb97x-d/def2-svp"   # the paper's level of theory, and nablaDF
 KINDS = ("gradient", "optimize")
 XTB_METHODS = {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB"}   # --oracle_method -> tblite
 # SCC convergence of tblite (1 is its default; smaller is tighter). xtb pairs 0.2 and 0.05
-# with gradient thresholds around Psi4's 3e-4 Hartree/Bohr ("tight", "vtight"); 0.1 keeps
-# the gradient ~1e-7 Hartree/Bohr from its converged value, for ~15% more time than 1.
+# with gradient thresholds around Psi4's 3e-4 Hartree/Bohr ("tight", "vtight"). Measured
+# on 34 atoms: 0.1 keeps the gradient within 2e-8 Hartree/Bohr of its converged value
+# (1: 3e-6), for ~15% more time than 1.
 XTB_ACCURACY = 0.1
 # Optimizations stop when every atom's force is below Psi4's default (QCHEM) max force,
 # 3e-4 Hartree/Bohr = 3e-4 * 27.2114 eV / 0.529177 A = 0.0154 eV/A. ASE compares each
 # atom's force norm, Psi4 the largest internal-coordinate force: ours is the tighter test.
 XTB_MAX_FORCE = 3e-4            # Hartree/Bohr
 # Most gradients of an optimization (--max_opt_steps): optking's internal coordinates
-# need ~20-50 steps on drug-like molecules, ASE's Cartesian BFGS ~100-200.
+# need ~20-50 steps on drug-like molecules, ASE's Cartesian BFGS 95-320 (30-40 atoms,
+# benchmarks/oracle_cost.py).
 DEFAULT_MAX_OPT_STEPS = {"psi4": 100, "xtb": 500}
 
 
@@ -839,8 +840,8 @@ def add_oracle_args(parser):
     group.add_argument("--max_opt_steps", type=int, default=None,
                        help="most steps (gradients) of an optimization (default: 100 for "
                             "Psi4, as geom_maxiter, whose own 50 is short for drug-like "
-                            "molecules from ETKDG; 500 for xTB, whose Cartesian BFGS takes "
-                            "~100-200)")
+                            "molecules from ETKDG; 500 for xTB, whose Cartesian BFGS took "
+                            "95-320 on 30-40 atoms)")
     return parser
 
 
