@@ -76,9 +76,9 @@ XTB_ACCURACY = 0.1
 # 3e-4 Hartree/Bohr = 3e-4 * 27.2114 eV / 0.529177 A = 0.0154 eV/A. ASE compares each
 # atom's force norm, Psi4 the largest internal-coordinate force: ours is the tighter test.
 XTB_MAX_FORCE = 3e-4            # Hartree/Bohr
-# Most gradients of an optimization (--max_opt_steps): optking's internal coordinates
-# need ~20-50 steps on drug-like molecules, ASE's Cartesian BFGS 95-320 (30-40 atoms,
-# benchmarks/oracle_cost.py).
+# Most gradients of an optimization (--max_opt_steps): optking works in internal
+# coordinates (its own limit is 50 steps), ASE's BFGS in Cartesian ones, and took 95-320
+# steps on molecules of 30-40 atoms from ETKDG (NOTES_xtb.md).
 DEFAULT_MAX_OPT_STEPS = {"psi4": 100, "xtb": 500}
 
 
