@@ -215,7 +215,8 @@ def xtb_optimize(method, numbers, positions, charge, multiplicity, options, max_
     drug-like molecules. Calls on_step for every gradient (see XTBCalculator). Returns
     (converged, message); running out of steps is converged=False, not an error."""
     from ase.optimize import BFGS    # imports scipy (~0.5 s): only workers that optimize
-    atoms = Atoms(numbers=np.asarray(numbers), positions=np.asarray(positions, dtype=np.float64))
+    atoms = Atoms(numbers=np.asarray(numbers),
+                  positions=np.asarray(positions, dtype=np.float64))
     atoms.calc = XTBCalculator(
         xtb_calculator(method, numbers, positions, charge, multiplicity, options), on_step)
     optimizer = BFGS(atoms, logfile=None)

@@ -383,7 +383,8 @@ def test_xtb_impossible_inputs_come_back_as_failure_records(xtb_pool):
     doublet_water = xtb_pool.submit(CRAWFORD_WATER, 1, multiplicity=2).result()
     oganesson = xtb_pool.submit(Conformation(np.array([118]), np.zeros((1, 3))), 2).result()
     for r in (doublet_water, oganesson):
-        assert not r.ok and r.energy is None and r.attempts == 2 and "TBLiteRuntimeError" in r.reason
+        assert not r.ok and r.energy is None and r.attempts == 2
+        assert "TBLiteRuntimeError" in r.reason
     assert "not compatible" in doublet_water.reason and "Z >86" in oganesson.reason
     with oracles.LocalOraclePool(XTB, n_workers=1, retries=0,
                                  psi4_options={"max-iter": 2}) as pool:   # SCC out of cycles
