@@ -1,17 +1,18 @@
-"""Overhead of the oracle pool per Psi4 job.
+"""Overhead of the oracle pool per Psi4 (or xTB) job.
 
-`--jobs` gradients of one small molecule at HF/STO-3G, each way in turn (interleaved, so
-that a change of machine load hits all alike):
-    bare    psi4.gradient in this process (oracles.psi4_gradient), as a worker runs it
+`--jobs` gradients of one small molecule at HF/STO-3G (or --method gfn2-xtb), each way in
+turn (interleaved, so that a change of machine load hits all alike):
+    bare    psi4.gradient in this process (oracles.psi4_gradient), as a worker runs it;
+            for xTB, oracles.xtb_gradient
     pool    LocalOraclePool with one worker: submit() -> result(), one job at a time
     dask    (--dask) DaskOraclePool on a one-worker LocalCluster, one job at a time
-            (each task also starts its own Psi4 process)
+            (each task also starts its own Psi4 or tblite process)
 Prints the median time per job and its difference to the bare call. That difference
 also holds Psi4's own speed, which varies by a few percent from process to process; the
 pool's machinery alone (pipes, pickling, the watchdog thread, unit conversion) is the
 round trip minus the time the worker took (OracleResult.seconds), printed too.
 
-    python benchmarks/oracle_pool.py [--jobs 20] [--smiles CCO] [--dask]
+    python benchmarks/oracle_pool.py [--jobs 20] [--smiles CCO] [--dask] [--method gfn2-xtb]
 """
 import argparse
 import atexit
@@ -34,8 +35,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import oracles  # noqa: E402
 from data import Conformation  # noqa: E402
-
-METHOD = "hf/sto-3g"
 
 
 def conformation(smiles):
@@ -65,22 +64,30 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--smiles", default="CCO")
     parser.add_argument("--dask", action="store_true", help="also time the Dask back end")
+    parser.add_argument("--method", default="hf/sto-3g", help="a Psi4 method, or gfn2-xtb")
     args = parser.parse_args(argv)
+    method = args.method
+    bare_name = "bare xtb_gradient" if oracles.is_xtb(method) else "bare psi4.gradient"
 
     conf = conformation(args.smiles)
     charge, multiplicity = oracles.charge_and_multiplicity(conf.numbers, conf.smiles)
-    psi4 = bare_psi4()
+    if oracles.is_xtb(method):
+        def bare_job():                              # what an xTB worker does per job
+            oracles.xtb_gradient(method, conf.numbers, conf.positions, charge, multiplicity, {})
+    else:
+        psi4 = bare_psi4()
 
-    def bare_job():                                  # what a worker does per job
-        psi4.core.clean_options()
-        psi4.set_options({"reference": "rhf"})
-        oracles.psi4_gradient(psi4, METHOD, conf.numbers, conf.positions, charge, multiplicity)
-        psi4.core.clean()
-        return None
+        def bare_job():                              # what a worker does per job
+            psi4.core.clean_options()
+            psi4.set_options({"reference": "rhf"})
+            oracles.psi4_gradient(psi4, method, conf.numbers, conf.positions, charge,
+                                  multiplicity)
+            psi4.core.clean()
+            return None
 
     with ExitStack() as stack:
-        ways = {"bare psi4.gradient": bare_job}
-        pool = stack.enter_context(oracles.LocalOraclePool(METHOD, n_workers=1))
+        ways = {bare_name: bare_job}
+        pool = stack.enter_context(oracles.LocalOraclePool(method, n_workers=1))
         ways["LocalOraclePool"] = lambda: pool.submit(conf, 0).result()
         if args.dask:
             from dask.distributed import LocalCluster
@@ -88,7 +95,7 @@ def main(argv=None):
                 n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                 dashboard_address=None))
             dask_pool = stack.enter_context(oracles.DaskOraclePool(cluster.scheduler_address,
-                                                                   METHOD))
+                                                                   method))
             ways["DaskOraclePool"] = lambda: dask_pool.submit(conf, 0).result()
         for job in ways.values():                    # warm-up
             job()
@@ -102,12 +109,12 @@ def main(argv=None):
                 if name == "LocalOraclePool":
                     machinery.append(times[name][-1] - result.seconds)
 
-    bare = np.median(times["bare psi4.gradient"])
-    print(f"{args.jobs} gradients of {args.smiles} ({conf.n_atoms} atoms), {METHOD}, "
+    bare = np.median(times[bare_name])
+    print(f"{args.jobs} gradients of {args.smiles} ({conf.n_atoms} atoms), {method}, "
           "1 thread; median per job:")
     for name, values in times.items():
         line = f"  {name:20s} {1e3 * np.median(values):7.1f} ms"
-        if name != "bare psi4.gradient":
+        if name != bare_name:
             line += f"   {1e3 * (np.median(values) - bare):+6.1f} ms against bare"
         print(line)
     print(f"  LocalOraclePool machinery outside the worker: {1e3 * np.median(machinery):.2f} ms "
