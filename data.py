@@ -425,6 +425,9 @@ def read_spice(path, subset="pubchem"):
                 raise DataError(f"{path}, group {name!r}: no {', '.join(missing)}; expected "
                                 "SPICE's layout, downloaded with dft_total_energy and "
                                 "dft_total_gradient")
+            if subset and "subset" not in group:
+                raise DataError(f"{path}, group {name!r}: no subset to select "
+                                f"{subset!r} by; pass --spice_subset '' to keep every group")
             group_subset = group["subset"].asstr()[0] if "subset" in group else ""
             if subset and subset.lower() not in group_subset.lower():
                 skipped["other subset"] = skipped.get("other subset", 0) + 1

@@ -161,3 +161,25 @@ def test_bad_input_is_one_clear_line(spice_file, tmp_path, capsys):
     rc, _, _, _ = make(spice_file[0], tmp_path / "big", "--n_test_molecules", "30")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "only 5 SPICE molecules without P or I" in err[0]
+
+
+def test_a_file_without_subsets_needs_spice_subset_empty(tmp_path, capsys):
+    path = str(tmp_path / "no_subset.hdf5")
+    with h5py.File(path, "w") as f:
+        for name in ("1", "2"):
+            g = f.create_group(name)
+            g.create_dataset("smiles", data=["[H:1][O:3][H:2]"], dtype=h5py.string_dtype())
+            g.create_dataset("atomic_numbers", data=np.array([1, 1, 8], dtype=np.int16))
+            g.create_dataset("conformations", data=np.ones((2, 3, 3)))
+            g.create_dataset("dft_total_energy", data=np.zeros(2))
+            g.create_dataset("dft_total_gradient", data=np.zeros((2, 3, 3)))
+    rc, _, _, _ = make(path, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "pass --spice_subset ''" in err[0]
+    out, out_test = str(tmp_path / "a.db"), str(tmp_path / "b.db")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert make_trajectories.main(["--spice", path, "--out", out, "--out_test", out_test,
+                                       "--n_train_molecules", "1", "--n_test_molecules", "1",
+                                       "--spice_subset", ""]) == 0
+    # two conformations: index 0 and 1 are both below 25, so high-energy; none low
+    assert ase.db.connect(out).count() == 2 and ase.db.connect(out_test).count() == 0
