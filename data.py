@@ -317,3 +317,169 @@ class ReplayBuffer:
         idx1 = self.rng.integers(len(self.collected), size=batch_size - n0) if n0 < batch_size \
             else []
         return [self.initial[i] for i in idx0] + [self.collected[i] for i in idx1]
+
+
+# ---------------------------------------------------------------------------------------
+# SPICE (Eastman et al., Sci. Data 10, 11 (2023)): the paper's D0^SPICE and D_test^SPICE
+# (Sec. 6.3, App. E, Table 3) from the public HDF5 release (SPICE-*.hdf5)
+# ---------------------------------------------------------------------------------------
+# The release has one group per molecule with `subset`, `smiles` (explicit hydrogens, atom
+# map numbers), `atomic_numbers` [n] (atom k has map number k + 1), `conformations`
+# [M, n, 3] Bohr, `dft_total_energy` [M] Hartree and `dft_total_gradient` [M, n, 3]
+# Hartree/Bohr (openmm/spice-dataset, downloader/README.md).
+#
+# High- and low-energy conformations: the file has no flag for them; its order marks them.
+# For every PubChem molecule SPICE first sampled 25 conformations from molecular dynamics at
+# 500 K (high energy), then made one nearby lower-energy conformation from each, in the
+# same order, by a few minimization steps and 1 ps at 100 K, appended after them
+# (openmm/spice-dataset, pubchem/createPubchem.py, "Create a nearby, lower energy
+# conformation from each one"; README.md: "both low and high energy conformations").
+# submission/submit.py names conformation i of a molecule "<molecule>-<i>" in that order,
+# so conformations 0-24 are the high-energy ones, 25-49 the low-energy ones. The release
+# drops conformations with very large forces (downloader.py, max_force), so a molecule with
+# fewer than 50 may have its split shifted; spice_splits reports how often the first 25
+# have the higher mean energy, which checks this order on the real file.
+
+SPICE_METHOD = "wB97M-D3BJ/def2-TZVPPD"     # SPICE's level; nablaDFT's is wB97X-D/def2-SVP
+SPICE_N_HIGH = 25                            # conformations 0..24 of a molecule: 500 K MD
+SPICE_DROP_ELEMENTS = (15, 53)               # P and I (App. E; nablaDFT has neither)
+# The free neutral atoms at SPICE's level (Psi4 1.5, UHF, lowest of multiplicities 1-4),
+# Hartree, as SPICE's downloader/downloader.py lists them: the per-element references of
+# our metadata (nablaDFT's atomrefs are the same kind of numbers at its own level).
+SPICE_ATOMREFS = {1: -0.4987605100487531, 6: -37.87264507233593, 7: -54.62327513368922,
+                  8: -75.11317840410095, 9: -99.78611622985483, 15: -341.3059197024934,
+                  16: -398.1599636677874, 17: -460.1988762285739, 35: -2574.1167240829964,
+                  53: -297.76228914445625}
+
+
+@dataclass
+class SpiceMolecule:
+    name: str               # the HDF5 group
+    subset: str
+    smiles: str             # ours: heavy atoms in SMILES order, hydrogens added after them
+    numbers: np.ndarray     # [n_atoms] in our order
+    order: np.ndarray       # [n_atoms]: our atom i is the file's atom order[i]
+
+
+def spice_atom_order(mapped_smiles, numbers):
+    """SPICE's mapped explicit-hydrogen SMILES -> (our SMILES, order), where `order[i]` is the
+    file's index of our atom i: heavy atoms in the order of our SMILES, then each one's
+    hydrogens (oracles.rdkit_molecule's layout). None if RDKit cannot read it, or the
+    topology of the result is not the file's (checked bond by bond)."""
+    from rdkit import Chem, RDLogger
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        params = Chem.SmilesParserParams()
+        params.removeHs = False
+        mol = Chem.MolFromSmiles(mapped_smiles, params)
+        if mol is None:
+            return None
+        file_index = [atom.GetAtomMapNum() - 1 for atom in mol.GetAtoms()]
+        bare = Chem.Mol(mol)
+        for atom in bare.GetAtoms():
+            atom.SetAtomMapNum(0)
+        heavy = [a.GetIdx() for a in bare.GetAtoms() if a.GetAtomicNum() != 1]
+        skeleton = Chem.RemoveHs(bare)           # keeps the heavy atoms in their order
+        if skeleton.GetNumAtoms() != len(heavy):
+            return None
+        smiles = Chem.MolToSmiles(skeleton)
+        written = [int(i) for i in skeleton.GetProp("_smilesAtomOutputOrder")[1:-1].split(",")
+                   if i.strip()]
+        ours = [heavy[j] for j in written]                           # mol indices
+        ours += [h.GetIdx() for j in written for h in sorted(
+            mol.GetAtomWithIdx(heavy[j]).GetNeighbors(), key=lambda a: a.GetIdx())
+            if h.GetAtomicNum() == 1]
+        order = np.array([file_index[i] for i in ours])
+        check = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    numbers = np.asarray(numbers)
+    if (len(order) != len(numbers) or sorted(order) != list(range(len(numbers)))
+            or [a.GetAtomicNum() for a in check.GetAtoms()] != numbers[order].tolist()):
+        return None
+    file_bonds = {frozenset((file_index[b.GetBeginAtomIdx()], file_index[b.GetEndAtomIdx()]))
+                  for b in mol.GetBonds()}
+    our_bonds = {frozenset((int(order[b.GetBeginAtomIdx()]), int(order[b.GetEndAtomIdx()])))
+                 for b in check.GetBonds()}
+    return (smiles, order) if our_bonds == file_bonds else None
+
+
+def read_spice(path, subset="pubchem"):
+    """The molecules of a SPICE HDF5 file whose subset name contains `subset` (any case;
+    None: all), without conformations: [SpiceMolecule], and {reason: count} of those left
+    out. Raises DataError with one line for a file that is not in SPICE's layout."""
+    import h5py
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such SPICE HDF5 file")
+    molecules, skipped = [], {}
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{path}: not an HDF5 file ({err})") from None
+    with f:
+        for name in sorted(f):
+            group = f[name]
+            missing = [k for k in ("smiles", "atomic_numbers", "conformations",
+                                   "dft_total_energy", "dft_total_gradient") if k not in group]
+            if missing:
+                raise DataError(f"{path}, group {name!r}: no {', '.join(missing)}; expected "
+                                "SPICE's layout, downloaded with dft_total_energy and "
+                                "dft_total_gradient")
+            if subset and "subset" not in group:
+                raise DataError(f"{path}, group {name!r}: no subset to select "
+                                f"{subset!r} by; pass --spice_subset '' to keep every group")
+            group_subset = group["subset"].asstr()[0] if "subset" in group else ""
+            if subset and subset.lower() not in group_subset.lower():
+                skipped["other subset"] = skipped.get("other subset", 0) + 1
+                continue
+            numbers = np.asarray(group["atomic_numbers"], dtype=np.int64)
+            layout = spice_atom_order(group["smiles"].asstr()[0], numbers)
+            if layout is None:
+                skipped["SMILES RDKit cannot map"] = skipped.get("SMILES RDKit cannot map", 0) + 1
+                continue
+            molecules.append(SpiceMolecule(name, group_subset, layout[0], numbers[layout[1]],
+                                           layout[1]))
+    return molecules, skipped
+
+
+def read_spice_conformations(f, molecule):
+    """[Conformation] of one molecule from the open HDF5 file `f`, in our units and atom
+    order; info: spice_index (its index in the group) and energy_level (high | low)."""
+    group = f[molecule.name]
+    positions = np.asarray(group["conformations"], dtype=np.float64)[:, molecule.order]
+    gradient = np.asarray(group["dft_total_gradient"], dtype=np.float64)[:, molecule.order]
+    energy = np.asarray(group["dft_total_energy"], dtype=np.float64).reshape(-1)
+    return [Conformation(molecule.numbers, positions[i] * BOHR_TO_ANGSTROM,       # Angstrom
+                         energy=float(energy[i]),                                  # Hartree
+                         forces=-gradient[i] / BOHR_TO_ANGSTROM,                   # Hartree/A
+                         smiles=molecule.smiles,
+                         # "spice:" + group: ASE refuses strings that read as numbers
+                         info={"name": f"spice:{molecule.name}", "spice_index": i,
+                               "energy_level": "high" if i < SPICE_N_HIGH else "low"})
+            for i in range(len(energy))]
+
+
+def spice_splits(molecules, n_train, n_test, seed=0):
+    """App. E: molecules with P or I out; the rest shuffled (seeded) into n_train molecules
+    for D0^SPICE and the next n_test for D_test^SPICE. Returns (train, test, n_dropped)."""
+    kept = [m for m in molecules if not np.isin(m.numbers, SPICE_DROP_ELEMENTS).any()]
+    if len(kept) < n_train + n_test:
+        raise DataError(f"only {len(kept)} SPICE molecules without P or I are left, fewer than "
+                        f"--n_train_molecules {n_train} + --n_test_molecules {n_test}; pass "
+                        "smaller numbers")
+    order = np.random.default_rng(seed).permutation(len(kept))
+    train = [kept[i] for i in order[:n_train]]
+    test = [kept[i] for i in order[n_train:n_train + n_test]]
+    return train, test, len(molecules) - len(kept)
+
+
+def spice_test_conformations(confs, rng, per_molecule=None):
+    """D_test^SPICE's conformations of one molecule: as many high- as low-energy ones (the
+    smaller count of the two, at most per_molecule // 2 each), drawn with `rng`."""
+    high = [c for c in confs if c.info["energy_level"] == "high"]
+    low = [c for c in confs if c.info["energy_level"] == "low"]
+    k = min(len(high), len(low))
+    if per_molecule is not None:
+        k = min(k, per_molecule // 2)
+    pick = lambda cs: [cs[i] for i in sorted(rng.choice(len(cs), k, replace=False))]  # noqa
+    return pick(high) + pick(low)

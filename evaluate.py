@@ -2,6 +2,8 @@
 
     python evaluate.py --checkpoint runs/golf/checkpoint.pt --db D_test.db --out_dir runs/eval_golf
     python evaluate.py --model rdkit --db D_test.db --out_dir runs/eval_rdkit      (RDKit row)
+    python evaluate.py --model external --positions other.db --db D_test.db --out_dir ...
+        (any method's final conformations, e.g. Table 2's TD / ConfOpt / Uni-Mol+ rows)
     python evaluate.py --task prediction --checkpoint ... --db labelled.db --out_dir ...
     python evaluate.py --task table --summaries runs/eval_*/summary.json --figures runs/figs
                                                      (Table 2; Figs 1-3 with every model)
@@ -242,6 +244,36 @@ def conf_key(conf):
     return int(conf.id)
 
 
+def read_external_positions(path, confs, db_path):
+    """--model external: {test row id: positions [n_atoms, 3] Angstrom} of the final
+    conformations another method produced. A row of `path` names its test row by its
+    `conf_id` key (the row id in --db, as in our final.db), or, without that key, by its own
+    row id. Every test row needs exactly one conformation with its atoms in its order."""
+    rows, _ = data.read_db(path, "total", verbose=False)
+    by_id = {conf_key(c): c for c in confs}
+    positions = {}
+    for row in rows:
+        key = int(row.info["conf_id"]) if "conf_id" in row.info else int(row.id)
+        if key in positions:
+            raise data.DataError(f"{path}, row {row.id}: a second conformation for test row "
+                                 f"{key}; keep one final conformation per test row")
+        if key not in by_id:
+            raise data.DataError(f"{path}, row {row.id}: conf_id {key} is no row of {db_path}; "
+                                 "conf_id must be the id of the test row it optimizes")
+        if not np.array_equal(row.numbers, by_id[key].numbers):
+            raise data.DataError(f"{path}, row {row.id}: its atoms are not those of test row "
+                                 f"{key} of {db_path} in the same order; write them in the "
+                                 "test row's atom order")
+        positions[key] = row.positions
+    missing = sorted(set(by_id) - set(positions))
+    if missing:
+        raise data.DataError(f"{path}: no conformation for {len(missing)} of {len(by_id)} test "
+                             f"rows of {db_path} (row ids {missing[:5]}"
+                             f"{', ...' if len(missing) > 5 else ''}); add rows with conf_id = "
+                             "the test row id, or evaluate a test db of only the rows it has")
+    return positions
+
+
 def evaluate_optimization(args):
     eval_steps = sorted({int(s) for s in args.eval_steps.split(",") if int(s) <= args.timelimit_eval}
                         | {args.timelimit_eval})
@@ -250,6 +282,8 @@ def evaluate_optimization(args):
     if missing:
         raise data.DataError(f"{args.db}, row {missing[0]}: no optimal_energy; make the test db "
                              "with make_trajectories.py --mode optimize")
+    if args.model == "external":     # checked before anything is written
+        external = read_external_positions(args.positions, confs, args.db)
     records_path = os.path.join(args.out_dir, "per_conformation.jsonl")
     done = set()
     if os.path.exists(records_path):
@@ -265,6 +299,9 @@ def evaluate_optimization(args):
             positions, converged = oracles.mmff_minimize_checked(c, args.mmff_max_iters)
             c = dataclasses.replace(c, info={**c.info, "mmff_converged": converged})
             steps_of.append((c, {eval_steps[-1]: positions}, {}))
+        eval_steps = [eval_steps[-1]]
+    elif args.model == "external":   # the genuine oracle at s_T only: no trajectory to score
+        steps_of = [(c, {eval_steps[-1]: external[conf_key(c)]}, {}) for c in todo]
         eval_steps = [eval_steps[-1]]
     else:
         model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
@@ -359,7 +396,8 @@ def summarize(args, records, confs_by_id):
         return {"mean": float(v.mean()),
                 **{f"p{q}": float(np.percentile(v, q)) for q in (10, 50, 90)}}
 
-    summary = {"model": args.model if args.model == "rdkit" else args.checkpoint,
+    model_name = {"rdkit": "rdkit", "external": f"external:{args.positions}"}
+    summary = {"model": model_name.get(args.model, args.checkpoint),
                "db": args.db, "n_conformations": len(records),
                "n_unconverged_reference": len(unconverged),   # not scored (not in n)
                "n_no_e0": final["n_no_e0"],                 # oracle failed at s_0: diverged
@@ -585,8 +623,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=("optimization", "prediction", "table"), default="optimization")
     p.add_argument("--checkpoint", help="our checkpoint.pt or an official NNP_checkpoint_actor")
-    p.add_argument("--model", choices=("nnp", "rdkit"), default="nnp",
-                   help="rdkit: the paper's RDKit row (MMFF minimization, then the oracle)")
+    p.add_argument("--model", choices=("nnp", "rdkit", "external"), default="nnp",
+                   help="rdkit: the paper's RDKit row (MMFF minimization, then the oracle); "
+                        "external: the final conformations in --positions")
+    p.add_argument("--positions", help="--model external: ASE db of another method's final "
+                                       "conformations, one per test row, key conf_id = the "
+                                       "test row's id in --db")
     p.add_argument("--db", help="test db: rows with optimal_energy (and optimal_positions)")
     p.add_argument("--out_dir", help="summary.json, per_conformation.jsonl, final.db, plots")
     p.add_argument("--timelimit_eval", type=int, default=100, help="T: NNP-optimization steps")
@@ -609,7 +651,7 @@ def parse_args(argv=None):
     p.add_argument("--figures", help="--task table: folder for Figures 1-3 of all the summaries")
     optimizers.add_optimizer_args(p)
     oracles.add_oracle_args(p)
-    return p.parse_args(argv)
+    return optimizers.parse_args_with_preset(p, argv)   # --optimizer_preset: Table 6
 
 
 def main(argv=None):
@@ -637,6 +679,9 @@ def main(argv=None):
             sys.exit(f"error: --{flag} is required for --task {args.task}")
     if args.model == "nnp" and not args.checkpoint:
         sys.exit("error: --checkpoint is required (or --model rdkit)")
+    if args.model == "external" and not args.positions:
+        sys.exit("error: --model external needs --positions: a db of the method's final "
+                 "conformations, key conf_id = the test row id in --db")
     os.makedirs(args.out_dir, exist_ok=True)
     torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
     if args.task == "prediction":

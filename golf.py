@@ -59,7 +59,7 @@ def parse_args(argv=None):
     add_training_args(p, total_steps=None)
     optimizers.add_optimizer_args(p)
     oracles.add_oracle_args(p)
-    args = p.parse_args(argv)
+    args = optimizers.parse_args_with_preset(p, argv)   # --optimizer_preset: Table 6
     args.total_steps = args.max_oracle_steps * args.utd_ratio   # the schedule spans K * U
     return args
 

@@ -6,6 +6,8 @@ Tsypin et al. (ICLR 2024) train NNPs on conformations labelled with DFT energies
                          step (D_traj-K: --max_conformations K stops at K rows),
                          and each start with its optimum (--out_optimal)    -> D-test-type db
     --mode mmff          MMFF94-minimize every conformation, then label it  -> D_rdkit db
+    --spice FILE         no oracle: SPICE's own labels -> D0^SPICE (--out) and D_test^SPICE
+                         (--out_test) as the paper splits them (Sec. 6.3, App. E; make_spice)
 
 Conformations come from a SMILES file (RDKit ETKDGv3, as nablaDFT made its conformations;
 `SMILES [name]` per line, # starts a comment) or from an existing db (--db); --min_atoms /
@@ -69,6 +71,20 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--smiles", help="SMILES file, one molecule per line ('SMILES [name]')")
     source.add_argument("--db", help="ASE db of conformations to label")
+    source.add_argument("--spice", help="SPICE HDF5 release (SPICE-*.hdf5): write D0^SPICE to "
+                                        "--out and D_test^SPICE to --out_test, no oracle")
+    spice = parser.add_argument_group("--spice (App. E)")
+    spice.add_argument("--out_test", help="D_test^SPICE db")
+    spice.add_argument("--n_train_molecules", type=int, default=3500,
+                       help="molecules of D0^SPICE (default: %(default)s)")
+    spice.add_argument("--n_test_molecules", type=int, default=7000,
+                       help="other molecules, of D_test^SPICE (default: %(default)s)")
+    spice.add_argument("--spice_subset", default="pubchem",
+                       help="keep groups whose subset contains this (default: %(default)s, "
+                            "SPICE's drug-like molecules; '' keeps all)")
+    spice.add_argument("--spice_test_conformations", type=int, default=None,
+                       help="at most N conformations of a test molecule, half high- and half "
+                            "low-energy (default: all, balanced)")
     parser.add_argument("--conformers_per_molecule", type=int, default=1,
                         help="ETKDGv3 conformations per SMILES line (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=42, help="ETKDG seed (plus line number)")
@@ -97,6 +113,8 @@ def parse_args(argv=None):
                  "mmff_max_iters", "min_atoms", "max_atoms"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.spice and not args.out_test:
+        parser.error("--spice needs --out_test (the D_test^SPICE db)")
     if args.skip_molecules < 0:
         parser.error("--skip_molecules must be at least 0")
     if args.out_optimal and args.mode != "optimize":
@@ -294,7 +312,77 @@ def atomrefs_for(args, elements):
         return None
 
 
+def make_spice(args):
+    """D0^SPICE: the high-energy conformations of --n_train_molecules molecules; D_test^SPICE:
+    high- and low-energy conformations in equal parts of --n_test_molecules others (App. E;
+    data.py's SPICE section says how the release marks them). No oracle runs: the labels are
+    SPICE's, at wB97M-D3BJ/def2-TZVPPD, not nablaDFT's wB97X-D/def2-SVP; data that GOLF adds
+    and D_test's optima must come from the same level (--oracle_method of the next stages).
+    conf_id = 1000 * (the molecule's index among the file's groups, sorted) + its index in
+    the group; a rerun skips molecules already written."""
+    import h5py
+    molecules, skipped = data.read_spice(args.spice, args.spice_subset or None)
+    train, test, n_dropped = data.spice_splits(molecules, args.n_train_molecules,
+                                               args.n_test_molecules, args.seed)
+    print(f"{args.spice}: {len(molecules)} molecules read, {n_dropped} with P or I dropped, "
+          + ", ".join(f"{n} left out ({why})" for why, n in skipped.items()))
+    elements = {int(z) for m in train + test for z in m.numbers}
+    atomrefs = {z: e for z, e in data.SPICE_ATOMREFS.items() if z in elements}
+    if set(atomrefs) != elements:
+        print(f"warning: SPICE lists no free-atom energy for elements "
+              f"{sorted(elements - set(atomrefs))}; training fits references by least squares",
+              file=sys.stderr)
+        atomrefs = None
+    with h5py.File(args.spice, "r") as f:
+        index = {name: i for i, name in enumerate(sorted(f))}
+        rng = np.random.default_rng(args.seed)
+        n_higher = n_pairs = 0           # checks SPICE's order: the first 25 are higher
+        for path, split, molecules_of in ((args.out, "D0^SPICE", train),
+                                          (args.out_test, "D_test^SPICE", test)):
+            metadata = {"method": data.SPICE_METHOD, "source": os.path.basename(args.spice),
+                        "seed": args.seed, "split": split, "subset": args.spice_subset,
+                        "level_note": "SPICE's labels (wB97M-D3BJ/def2-TZVPPD, Psi4 1.5), not "
+                                      "nablaDFT's wB97X-D/def2-SVP: label new data at this level"}
+            db = data.connect_for_writing(path, atomrefs=atomrefs, **metadata)
+            for key in ("source", "seed", "split"):
+                if db.metadata.get(key) != metadata[key]:
+                    raise data.DataError(f"{path} was made with another {key} "
+                                         f"({db.metadata.get(key)}); write to a new file")
+            done = {row.get("conf_id") // 1000 for row in db.select(include_data=False)}
+            n_rows = 0
+            for molecule in tqdm(molecules_of, desc=split, unit="mol", dynamic_ncols=True):
+                confs = data.read_spice_conformations(f, molecule)
+                high = [c.energy for c in confs if c.info["energy_level"] == "high"]
+                low = [c.energy for c in confs if c.info["energy_level"] == "low"]
+                if high and low:
+                    n_pairs += 1
+                    n_higher += np.mean(high) > np.mean(low)
+                if split == "D0^SPICE":
+                    confs = [c for c in confs if c.info["energy_level"] == "high"]
+                else:
+                    confs = data.spice_test_conformations(confs, rng, args.spice_test_conformations)
+                if index[molecule.name] in done:
+                    continue
+                with db:                                   # a molecule is one transaction
+                    for c in confs:
+                        data.write_conformation(db, c, conf_id=1000 * index[molecule.name]
+                                                + c.info["spice_index"], **c.info)
+                n_rows += len(confs)
+            print(f"{path}: {split}, {len(molecules_of)} molecules, {n_rows} rows written now, "
+                  f"{db.count()} in all")
+    if n_pairs:
+        print(f"check of SPICE's order: conformations 0-{data.SPICE_N_HIGH - 1} have the higher "
+              f"mean energy in {100 * n_higher / n_pairs:.1f}% of {n_pairs} molecules")
+    print(f"labels: SPICE's level {data.SPICE_METHOD}, not nablaDFT's wB97X-D/def2-SVP. Label "
+          "new data at the same level: --oracle_method wb97m-d3bj/def2-tzvppd for golf.py and "
+          f"for the optima of the test set: make_trajectories.py --db {args.out_test} "
+          "--mode optimize --out ... --out_optimal ...")
+    return 0
+
+
 def make(args):
+    if args.spice:
+        return make_spice(args)
     # the input first: a bad one must not leave an output db behind
     if args.smiles:
         lines = []

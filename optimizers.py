@@ -43,7 +43,8 @@ API
     opt = make_optimizer(name, positions, batch, n_slots, lr=None, max_iter=5, history=100,
                          max_step=None, grad_threshold=1e-5, model_dtype=None)
     add_optimizer_args(parser)        # --conf_opt --conf_opt_lr --max_iter --lbfgs_history
-                                      # --max_step --grad_threshold
+                                      # --max_step --grad_threshold --optimizer_preset
+    args = parse_args_with_preset(parser, argv)   # Table 6's values unless given explicitly
 
     opt.step(energy_and_forces)       # s_t -> s_{t+1} for every active, unconverged slot
     opt.replace(k, positions_k)       # new molecule [n_k, 3] in slot k, fresh state, active
@@ -486,8 +487,38 @@ def make_optimizer(name, positions, batch, n_slots=None, lr=None, max_iter=5, hi
     return BatchedSGD(positions, batch, n_slots, momentum=0.9, **common)
 
 
+# Appendix B, Table 6: GOLF with each optimizer. 2e5 NNP updates = K * U with U = 20, so
+# K = 1e4; T_train / T_eval and the rate per optimizer; SGD's momentum 0.9 is make_optimizer's.
+# A preset fills these flags; a flag given on the command line wins (parse_args_with_preset).
+OPTIMIZER_PRESETS = {
+    "golf-lbfgs": dict(conf_opt="lbfgs", conf_opt_lr=1.0, timelimit_train=100,
+                       timelimit_eval=100, max_oracle_steps=10_000, utd_ratio=20),
+    "golf-adam": dict(conf_opt="adam", conf_opt_lr=5e-3, timelimit_train=200,
+                      timelimit_eval=500, max_oracle_steps=10_000, utd_ratio=20),
+    "golf-sgd": dict(conf_opt="sgd", conf_opt_lr=5e-3, timelimit_train=200,
+                     timelimit_eval=500, max_oracle_steps=10_000, utd_ratio=20),
+}
+
+
+def parse_args_with_preset(parser, argv=None):
+    """parser.parse_args, with --optimizer_preset's values in place of the defaults: argparse
+    sets a default only on a namespace attribute that is not there yet, so the preset's
+    values stay unless the command line names the flag. Only the parser's own flags are
+    filled (golf.py has no --timelimit_eval, evaluate.py no --timelimit_train)."""
+    name = parser.parse_known_args(argv)[0].optimizer_preset
+    if name is None:
+        return parser.parse_args(argv)
+    flags = {action.dest for action in parser._actions}
+    preset = {k: v for k, v in OPTIMIZER_PRESETS[name].items() if k in flags}
+    return parser.parse_args(argv, namespace=argparse.Namespace(**preset))
+
+
 def add_optimizer_args(parser):
     """The shared command-line flags of the conformation optimizer."""
+    parser.add_argument("--optimizer_preset", choices=sorted(OPTIMIZER_PRESETS), default=None,
+                        help="Table 6 (App. B): GOLF-LBFGS / GOLF-Adam / GOLF-SGD-momentum's "
+                             "optimizer, rate, T_train, T_eval, K = 1e4 and U = 20 (2e5 "
+                             "updates); flags given explicitly override it")
     parser.add_argument("--conf_opt", choices=["lbfgs", "adam", "sgd"], default="lbfgs",
                         help="optimizer of the NNP-optimization (Eq. 3)")
     parser.add_argument("--conf_opt_lr", type=float, default=None,
