@@ -396,8 +396,8 @@ def summarize(args, records, confs_by_id):
         return {"mean": float(v.mean()),
                 **{f"p{q}": float(np.percentile(v, q)) for q in (10, 50, 90)}}
 
-    model_name = {"rdkit": "rdkit", "external": f"external:{args.positions}"}
-    summary = {"model": model_name.get(args.model, args.checkpoint),
+    model_name = {"nnp": args.checkpoint, "rdkit": "rdkit"}.get(args.model)
+    summary = {"model": model_name or f"external:{args.positions}",
                "db": args.db, "n_conformations": len(records),
                "n_unconverged_reference": len(unconverged),   # not scored (not in n)
                "n_no_e0": final["n_no_e0"],                 # oracle failed at s_0: diverged
