@@ -393,13 +393,16 @@ def log_failure(path, conf, conf_id, mode, reason, result=None):
 def atomrefs_for(args, elements):
     """Per-element reference energies for the metadata: free-atom energies at the oracle's
     level (what nablaDFT's atomrefs are; its own values for its level), or those an
-    existing output db already holds."""
+    existing output db, or the --db made with the same --oracle_method, already holds."""
     import painn
     if args.oracle_method.lower().replace(" ", "") == oracles.DEFAULT_METHOD:
         return painn.NABLADFT_ATOMREFS
-    for path in (args.out, args.out_optimal):
+    for path in (args.out, args.out_optimal, args.db):
         if path and os.path.exists(path):
-            refs = data.read_atomrefs(ase.db.connect(path).metadata)
+            metadata = ase.db.connect(path).metadata
+            if path == args.db and metadata.get("method") != args.oracle_method:
+                continue
+            refs = data.read_atomrefs(metadata)
             if refs and set(elements) <= set(refs):
                 return refs
     print(f"atomrefs: energies of the free atoms {sorted(elements)} with {args.oracle_method}")

@@ -348,3 +348,11 @@ def test_rewrite_sorted_puts_rows_in_key_order_and_keeps_everything(tmp_path):
                    (3, 2, 1, "h2", pytest.approx(2.1), -3.0, 1.0)]
     assert db.metadata["method"] == "m" and not os.path.exists(path + ".sorting")
     assert not data.rewrite_sorted(path, make_trajectories.canonical_key)   # already sorted
+
+
+def test_atomrefs_come_from_the_input_db_made_at_the_same_level(d0, tmp_path):
+    args = make_trajectories.parse_args(["--db", d0[0], "--out", str(tmp_path / "t.db"),
+                                         "--oracle_method", METHOD, "--mode", "optimize",
+                                         "--dask_scheduler", "tcp://127.0.0.1:1"])
+    refs = data.read_atomrefs(ase.db.connect(d0[0]).metadata)
+    assert make_trajectories.atomrefs_for(args, {1, 8}) == refs     # no job: no scheduler
