@@ -310,8 +310,9 @@ def open_output(path, args, atomrefs):
              "butina_coverage": "--butina_coverage"}
     for key, flag in flags.items():
         if key in old and old[key] != metadata.get(key):
-            raise data.DataError(f"{path} was made with {flag} {old[key]}, not {metadata[key]}; "
-                                 "rerun with the same flags or write to a new --out")
+            raise data.DataError(f"{path} was made with {flag} {old[key]}, not "
+                                 f"{metadata.get(key)}; rerun with the same flags or write to "
+                                 "a new --out")
     return db
 
 
@@ -500,10 +501,11 @@ def make(args):
         stack.callback(bar.close)
         pool, in_flight = None, {}                    # in_flight: future -> (conf_id, conf)
         while True:
-            # keep every worker busy: about two jobs per worker in flight. No new job once
-            # --out is full (--max_conformations); in single_point and mmff modes (one row
-            # per job) none beyond it. Optimizations running then still finish: their
-            # optima go to --out_optimal, their steps only as far as --out has room.
+            # keep every worker busy: about two jobs per worker in flight. With
+            # --max_conformations K: in single_point and mmff modes (one row per job) no
+            # job beyond K rows; in optimize mode none once the finished head of `order`
+            # holds K steps. Optimizations running then still finish: their optima go to
+            # --out_optimal, their steps to --out until the cut at the end.
             window = 2 * pool.n_parallel if pool is not None else 1
             while len(in_flight) < window:
                 if args.max_conformations is not None and (
