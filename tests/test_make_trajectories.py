@@ -356,3 +356,57 @@ def test_atomrefs_come_from_the_input_db_made_at_the_same_level(d0, tmp_path):
                                          "--dask_scheduler", "tcp://127.0.0.1:1"])
     refs = data.read_atomrefs(ase.db.connect(d0[0]).metadata)
     assert make_trajectories.atomrefs_for(args, {1, 8}) == refs     # no job: no scheduler
+
+
+class DelayedOptimizer:
+    """Control flow only (the real-Psi4 test above checks the chemistry): an 'optimization'
+    of conf_id c has 2 + c % 3 steps, and results arrive after seeded random delays."""
+
+    def __init__(self, seed, n_parallel=3):
+        self.rng, self.n_parallel, self.submitted = np.random.default_rng(seed), n_parallel, []
+
+    def submit(self, conf, conf_id, kind="gradient"):
+        import threading
+        from concurrent.futures import Future
+        self.submitted.append(conf_id)
+        n = 2 + conf_id % 3
+        result = oracles.OracleResult(
+            conf_id, True, kind, energy=-1.0, forces=np.zeros((conf.n_atoms, 3)),
+            trajectory_positions=np.stack([conf.positions + 0.01 * t for t in range(n)]),
+            trajectory_energy=-1.0 - 0.1 * np.arange(n),
+            trajectory_forces=np.zeros((n, conf.n_atoms, 3)), converged=True)
+        future = Future()
+        threading.Timer(float(self.rng.uniform(0, 0.05)), future.set_result, [result]).start()
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_the_k_cut_takes_the_head_of_the_order_whatever_arrives_first(tmp_path, monkeypatch):
+    src = data.connect_for_writing(str(tmp_path / "d0.db"), atomrefs={1: -0.5, 8: -75.0},
+                                   method=METHOD)             # its atomrefs are reused
+    for i in range(8):
+        data.write_conformation(src, data.Conformation(
+            np.array([8, 1, 1]), np.random.default_rng(i).normal(size=(3, 3)), energy=-75.0,
+            forces=np.zeros((3, 3)), smiles="O"), conf_id=i)
+    got = []
+    for seed in (0, 1):
+        pool = DelayedOptimizer(seed)
+        monkeypatch.setattr(make_trajectories.oracles, "make_oracle_pool", lambda args: pool)
+        out = str(tmp_path / f"traj{seed}.db")
+        assert run("--db", str(tmp_path / "d0.db"), "--shuffle", "--mode", "optimize",
+                   "--max_conformations", "10", "--out", out) == 0
+        got.append([(row.conf_id, row.step, row.positions.tolist()) for row in rows(out)])
+    assert got[0] == got[1] and len(got[0]) == 10
+    order = [int(i) + 1 for i in np.random.default_rng(42).permutation(8)]   # row ids
+    expected, n = [], 0
+    for conf_id in order:                      # whole trajectories, the last one cut at 10
+        for step in range(2 + conf_id % 3):
+            if n < 10:
+                expected.append((conf_id, step))
+                n += 1
+    assert [(c, s) for c, s, _ in got[0]] == sorted(expected)
