@@ -1,4 +1,4 @@
-"""Stage 3: GOLF, Algorithm 1 of Tsypin et al. (ICLR 2024), batched and pipelined.
+"""Stage 3: GOLF, Algorithm 1 of Tsypin et al. (ICLR 2024), batched (--pipelined: pipelined).
 
     python golf.py --d0 D0.db --load_baseline runs/baseline/checkpoint.pt --out_dir runs/golf
 
