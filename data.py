@@ -206,6 +206,31 @@ def write_conformation(db, conf, **key_value_pairs):
     return db.write(Atoms(numbers=conf.numbers, positions=conf.positions), data=data, **kvp)
 
 
+def rewrite_sorted(path, sort_key):
+    """Rewrite an ASE db with its rows in the order of sort_key(row), atomically (a new db
+    beside it, then os.replace): the same rows give the same db whatever order they were
+    written in. Atoms, key-value pairs, data and metadata are copied; ASE's own ctime and
+    user columns get the rewrite's. Nothing is done if the rows are already in order with
+    ids 1..n. Returns True if the db was rewritten."""
+    import ase.db
+    db = ase.db.connect(path, type="db")
+    rows = list(db.select())
+    ordered = sorted(rows, key=sort_key)                   # sorted() is stable
+    if [row.id for row in ordered] == list(range(1, len(rows) + 1)):
+        return False
+    tmp = path + ".sorting"
+    if os.path.exists(tmp):
+        os.remove(tmp)                                     # left by a killed rewrite
+    new = ase.db.connect(tmp, type="db", append=False)
+    new.metadata = db.metadata
+    with new:                                              # one transaction
+        for row in ordered:
+            new.write(row.toatoms(), key_value_pairs=dict(row.key_value_pairs),
+                      data=dict(row.get("data") or {}))
+    os.replace(tmp, path)
+    return True
+
+
 # ---------------------------------------------------------------------------------------
 # Batching: molecules of different sizes as flat atoms + molecule index
 # ---------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ RMSD.
 """
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import sys
@@ -635,9 +634,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_steps", default=EVAL_STEPS, help="steps where DFT is computed")
     p.add_argument("--batch_size", type=int, default=64, help="molecules per NNP batch")
     p.add_argument("--cov_delta", type=float, default=0.5, help="COV threshold, Angstrom")
-    mmff_default = inspect.signature(oracles.mmff_minimize).parameters["max_iters"].default
-    p.add_argument("--mmff_max_iters", type=int, default=mmff_default,
-                   help="RDKit row: MMFF iterations (default: oracles.mmff_minimize's, as D_rdkit)")
+    p.add_argument("--mmff_max_iters", type=int, default=oracles.MMFF_MAX_ITERS,
+                   help="RDKit row: MMFF iterations (default: %(default)s, as D_rdkit)")
     p.add_argument("--n_bootstrap", type=int, default=2000,
                    help="resamples of the 95 %% bootstrap intervals over conformations")
     p.add_argument("--bootstrap_seed", type=int, default=0)

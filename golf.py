@@ -1,24 +1,31 @@
-"""Stage 3: GOLF, Algorithm 1 of Tsypin et al. (ICLR 2024), batched and pipelined.
+"""Stage 3: GOLF, Algorithm 1 of Tsypin et al. (ICLR 2024), batched (--pipelined: pipelined).
 
     python golf.py --d0 D0.db --load_baseline runs/baseline/checkpoint.pt --out_dir runs/golf
 
 Algorithm 1 (line numbers in the comments below):
      1  f <- f_baseline; D <- D0
-     3  s_0 ~ D0                                   every slot of the batch holds a trajectory
+     3  s_0 ~ D                                    every slot of the batch holds a trajectory
      5  s_{t+1} <- Opt(s_t, F(s_t))                one batched L-BFGS step of all slots
      6  E^S_{t+1} <- O_S(s_{t+1})                  MMFF energy of every new conformation
      7  if E^S_{t+1} > E^S_t or t = T:             the trajectory ends
      8      (E, F) <- O_G(s)                       s = s_t on a rise, s_{T} at the time limit
      9      D <- D + {(s, E, F)}
     10      update f U times on minibatches of D   (a share --initial_conf_pct from D0)
-    12      s_0 ~ D0                               the slot restarts; other slots go on
+    12      s_0 ~ D                                the slot restarts; other slots go on
     18  until K conformations have been added
 
-Unlike the official code, genuine-oracle jobs run in the pool while this process keeps
-optimizing and training: a slot whose trajectory ended submits its conformation and restarts
-at once, and each result, whenever it arrives, is added to D and buys U updates. At most
+s_0 ~ D (lines 3, 12): uniform over D = D0 plus every conformation collected so far (the
+replay buffer holds D). --start_from d0 draws from D0 only, as the official code does.
+
+A slot whose trajectory ended submits its conformation and restarts at once. At most
 --n_parallel jobs are in flight; a slot waits (inactive) when the pool is full. No more jobs
-are submitted than are needed to reach K.
+are submitted than are needed to reach K. By default (deterministic) the loop then waits
+for every job in flight and adds the results in submission order before it trains or
+optimizes again, so the same command gives the same collected.db and checkpoint whatever
+the oracle's timing (an oracle timeout is the exception). --pipelined keeps optimizing and
+training while jobs run, and adds each result whenever it arrives (faster with a slow
+oracle, but the run depends on timing). Like the official code, the learning-rate schedule
+spans K * U updates (--total_steps is train_baseline.py's).
 """
 import argparse
 import json
@@ -35,7 +42,8 @@ import data
 import optimizers
 import oracles
 import painn
-from train_baseline import Trainer, add_model_args, add_training_args, rng_state, set_rng_state
+from train_baseline import (Trainer, add_model_args, add_training_args, prediction_errors,
+                            rng_state, set_rng_state)
 
 
 def parse_args(argv=None):
@@ -53,19 +61,35 @@ def parse_args(argv=None):
     g.add_argument("--initial_conf_pct", type=float, default=0.1,
                    help="share of every minibatch drawn from D0")
     g.add_argument("--surrogate_energy_threshold", type=float, default=300.0,
-                   help="kcal/mol: conformations with a higher MMFF energy are not sent")
+                   help="kcal/mol: conformations with a higher MMFF energy are not sent "
+                        "(the official code's rule and value; not in the paper)")
+    g.add_argument("--start_from", choices=("d", "d0"), default="d",
+                   help="s_0 ~ D (Algorithm 1, lines 3 and 12: D0 plus the collected "
+                        "conformations) or ~ D0 only (the official code)")
+    g.add_argument("--pipelined", action="store_true",
+                   help="optimize and train while oracle jobs run (faster with a slow oracle; "
+                        "the run then depends on timing). Default: deterministic")
+    g.add_argument("--val_db", default=None,
+                   help="labelled db to report validation errors on at the end (the same one "
+                        "train_baseline.py --val_db uses; GOLF never trains on it)")
     g.add_argument("--log_every", type=int, default=10, help="log metrics every N additions")
     add_model_args(p)        # used only without --load_baseline
     add_training_args(p, total_steps=None)
     optimizers.add_optimizer_args(p)
     oracles.add_oracle_args(p)
     args = optimizers.parse_args_with_preset(p, argv)   # --optimizer_preset: Table 6
+    if args.total_steps is not None:
+        p.error(f"--total_steps is not a golf.py flag: GOLF trains U = --utd_ratio updates per "
+                f"added conformation, and its schedule spans K * U "
+                f"= {args.max_oracle_steps * args.utd_ratio}; set --max_oracle_steps and "
+                "--utd_ratio instead")
     args.total_steps = args.max_oracle_steps * args.utd_ratio   # the schedule spans K * U
     return args
 
 
 class Slot:
-    """One trajectory: where it started in D0, its MMFF surrogate and its last MMFF energy."""
+    """One trajectory: where it started in D (d0_index < len(D0): a D0 row, else a collected
+    conformation), its MMFF surrogate and its last MMFF energy."""
 
     def __init__(self, d0_index, conf, surrogate):
         self.d0_index, self.conf, self.surrogate = d0_index, conf, surrogate
@@ -92,13 +116,16 @@ class Golf:
     # ---- trajectories -------------------------------------------------------------------
 
     def sample_start(self):
-        """Line 3 / 12: s_0 ~ D0, with its MMFF surrogate."""
+        """Line 3 / 12: s_0 ~ D (uniform over D0 and the collected conformations; --start_from
+        d0: D0 only), with its MMFF surrogate. Index i < len(D0) is a D0 row."""
         while True:
-            i = int(self.rng.integers(len(self.d0)))
+            starts = self.d0 + self.buffer.collected if self.args.start_from == "d" else self.d0
+            i = int(self.rng.integers(len(starts)))
             try:
-                return Slot(i, self.d0[i], oracles.MMFFSurrogate(self.d0[i]))
+                return Slot(i, starts[i], oracles.MMFFSurrogate(starts[i]))
             except data.DataError as err:       # no MMFF parameters for this molecule
-                tqdm.write(f"skipping D0 row {self.d0[i].id} as a start: {err}")
+                tqdm.write(f"skipping {'D0 row' if i < len(self.d0) else 'collected'} "
+                           f"{starts[i].id} as a start: {err}")
 
     def start_trajectories(self):
         self.slots = [self.sample_start() for _ in range(self.args.n_parallel)]
@@ -158,9 +185,13 @@ class Golf:
             self.stats["n_rejected_mmff"] += 1
             self.restart(k)
             return
+        from_d0 = slot.d0_index < len(self.d0)
         conf = data.Conformation(numbers=slot.conf.numbers, positions=positions.copy(),
                                  smiles=slot.conf.smiles,
-                                 info={"d0_row": int(slot.conf.id or 0),
+                                 info={"d0_row": int(slot.conf.id or 0) if from_d0
+                                       else int(slot.conf.info.get("d0_row", 0)),
+                                       "start_collected": -1 if from_d0    # index in collected
+                                       else slot.d0_index - len(self.d0),
                                        "trajectory_step": int(self.opt.n_steps[k])})
         slot.waiting = conf
         self.opt.deactivate(k)
@@ -188,10 +219,13 @@ class Golf:
         if not self.in_flight:
             return
         t0 = time.perf_counter()
-        done, _ = wait(list(self.in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
-        if timeout:
+        if self.args.pipelined:
+            done, _ = wait(list(self.in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
+        else:                               # deterministic: every job in flight
+            done, _ = wait(list(self.in_flight))
+        if timeout or not self.args.pipelined:
             self.stats["wait_seconds"] += time.perf_counter() - t0
-        for future in done:
+        for future in [f for f in self.in_flight if f in done]:      # in submission order
             conf = self.in_flight.pop(future)
             result = future.result()
             if not result.ok:
@@ -295,6 +329,8 @@ def main(argv=None):
         sys.exit("error: --load_baseline is required: GOLF fine-tunes f_baseline "
                  "(train it with train_baseline.py)")
     d0, _ = data.read_db(args.d0, args.energy_kind, require_energy=True, require_forces=True)
+    val = data.read_db(args.val_db, args.energy_kind, require_energy=True,
+                       require_forces=True)[0] if args.val_db else []
     os.makedirs(args.out_dir, exist_ok=True)
     if os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")) and not args.resume:
         sys.exit(f"error: {args.out_dir} holds a GOLF run; pass --resume to continue it")
@@ -305,6 +341,9 @@ def main(argv=None):
         if args.resume:
             golf.resume()
         golf.run()
+    if val:
+        errors = prediction_errors(model, val, args.batch_size, args.device, golf.trainer.dtype)
+        golf.log({"event": "validation", "val_db": args.val_db, **errors})
     print(f"done: {golf.stats['n_added']} conformations added "
           f"({args.out_dir}/collected.db), checkpoint {args.out_dir}/checkpoint.pt")
 

@@ -12,10 +12,16 @@ Tsypin et al. (ICLR 2024) train NNPs on conformations labelled with DFT energies
 Conformations come from a SMILES file (RDKit ETKDGv3, as nablaDFT made its conformations;
 `SMILES [name]` per line, # starts a comment) or from an existing db (--db); --min_atoms /
 --max_atoms keep molecules of a size range (App. D: 17-35 atoms; Table 4's D_LM: 36-57).
+--conformer_selection butina is App. D's recipe (nablaDFT's): embed --n_etkdg ETKDG
+conformations, cluster them (Butina) by heavy-atom RMSD after the best alignment over
+symmetry-equivalent atom orders (rdMolAlign.GetAllConformerBestRMS), and keep the centroids
+of the fewest clusters, largest first, that hold >= --butina_coverage of the conformations.
 Example:
 
     python make_trajectories.py --smiles data/small_molecules.smi --max_molecules 20 \\
         --mode single_point --out runs/d0.db --oracle_method hf/sto-3g
+    python make_trajectories.py --db runs/d0.db --shuffle --mode optimize \\
+        --max_conformations 400 --out runs/traj.db --oracle_method hf/sto-3g   # D_traj-K
 
 Output rows (data.py's schema: positions Angstrom, total energy Hartree, forces
 Hartree/Angstrom in row.data; keys):
@@ -31,11 +37,23 @@ Hartree/Angstrom in row.data; keys):
 The SMILES is stored as written in the file: the atom order of a row follows it.
 
 conf_id: with --smiles, (line number - 1) * conformers_per_molecule + k for the k-th
-conformer of the line (ETKDG seeded with --seed + line number: a rerun makes the same
-conformations and ids); with --db, the input row id.
+conformer of the line (butina: (line number - 1) * --n_etkdg + the cluster's rank, largest
+first); ETKDG is seeded with --seed + line number, so a rerun makes the same conformations
+and ids. With --db, the input row id (its own conf_id, if any, goes to the key
+source_conf_id).
 
-Resuming: every result is written the moment it arrives (rows are in the order results
-arrive), in one SQLite transaction, so `kill -9` loses no finished result. A rerun of the
+D_traj-K (--max_conformations K, --mode optimize): conformations are taken in conf_id
+order (--shuffle: a permutation seeded by --seed, --db only); every step of every
+optimization is written as it arrives, no new job starts once the finished optimizations
+at the head of that order hold K steps, and at the end --out keeps exactly the first K
+steps in that order (the last trajectory cut at K). Which rows D_traj-K holds thus does
+not depend on the order results arrive in.
+
+Resuming: every result is written the moment it arrives, in one SQLite transaction, so
+`kill -9` loses no finished result. At the end of a run, --out and --out_optimal are
+rewritten with their rows sorted by (conf_id, step) (a temporary db, then os.replace), so
+the same command gives the same rows in the same order, whatever the arrival order (ASE's
+per-row ctime/user columns are the rewrite's; nothing reads them). A rerun of the
 same command skips finished conformations (conf_id in --out; for optimize, in
 --out_optimal) and retries all others, failed ones included. Failures are appended to
 <out>.failures.jsonl (one JSON per line: conf_id, smiles, mode, reason, seconds, attempts,
@@ -55,7 +73,8 @@ from contextlib import ExitStack
 import ase.db
 import numpy as np
 from rdkit import Chem, RDLogger
-from rdkit.Chem import AllChem
+from rdkit.Chem import AllChem, rdMolAlign
+from rdkit.ML.Cluster import Butina
 from tqdm import tqdm
 
 import data
@@ -85,9 +104,27 @@ def parse_args(argv=None):
     spice.add_argument("--spice_test_conformations", type=int, default=None,
                        help="at most N conformations of a test molecule, half high- and half "
                             "low-energy (default: all, balanced)")
-    parser.add_argument("--conformers_per_molecule", type=int, default=1,
-                        help="ETKDGv3 conformations per SMILES line (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=42, help="ETKDG seed (plus line number)")
+    parser.add_argument("--conformers_per_molecule", type=int, default=None,
+                        help="--conformer_selection first: ETKDGv3 conformations per SMILES "
+                             "line (default: 1)")
+    parser.add_argument("--conformer_selection", choices=("first", "butina"), default="first",
+                        help="first: the first --conformers_per_molecule ETKDG conformations; "
+                             "butina: App. D's Butina centroids of --n_etkdg ETKDG conformations")
+    parser.add_argument("--n_etkdg", type=int, default=50,
+                        help="butina: ETKDG conformations clustered per molecule (our choice; "
+                             "App. D gives no number)")
+    parser.add_argument("--butina_threshold", type=float, default=1.25,
+                        help="butina: heavy-atom RMSD (Angstrom) within which conformations are "
+                             "neighbours (our choice: 2.9 centroids per molecule of 17-35 atoms "
+                             "of data/moses_sample.smi, nablaDFT: 2.5)")
+    parser.add_argument("--butina_coverage", type=float, default=0.95,
+                        help="butina: the kept clusters hold at least this share of the "
+                             "conformations (App. D: 95%%)")
+    parser.add_argument("--shuffle", action="store_true",
+                        help="--db: take the rows in an order seeded by --seed, not row order "
+                             "(with --max_conformations: which rows D_traj-K starts from)")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="ETKDG seed (plus line number); --shuffle's seed")
     parser.add_argument("--skip_molecules", type=int, default=0,
                         help="skip the first N molecules (lines of --smiles, rows of --db)")
     parser.add_argument("--max_molecules", type=int, default=None,
@@ -105,18 +142,29 @@ def parse_args(argv=None):
                              "(default: <out>_optimal.db)")
     parser.add_argument("--max_conformations", type=int, default=None,
                         help="K: stop when --out has K rows (D_traj-K)")
-    parser.add_argument("--mmff_max_iters", type=int, default=200,
-                        help="--mode mmff: most MMFF minimization iterations (RDKit's default)")
+    parser.add_argument("--mmff_max_iters", type=int, default=oracles.MMFF_MAX_ITERS,
+                        help="--mode mmff: most MMFF minimization iterations (evaluate.py's RDKit "
+                             "row uses the same default); not converged: logged as a failure")
     oracles.add_oracle_args(parser)
     args = parser.parse_args(argv)
     for name in ("conformers_per_molecule", "max_molecules", "max_conformations",
-                 "mmff_max_iters", "min_atoms", "max_atoms"):
+                 "mmff_max_iters", "min_atoms", "max_atoms", "n_etkdg"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.spice and not args.out_test:
         parser.error("--spice needs --out_test (the D_test^SPICE db)")
     if args.skip_molecules < 0:
         parser.error("--skip_molecules must be at least 0")
+    if args.conformer_selection == "butina":
+        if args.db or args.conformers_per_molecule is not None:
+            parser.error("--conformer_selection butina makes conformations from --smiles; it "
+                         "keeps as many as App. D's clusters need (no --conformers_per_molecule)")
+        if not 0 < args.butina_coverage <= 1 or args.butina_threshold <= 0:
+            parser.error("--butina_coverage must be in (0, 1] and --butina_threshold positive")
+    elif args.conformers_per_molecule is None:
+        args.conformers_per_molecule = 1
+    if args.shuffle and not args.db:
+        parser.error("--shuffle is for --db (a SMILES file is taken in line order)")
     if args.out_optimal and args.mode != "optimize":
         parser.error("--out_optimal is for --mode optimize")
     if args.mode == "optimize" and not args.out_optimal:
@@ -151,15 +199,52 @@ def parse_smiles(smiles):
     return mol
 
 
-def embed(smiles, n_conformers, seed):
-    """ETKDGv3 conformations of a SMILES with hydrogens added after the heavy atoms (the
-    atom order of nablaDFT rows): numbers [n_atoms], [positions [n_atoms, 3] Angstrom]."""
+def etkdg_molecule(smiles, n_conformers, seed):
+    """RDKit molecule with hydrogens added after the heavy atoms (the atom order of nablaDFT
+    rows) and up to n_conformers ETKDGv3 conformers (seeded, one thread: reproducible)."""
     mol = Chem.AddHs(parse_smiles(smiles))
     params = AllChem.ETKDGv3()
     params.randomSeed = seed
-    ids = AllChem.EmbedMultipleConfs(mol, n_conformers, params)
+    AllChem.EmbedMultipleConfs(mol, n_conformers, params)
+    return mol
+
+
+def embed(smiles, n_conformers, seed):
+    """ETKDGv3 conformations of a SMILES: numbers [n_atoms], [positions [n_atoms, 3] Angstrom]."""
+    mol = etkdg_molecule(smiles, n_conformers, seed)
     numbers = np.array([atom.GetAtomicNum() for atom in mol.GetAtoms()])
-    return numbers, [mol.GetConformer(i).GetPositions() for i in ids]
+    return numbers, [conf.GetPositions() for conf in mol.GetConformers()]
+
+
+def butina_clusters(mol, rmsd_threshold):
+    """Butina clusters of a molecule's conformers, largest first (ties: Butina's order), each
+    a tuple of conformer indices with its centroid first. Distance: heavy-atom RMSD after the
+    best alignment over symmetry-equivalent atom orders (GetBestRMS for every pair)."""
+    heavy = Chem.RemoveHs(mol)                     # keeps the conformers
+    n = heavy.GetNumConformers()
+    if heavy.GetNumAtoms() < 2:                    # one heavy atom: all alike
+        distances = [0.0] * (n * (n - 1) // 2)
+    else:
+        distances = rdMolAlign.GetAllConformerBestRMS(heavy)   # [(1,0), (2,0), (2,1), ...]
+    clusters = Butina.ClusterData(distances, n, rmsd_threshold, isDistData=True, reordering=True)
+    return sorted(clusters, key=len, reverse=True)          # sorted() is stable
+
+
+def butina_centroids(smiles, n_etkdg, seed, rmsd_threshold, coverage):
+    """App. D (nablaDFT's recipe): embed n_etkdg ETKDG conformations, cluster them, and keep
+    the centroids of the fewest clusters, largest first, that hold >= coverage of them.
+    Returns numbers [n_atoms], [positions [n_atoms, 3] Angstrom] (largest cluster first),
+    and the number of conformations ETKDG embedded."""
+    mol = etkdg_molecule(smiles, n_etkdg, seed)
+    numbers = np.array([atom.GetAtomicNum() for atom in mol.GetAtoms()])
+    conformers = [conf.GetPositions() for conf in mol.GetConformers()]
+    kept, covered = [], 0
+    for cluster in butina_clusters(mol, rmsd_threshold) if conformers else []:
+        if covered >= coverage * len(conformers):
+            break
+        kept.append(conformers[cluster[0]])
+        covered += len(cluster)
+    return numbers, kept, len(conformers)
 
 
 def smiles_conformations(args, lines, done, warn):
@@ -179,6 +264,22 @@ def smiles_conformations(args, lines, done, warn):
             if k < len(conformers):
                 yield ids[k], Conformation(numbers, conformers[k], smiles=smiles,
                                            info={"name": name} if name else {})
+
+
+def butina_conformations(args, lines):
+    """(conf_id, Conformation) of App. D's Butina centroids of every line."""
+    for line_number, smiles, name in tqdm(lines, desc="ETKDG + Butina", unit="mol",
+                                          dynamic_ncols=True):
+        numbers, centroids, n_embedded = butina_centroids(
+            smiles, args.n_etkdg, args.seed + line_number, args.butina_threshold,
+            args.butina_coverage)
+        if n_embedded < args.n_etkdg:
+            tqdm.write(f"warning: {args.smiles} line {line_number}: ETKDG embedded "
+                       f"{n_embedded} of {args.n_etkdg} conformations of {smiles}",
+                       file=sys.stderr)
+        for rank, positions in enumerate(centroids):
+            yield (line_number - 1) * args.n_etkdg + rank, Conformation(
+                numbers, positions, smiles=smiles, info={"name": name} if name else {})
 
 
 def n_atoms_with_hydrogens(smiles):
@@ -208,7 +309,11 @@ def open_output(path, args, atomrefs):
     conf_ids would mean other conformations."""
     source = os.path.basename(args.smiles or args.db)
     metadata = {"method": args.oracle_method, "mode": args.mode, "seed": args.seed,
-                "conformers_per_molecule": args.conformers_per_molecule, "source": source}
+                "conformers_per_molecule": args.conformers_per_molecule, "source": source,
+                "conformer_selection": args.conformer_selection, "shuffle": args.shuffle}
+    if args.conformer_selection == "butina":
+        metadata.update(n_etkdg=args.n_etkdg, butina_threshold=args.butina_threshold,
+                        butina_coverage=args.butina_coverage)
     try:
         db = data.connect_for_writing(path, atomrefs=atomrefs, **metadata)
         old = db.metadata
@@ -217,11 +322,15 @@ def open_output(path, args, atomrefs):
     except Exception as err:
         raise data.DataError(f"{path}: cannot open it as an ASE database ({err})") from None
     flags = {"method": "--oracle_method", "mode": "--mode", "seed": "--seed",
-             "conformers_per_molecule": "--conformers_per_molecule", "source": "--smiles/--db"}
+             "conformers_per_molecule": "--conformers_per_molecule", "source": "--smiles/--db",
+             "conformer_selection": "--conformer_selection", "shuffle": "--shuffle",
+             "n_etkdg": "--n_etkdg", "butina_threshold": "--butina_threshold",
+             "butina_coverage": "--butina_coverage"}
     for key, flag in flags.items():
-        if key in old and old[key] != metadata[key]:
-            raise data.DataError(f"{path} was made with {flag} {old[key]}, not {metadata[key]}; "
-                                 "rerun with the same flags or write to a new --out")
+        if key in old and old[key] != metadata.get(key):
+            raise data.DataError(f"{path} was made with {flag} {old[key]}, not "
+                                 f"{metadata.get(key)}; rerun with the same flags or write to "
+                                 "a new --out")
     return db
 
 
@@ -230,8 +339,12 @@ def finished_ids(db):
 
 
 def row_keys(conf):
-    """Key-value pairs a conformation carries to its output rows (name, input keys)."""
-    return {k: v for k, v in conf.info.items() if k not in OWN_KEYS}
+    """Key-value pairs a conformation carries to its output rows (name, input keys; an input
+    row's conf_id as source_conf_id)."""
+    keys = {k: v for k, v in conf.info.items() if k not in OWN_KEYS}
+    if "conf_id" in conf.info:
+        keys["source_conf_id"] = conf.info["conf_id"]
+    return keys
 
 
 def write_trajectory(db, conf, conf_id, result, room):
@@ -274,6 +387,12 @@ def write_result(args, out, optimal, conf, conf_id, result, room):
     return 1
 
 
+def canonical_key(row):
+    """The order of a finished output db: (conf_id, step), rows without them last."""
+    conf_id = row.get("conf_id")
+    return (conf_id is None, conf_id or 0, row.get("step", 0), row.id)
+
+
 def log_failure(path, conf, conf_id, mode, reason, result=None):
     """Append one failure to the <out>.failures.jsonl sidecar (open, write, close: a kill
     never leaves half a record behind it)."""
@@ -293,13 +412,16 @@ def log_failure(path, conf, conf_id, mode, reason, result=None):
 def atomrefs_for(args, elements):
     """Per-element reference energies for the metadata: free-atom energies at the oracle's
     level (what nablaDFT's atomrefs are; its own values for its level), or those an
-    existing output db already holds."""
+    existing output db, or the --db made with the same --oracle_method, already holds."""
     import painn
     if args.oracle_method.lower().replace(" ", "") == oracles.DEFAULT_METHOD:
         return painn.NABLADFT_ATOMREFS
-    for path in (args.out, args.out_optimal):
+    for path in (args.out, args.out_optimal, args.db):
         if path and os.path.exists(path):
-            refs = data.read_atomrefs(ase.db.connect(path).metadata)
+            metadata = ase.db.connect(path).metadata
+            if path == args.db and metadata.get("method") != args.oracle_method:
+                continue
+            refs = data.read_atomrefs(metadata)
             if refs and set(elements) <= set(refs):
                 return refs
     print(f"atomrefs: energies of the free atoms {sorted(elements)} with {args.oracle_method}")
@@ -414,14 +536,25 @@ def make(args):
         bar.refresh()
         tqdm.write(message, file=sys.stderr)
 
-    if args.smiles:
+    # order: every conf_id of this command in the order jobs start (D_traj-K's head)
+    if args.smiles and args.conformer_selection == "butina":
+        selection = list(butina_conformations(args, lines))
+        order = [conf_id for conf_id, _ in selection]
+        pending = [(conf_id, c) for conf_id, c in selection if conf_id not in done]
+        total, pending = len(pending), iter(pending)
+    elif args.smiles:
         n = args.conformers_per_molecule
-        total = sum((line - 1) * n + k not in done for line, _, _ in lines for k in range(n))
+        order = [(line - 1) * n + k for line, _, _ in lines for k in range(n)]
+        total = sum(conf_id not in done for conf_id in order)
         pending = smiles_conformations(args, lines, done, warn)
     else:
+        if args.shuffle:
+            confs = [confs[i] for i in np.random.default_rng(args.seed).permutation(len(confs))]
+        order = [c.id for c in confs]
         confs = [c for c in confs if c.id not in done]
         total = len(confs)
         pending = ((c.id, c) for c in confs)
+    position = {conf_id: i for i, conf_id in enumerate(order)}
     print(f"{args.mode} with {args.oracle_method}: {total} conformations to do, "
           f"{len(done)} already finished in {args.out_optimal or args.out}")
     bar = tqdm(total=total, unit="conf", desc=args.mode, dynamic_ncols=True)
@@ -429,10 +562,23 @@ def make(args):
     kind = "optimize" if args.mode == "optimize" else "gradient"
     reasons = collections.Counter()                   # failure reason -> count
     n_done, n_rows = 0, out.count()
+    rows_of = collections.Counter(row.get("conf_id") for row in out.select(include_data=False))
+    reached = -1                                      # position of the last conf_id taken
 
     def room():
         """Rows --out may still take: None without --max_conformations."""
         return None if args.max_conformations is None else args.max_conformations - n_rows
+
+    def head_rows():
+        """Rows of --out from the head of `order` whose jobs are all over (taken from
+        pending, not in flight): D_traj-K is the first K of them, whatever arrives when."""
+        running = {conf_id for conf_id, _ in in_flight.values()}
+        n = 0
+        for i, conf_id in enumerate(order):
+            if i > reached or conf_id in running:
+                break
+            n += rows_of[conf_id]
+        return n
 
     def failed(conf, conf_id, reason, result=None):
         log_failure(failures_path, conf, conf_id, args.mode, reason, result)
@@ -443,26 +589,36 @@ def make(args):
         stack.callback(bar.close)
         pool, in_flight = None, {}                    # in_flight: future -> (conf_id, conf)
         while True:
-            # keep every worker busy: about two jobs per worker in flight. No new job once
-            # --out is full (--max_conformations); in single_point and mmff modes (one row
-            # per job) none beyond it. Optimizations running then still finish: their
-            # optima go to --out_optimal, their steps only as far as --out has room.
+            # keep every worker busy: about two jobs per worker in flight. With
+            # --max_conformations K: in single_point and mmff modes (one row per job) no
+            # job beyond K rows; in optimize mode none once the finished head of `order`
+            # holds K steps. Optimizations running then still finish: their optima go to
+            # --out_optimal, their steps to --out until the cut at the end.
             window = 2 * pool.n_parallel if pool is not None else 1
             while len(in_flight) < window:
-                rows_in_flight = 0 if args.mode == "optimize" else len(in_flight)
-                if room() is not None and room() <= rows_in_flight:
+                if args.max_conformations is not None and (
+                        head_rows() >= args.max_conformations if args.mode == "optimize"
+                        else room() <= len(in_flight)):
                     break
                 conf_id, conf = next(pending, (None, None))
                 if conf is None:
+                    reached = len(order)
                     break
+                reached = position[conf_id]
                 if args.mode == "mmff":
                     try:
-                        conf = dataclasses.replace(
-                            conf, positions=oracles.mmff_minimize(conf, args.mmff_max_iters))
+                        positions, converged = oracles.mmff_minimize_checked(
+                            conf, args.mmff_max_iters)
                     except data.DataError as err:
                         failed(conf, conf_id, f"MMFF: {err}")
                         bar.update(1)
                         continue
+                    if not converged:
+                        failed(conf, conf_id, f"MMFF did not converge in {args.mmff_max_iters} "
+                                              "iterations (--mmff_max_iters)")
+                        bar.update(1)
+                        continue
+                    conf = dataclasses.replace(conf, positions=positions)
                 if pool is None:   # started by the first job: a rerun with nothing to do
                     pool = stack.enter_context(oracles.make_oracle_pool(args))  # starts none
                     window = 2 * pool.n_parallel
@@ -473,13 +629,29 @@ def make(args):
             for future in finished:
                 conf_id, conf = in_flight.pop(future)
                 result = future.result()
-                n_rows += write_result(args, out, optimal, conf, conf_id, result, room())
+                added = write_result(args, out, optimal, conf, conf_id, result,
+                                     None if args.mode == "optimize" else room())
+                n_rows += added
+                rows_of[conf_id] += added
                 if result.ok:
                     n_done += 1
                 else:
                     failed(conf, conf_id, result.reason, result)
                 bar.update(1)
 
+    # canonical dbs: D_traj-K cut at exactly K rows of the head of `order`, then every db
+    # sorted by (conf_id, step), whatever order the results arrived in
+    if args.mode == "optimize" and args.max_conformations is not None:
+        rows = sorted(out.select(include_data=False),
+                      key=lambda row: (position.get(row.get("conf_id"), len(order)),
+                                       row.get("step", 0), row.id))
+        extra = [row.id for row in rows[args.max_conformations:]]
+        if extra:
+            out.delete(extra)
+        n_rows = len(rows) - len(extra)
+    data.rewrite_sorted(args.out, canonical_key)
+    if optimal is not None:
+        data.rewrite_sorted(args.out_optimal, canonical_key)
     print(f"{n_done} conformations finished, {n_rows} rows in {args.out}"
           + (f", starts and optima in {args.out_optimal}" if optimal is not None else ""))
     if reasons:

@@ -36,7 +36,8 @@ stopping at Psi4's default max force, 3e-4 Hartree/Bohr).
 Surrogate oracle
 ----------------
     MMFFSurrogate(conf).energy(positions [n_atoms, 3]) -> kcal/mol, force field built once
-    mmff_minimize(conf, max_iters) -> positions [n_atoms, 3]
+    mmff_minimize_checked(conf, max_iters=MMFF_MAX_ITERS) -> positions [n_atoms, 3], converged
+    mmff_minimize(conf, max_iters=MMFF_MAX_ITERS) -> positions [n_atoms, 3]
 
 Units: positions Angstrom, energies Hartree, forces Hartree/Angstrom. Psi4 and tblite work
 in Bohr: their gradients (Hartree/Bohr) are converted with data.BOHR_TO_ANGSTROM. MMFF:
@@ -953,26 +954,22 @@ class MMFFSurrogate:
         return self.force_field.CalcEnergy(np.asarray(positions, dtype=np.float64).ravel().tolist())
 
 
-def mmff_minimize(conf, max_iters=200):
-    """MMFF94 minimum near conf.positions, [n_atoms, 3] Angstrom: the paper's RDKit
-    baseline and the start of its D_rdkit conformations. max_iters as RDKit's default."""
-    surrogate = MMFFSurrogate(conf)
-    surrogate.force_field.Initialize()
-    surrogate.force_field.Minimize(maxIts=max_iters)
-    return np.array(surrogate.force_field.Positions()).reshape(-1, 3)
+MMFF_MAX_ITERS = 1000   # MMFF minimization iterations for D_rdkit and the RDKit row alike
 
 
-def mmff_minimize_checked(conf, max_iters=None):
-    """mmff_minimize and whether MMFF converged: (positions [n_atoms, 3] Angstrom, bool).
-    RDKit's Minimize returns 0 when converged, 1 when max_iters ran out. max_iters None:
-    mmff_minimize's default, the one D_rdkit is made with."""
-    if max_iters is None:
-        import inspect
-        max_iters = inspect.signature(mmff_minimize).parameters["max_iters"].default
+def mmff_minimize_checked(conf, max_iters=MMFF_MAX_ITERS):
+    """MMFF94 minimum near conf.positions: the paper's RDKit baseline and the start of its
+    D_rdkit conformations. Returns positions [n_atoms, 3] Angstrom and whether RDKit's
+    minimizer converged within max_iters (ForceField.Minimize returns 0)."""
     surrogate = MMFFSurrogate(conf)
     surrogate.force_field.Initialize()
     not_converged = surrogate.force_field.Minimize(maxIts=max_iters)
     return np.array(surrogate.force_field.Positions()).reshape(-1, 3), not_converged == 0
+
+
+def mmff_minimize(conf, max_iters=MMFF_MAX_ITERS):
+    """The positions of mmff_minimize_checked, converged or not."""
+    return mmff_minimize_checked(conf, max_iters)[0]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@
     f_traj-K:    python train_baseline.py --db D0.db D_traj.db --load_baseline runs/baseline/checkpoint.pt ...
     f_rdkit:     python train_baseline.py --db D0.db D_rdkit.db --load_baseline ...
 
+Validation: with --val_db, every conformation of --db is trained on and the errors are
+measured on --val_db (a labelled db of molecules none of the models trains on: pass the same
+one to f_baseline, f_traj-K and golf.py, and all three train on all of D0). Without it,
+--val_fraction of the molecules of --db are held out (data.split_by_molecule, seeded by
+--seed): the held-out molecules then differ between --db D0 and --db D0 D_traj.
+
 Loss (Eq. 2), per molecule with n atoms, averaged over the minibatch:
     L = rho * (E - f(z, X))^2 + c_F * (1/n) sum_i |F_i + d f / d X_i|^2
 with rho = --energy_loss_coef and c_F = --force_loss_coef, in Hartree and Hartree/A.
@@ -177,7 +183,9 @@ def parse_args(argv=None):
     p.add_argument("--db", nargs="+", required=True, help="labelled ASE dbs (D0 [+ D_traj])")
     p.add_argument("--out_dir", required=True, help="checkpoint.pt and metrics.jsonl go here")
     p.add_argument("--val_fraction", type=float, default=0.05,
-                   help="share of molecules held out for validation")
+                   help="share of molecules held out for validation (without --val_db)")
+    p.add_argument("--val_db", default=None,
+                   help="labelled db to validate on; then all of --db is trained on")
     p.add_argument("--eval_every", type=int, default=1000)
     add_model_args(p)
     add_training_args(p)
@@ -189,7 +197,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     confs, atomrefs = read_training_dbs(args.db, args.energy_kind)
-    train, val = data.split_by_molecule(confs, args.val_fraction, seed=args.seed)
+    if args.val_db:
+        train, val = confs, read_training_dbs([args.val_db], args.energy_kind)[0]
+    else:
+        train, val = data.split_by_molecule(confs, args.val_fraction, seed=args.seed)
     print(f"{len(train)} training and {len(val)} validation conformations")
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")

@@ -39,12 +39,13 @@ class FakePool:
 class ScriptedSurrogate:
     """MMFF stand-in: the i-th surrogate built returns scripts[i] call by call, and keeps
     the positions it was asked about (call t sees s_t)."""
-    scripts, built = [], []
+    scripts, built, confs = [], [], []
 
     def __init__(self, conf):
         self.values = list(ScriptedSurrogate.scripts.pop(0))
         self.seen = []
         ScriptedSurrogate.built.append(self)
+        ScriptedSurrogate.confs.append(conf)
 
     def energy(self, positions):
         self.seen.append(np.array(positions))
@@ -60,13 +61,13 @@ def setup(tmp_path, monkeypatch):
     pool = FakePool()
     monkeypatch.setattr(golf.oracles, "make_oracle_pool", lambda args: pool)
     monkeypatch.setattr(golf.oracles, "MMFFSurrogate", ScriptedSurrogate)
-    ScriptedSurrogate.scripts, ScriptedSurrogate.built = [], []
+    ScriptedSurrogate.scripts, ScriptedSurrogate.built, ScriptedSurrogate.confs = [], [], []
 
     def run(*flags):
         golf.main(["--d0", d0, "--load_baseline", str(ckpt), "--out_dir", str(tmp_path / "golf"),
                    "--n_parallel", "1", "--batch_size", "4", "--checkpoint_every", "1000",
                    # Adam moves every step by ~lr, so no trajectory converges early
-                   "--conf_opt", "adam", *flags])
+                   "--conf_opt", "adam", *flags])   # a later --out_dir wins
     return run, pool, tmp_path / "golf"
 
 
@@ -169,3 +170,73 @@ def test_golf_with_real_xtb(tmp_path):
     assert ckpt["trainer"]["step"] == 6 * 2
     log = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert log[-1]["event"] == "done" and log[-1]["n_added"] == 6
+def test_start_from_d_draws_collected_conformations_and_d0_does_not(setup):
+    run, pool, out = setup
+    d0_positions = [c.positions for c in data.read_db(str(out.parent / "d0.db"), "total")[0]]
+
+    def starts_from_collected():
+        n = 0
+        for surrogate, conf in zip(ScriptedSurrogate.built, ScriptedSurrogate.confs):
+            in_d0 = any(np.array_equal(conf.positions, p) for p in d0_positions)
+            sent = any(np.array_equal(conf.positions, c.positions) for c in pool.submitted)
+            assert in_d0 or sent                        # every start is in D
+            n += not in_d0
+        return n
+
+    ScriptedSurrogate.scripts = [[10, 9, 8]] * 40          # every trajectory ends at T = 2
+    run("--max_oracle_steps", "12", "--utd_ratio", "1", "--timelimit_train", "2")
+    assert starts_from_collected() > 0                     # D = D0 + collected (lines 3, 12)
+    collected, _ = data.read_db(str(out / "collected.db"), "total")
+    assert any(c.info["start_collected"] >= 0 for c in collected)
+    assert all(c.info["start_collected"] == -1 for c in collected if c.info["trajectory_step"]
+               and any(np.array_equal(c.positions, p) for p in d0_positions))
+
+    ScriptedSurrogate.scripts, ScriptedSurrogate.built = [[10, 9, 8]] * 40, []
+    ScriptedSurrogate.confs, pool.submitted = [], []
+    run("--max_oracle_steps", "12", "--utd_ratio", "1", "--timelimit_train", "2",
+        "--start_from", "d0", "--out_dir", str(out) + "_d0")
+    assert starts_from_collected() == 0                    # the official code: D0 only
+
+
+def test_total_steps_is_refused_not_silently_replaced(capsys):
+    with pytest.raises(SystemExit):
+        golf.parse_args(["--d0", "x.db", "--out_dir", "o", "--total_steps", "100"])
+    assert "--total_steps is not a golf.py flag" in capsys.readouterr().err
+    args = golf.parse_args(["--d0", "x.db", "--out_dir", "o", "--max_oracle_steps", "7",
+                            "--utd_ratio", "3"])
+    assert args.total_steps == 21 and args.start_from == "d" and not args.pipelined
+
+
+class SlowPool(FakePool):
+    """FakePool whose results arrive after random delays (threads), in any order."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.rng = np.random.default_rng(seed)
+
+    def submit(self, conf, conf_id, kind="gradient"):
+        import threading
+        done = FakePool.submit(self, conf, conf_id, kind)
+        future = Future()
+        threading.Timer(float(self.rng.uniform(0, 0.03)),
+                        lambda: future.set_result(done.result())).start()
+        return future
+
+
+def test_deterministic_mode_does_not_depend_on_arrival_order(setup, monkeypatch):
+    """(With --pipelined the same test fails: the run depends on when results arrive.)"""
+    run, _, out = setup
+    results = []
+    for seed in (1, 2):                                    # two different arrival orders
+        pool = SlowPool(seed)
+        monkeypatch.setattr(golf.oracles, "make_oracle_pool", lambda args: pool)
+        ScriptedSurrogate.scripts = [[10, 9, 8]] * 40
+        run("--max_oracle_steps", "8", "--utd_ratio", "2", "--timelimit_train", "2",
+            "--n_parallel", "3", "--out_dir", f"{out}_{seed}")
+        collected, _ = data.read_db(f"{out}_{seed}/collected.db", "total")
+        weights = torch.load(f"{out}_{seed}/checkpoint.pt", weights_only=True)["model"]
+        results.append(([c.positions for c in collected], weights["state_dict"]))
+    (pos_a, w_a), (pos_b, w_b) = results
+    assert len(pos_a) == len(pos_b) == 8
+    assert all(np.array_equal(a, b) for a, b in zip(pos_a, pos_b))
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)

@@ -265,3 +265,184 @@ def test_gfn2_xtb_single_points_and_optimizations(smiles_file, tmp_path):
         largest_force = np.linalg.norm(steps[-1].data["forces"], axis=1).max()
         assert largest_force < oracles.XTB_MAX_FORCE / BOHR_TO_ANGSTROM
         np.testing.assert_array_equal(start.data["optimal_positions"], steps[-1].positions)
+def test_butina_keeps_centroids_of_the_fewest_clusters_covering_95_percent():
+    # rigid benzene: every ETKDG conformation in one cluster, one centroid
+    numbers, kept, n = make_trajectories.butina_centroids("c1ccccc1", 20, 7, 1.25, 0.95)
+    assert n == 20 and len(kept) == 1 and len(numbers) == 12
+    # flexible dodecane at 1 A: several clusters; the kept ones are the largest first, just
+    # enough to hold 95 % of the 50 conformations
+    mol = make_trajectories.etkdg_molecule("CCCCCCCCCCCC", 50, 43)
+    clusters = make_trajectories.butina_clusters(mol, 1.0)
+    sizes = [len(c) for c in clusters]
+    assert sum(sizes) == 50 and sizes == sorted(sizes, reverse=True) and len(sizes) > 3
+    n_kept = int(np.searchsorted(np.cumsum(sizes), 0.95 * 50)) + 1   # fewest that cover 95 %
+    assert sum(sizes[:n_kept]) >= 47.5 > sum(sizes[:n_kept - 1])
+    _, kept, _ = make_trajectories.butina_centroids("CCCCCCCCCCCC", 50, 43, 1.0, 0.95)
+    assert len(kept) == n_kept < 50
+    positions = [c.GetPositions() for c in mol.GetConformers()]
+    for centroid, cluster in zip(kept, clusters):
+        np.testing.assert_array_equal(centroid, positions[cluster[0]])
+    # every member of a cluster lies within the threshold of its centroid
+    from rdkit import Chem
+    from rdkit.Chem import rdMolAlign
+    heavy = Chem.RemoveHs(mol)
+    for cluster in clusters[:n_kept]:
+        for member in cluster[1:]:
+            assert rdMolAlign.GetBestRMS(Chem.Mol(heavy), Chem.Mol(heavy),
+                                         member, cluster[0]) <= 1.0 + 1e-9
+    # seeded: the same again
+    _, again, _ = make_trajectories.butina_centroids("CCCCCCCCCCCC", 50, 43, 1.0, 0.95)
+    assert all(np.array_equal(a, b) for a, b in zip(kept, again))
+
+
+def test_butina_selection_end_to_end_ids_and_resume(tmp_path, capsys):
+    smi = tmp_path / "two.smi"
+    smi.write_text("O water\nCCCCO butanol\n")
+    out = str(tmp_path / "d0.db")
+    argv = ("--smiles", str(smi), "--conformer_selection", "butina", "--n_etkdg", "10",
+            "--butina_threshold", "0.3", "--out", out)
+    assert run(*argv) == 0
+    expected = make_trajectories.butina_centroids("CCCCO", 10, 42 + 2, 0.3, 0.95)[1]
+    by_id = {row.conf_id: row for row in rows(out)}
+    assert sorted(by_id) == [0] + [10 + k for k in range(len(expected))] and len(expected) > 1
+    for k, positions in enumerate(expected):
+        np.testing.assert_allclose(by_id[10 + k].positions, positions, atol=1e-12)
+    assert [row.conf_id for row in rows(out)] == sorted(by_id)            # canonical order
+    assert ase.db.connect(out).metadata["conformer_selection"] == "butina"
+    capsys.readouterr()
+    assert run(*argv) == 0                                                 # resume: nothing
+    assert f"0 conformations to do, {len(by_id)} already finished" in capsys.readouterr().out
+    assert run(*argv[:-2], "--butina_threshold", "0.5", "--out", out) == 2   # other clusters
+
+
+def test_same_command_twice_gives_identical_dbs(tmp_path):
+    """2 workers, results arriving in any order: the dbs read back identical, and D_traj-K
+    (from D0's own rows, shuffled) is the first K steps of the head of that order."""
+    smi = tmp_path / "four.smi"
+    smi.write_text("O\nC\nN\nCO\n")
+
+    def read(path):
+        db = ase.db.connect(path)
+        return [(dict(row.key_value_pairs), row.numbers.tolist(), row.positions.tolist(),
+                 {k: np.asarray(v).tolist() for k, v in row.data.items()})
+                for row in db.select()], db.metadata
+
+    made = []
+    for attempt in ("a", "b"):
+        os.makedirs(tmp_path / attempt)
+        d0, traj = str(tmp_path / attempt / "d0.db"), str(tmp_path / attempt / "traj.db")
+        assert run("--smiles", str(smi), "--out", d0) == 0
+        assert run("--db", d0, "--shuffle", "--mode", "optimize", "--max_conformations", "7",
+                   "--out", traj) == 0
+        made.append([read(d0), read(traj), read(traj.replace(".db", "_optimal.db"))])
+    assert made[0] == made[1]
+    (d0_rows, _), (traj_rows, _), (optimal_rows, _) = made[0]
+    assert [keys["conf_id"] for keys, *_ in d0_rows] == [0, 1, 2, 3]
+    assert len(traj_rows) == 7
+    ids = [(keys["conf_id"], keys["step"]) for keys, *_ in traj_rows]
+    assert ids == sorted(ids)
+    # the head of the shuffled order holds the trajectories: all steps but the last one's
+    order = [int(i) + 1 for i in np.random.default_rng(42).permutation(4)]   # D0 row ids
+    steps = {row[0]["conf_id"]: row[0]["n_steps"] for row in optimal_rows}
+    head, n = [], 0
+    for conf_id in order:
+        if n >= 7:
+            break
+        head.append(conf_id)
+        n += steps[conf_id]
+    assert sorted({i for i, _ in ids}) == sorted(head)
+    assert all(keys["source_conf_id"] == keys["conf_id"] - 1 for keys, *_ in traj_rows)
+
+
+def test_mmff_mode_skips_what_mmff_did_not_converge(tmp_path, capsys):
+    smi = tmp_path / "chain.smi"
+    smi.write_text("CCCCCCCCO octanol\n")
+    out = str(tmp_path / "rdkit.db")
+    assert run("--smiles", str(smi), "--mode", "mmff", "--mmff_max_iters", "2",
+               "--out", out) == 0
+    assert rows(out) == []
+    (record,) = [json.loads(line) for line in open(out + ".failures.jsonl")]
+    assert record["reason"].startswith("MMFF did not converge in 2 iterations")
+    numbers, (etkdg,) = make_trajectories.embed("CCCCCCCCO", 1, 42 + 1)
+    conf = data.Conformation(numbers, etkdg, smiles="CCCCCCCCO")
+    assert oracles.mmff_minimize_checked(conf, 2)[1] is False
+    assert oracles.mmff_minimize_checked(conf)[1] is True           # MMFF_MAX_ITERS = 1000
+
+
+def test_rewrite_sorted_puts_rows_in_key_order_and_keeps_everything(tmp_path):
+    path = str(tmp_path / "x.db")
+    db = data.connect_for_writing(path, method="m")
+    for conf_id, step in ((2, 1), (1, 0), (2, 0)):          # the order results arrived in
+        conf = data.Conformation(np.array([1, 1]), np.full((2, 3), conf_id + 0.1 * step),
+                                 energy=-1.0 - conf_id, forces=np.full((2, 3), step * 1.0))
+        data.write_conformation(db, conf, conf_id=conf_id, step=step, name="h2")
+    assert data.rewrite_sorted(path, make_trajectories.canonical_key)
+    db = ase.db.connect(path)
+    got = [(row.id, row.conf_id, row.step, row.name, row.positions[0, 0],
+            row.data["energy"][0], row.data["forces"][0, 0]) for row in db.select()]
+    assert got == [(1, 1, 0, "h2", 1.0, -2.0, 0.0), (2, 2, 0, "h2", 2.0, -3.0, 0.0),
+                   (3, 2, 1, "h2", pytest.approx(2.1), -3.0, 1.0)]
+    assert db.metadata["method"] == "m" and not os.path.exists(path + ".sorting")
+    assert not data.rewrite_sorted(path, make_trajectories.canonical_key)   # already sorted
+
+
+def test_atomrefs_come_from_the_input_db_made_at_the_same_level(d0, tmp_path):
+    args = make_trajectories.parse_args(["--db", d0[0], "--out", str(tmp_path / "t.db"),
+                                         "--oracle_method", METHOD, "--mode", "optimize",
+                                         "--dask_scheduler", "tcp://127.0.0.1:1"])
+    refs = data.read_atomrefs(ase.db.connect(d0[0]).metadata)
+    assert make_trajectories.atomrefs_for(args, {1, 8}) == refs     # no job: no scheduler
+
+
+class DelayedOptimizer:
+    """Control flow only (the real-Psi4 test above checks the chemistry): an 'optimization'
+    of conf_id c has 2 + c % 3 steps, and results arrive after seeded random delays."""
+
+    def __init__(self, seed, n_parallel=3):
+        self.rng, self.n_parallel, self.submitted = np.random.default_rng(seed), n_parallel, []
+
+    def submit(self, conf, conf_id, kind="gradient"):
+        import threading
+        from concurrent.futures import Future
+        self.submitted.append(conf_id)
+        n = 2 + conf_id % 3
+        result = oracles.OracleResult(
+            conf_id, True, kind, energy=-1.0, forces=np.zeros((conf.n_atoms, 3)),
+            trajectory_positions=np.stack([conf.positions + 0.01 * t for t in range(n)]),
+            trajectory_energy=-1.0 - 0.1 * np.arange(n),
+            trajectory_forces=np.zeros((n, conf.n_atoms, 3)), converged=True)
+        future = Future()
+        threading.Timer(float(self.rng.uniform(0, 0.05)), future.set_result, [result]).start()
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_the_k_cut_takes_the_head_of_the_order_whatever_arrives_first(tmp_path, monkeypatch):
+    src = data.connect_for_writing(str(tmp_path / "d0.db"), atomrefs={1: -0.5, 8: -75.0},
+                                   method=METHOD)             # its atomrefs are reused
+    for i in range(8):
+        data.write_conformation(src, data.Conformation(
+            np.array([8, 1, 1]), np.random.default_rng(i).normal(size=(3, 3)), energy=-75.0,
+            forces=np.zeros((3, 3)), smiles="O"), conf_id=i)
+    got = []
+    for seed in (0, 1):
+        pool = DelayedOptimizer(seed)
+        monkeypatch.setattr(make_trajectories.oracles, "make_oracle_pool", lambda args: pool)
+        out = str(tmp_path / f"traj{seed}.db")
+        assert run("--db", str(tmp_path / "d0.db"), "--shuffle", "--mode", "optimize",
+                   "--max_conformations", "10", "--out", out) == 0
+        got.append([(row.conf_id, row.step, row.positions.tolist()) for row in rows(out)])
+    assert got[0] == got[1] and len(got[0]) == 10
+    order = [int(i) + 1 for i in np.random.default_rng(42).permutation(8)]   # row ids
+    expected, n = [], 0
+    for conf_id in order:                      # whole trajectories, the last one cut at 10
+        for step in range(2 + conf_id % 3):
+            if n < 10:
+                expected.append((conf_id, step))
+                n += 1
+    assert [(c, s) for c, s, _ in got[0]] == sorted(expected)

@@ -132,3 +132,29 @@ def test_evaluate_end_to_end(stages):
                    "--db", test, "--out_dir", str(root / "pred")])
     pred = json.load(open(root / "pred" / "summary.json"))
     assert pred["n_conformations"] == 4 and pred["energy_mae_kcal_mol"] > 0
+
+
+def test_golf_twice_gives_the_same_collected_db_and_weights(stages):
+    """Deterministic mode (the default) with real Psi4 and 2 workers: the same command
+    twice adds the same conformations with the same labels and trains the same weights
+    (only the oracle_seconds key, a timing, may differ)."""
+    root, d0, _ = stages
+    runs = []
+    for attempt in ("a", "b"):
+        out = root / f"golf_twice_{attempt}"
+        golf.main(["--d0", d0, "--load_baseline", str(root / "baseline" / "checkpoint.pt"),
+                   "--out_dir", str(out), "--max_oracle_steps", "4", "--utd_ratio", "2",
+                   "--n_parallel", "3", "--timelimit_train", "5", "--batch_size", "8",
+                   "--lr", "1e-3", *ORACLE])
+        collected, _ = data.read_db(str(out / "collected.db"), "total")
+        runs.append((collected, torch.load(out / "checkpoint.pt", weights_only=True)))
+    (a, ckpt_a), (b, ckpt_b) = runs
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.positions, y.positions)
+        np.testing.assert_array_equal(x.forces, y.forces)
+        assert x.energy == y.energy and x.smiles == y.smiles
+        assert {k: v for k, v in x.info.items() if k != "oracle_seconds"} == \
+            {k: v for k, v in y.info.items() if k != "oracle_seconds"}
+    weights_a, weights_b = ckpt_a["model"]["state_dict"], ckpt_b["model"]["state_dict"]
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)

@@ -134,3 +134,17 @@ def test_missing_forces_is_one_clear_error(tmp_path):
     db = write(tmp_path / "bad.db", confs)
     with pytest.raises(data.DataError, match="no forces"):
         run(tmp_path, db, "--total_steps", "1")
+
+
+def test_val_db_validates_on_it_and_trains_on_all_of_db(tmp_path, capsys):
+    train_confs = teacher_labelled(["C", "CO", "CCO", "CN"], 3)
+    val_confs = teacher_labelled(["CC", "NCO"], 2, seed=1)
+    db, val_db = write(tmp_path / "d0.db", train_confs), write(tmp_path / "val.db", val_confs)
+    out = run(tmp_path, db, "--val_db", val_db, "--total_steps", "4", "--eval_every", "4")
+    assert "12 training and 4 validation conformations" in capsys.readouterr().out
+    (record,) = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    model = painn.load_checkpoint(out / "checkpoint.pt").double()
+    expected = train_baseline.prediction_errors(model, data.read_db(val_db, verbose=False)[0],
+                                                dtype=torch.float64)
+    assert record["n_conformations"] == 4
+    assert record["energy_mae_kcal_mol"] == pytest.approx(expected["energy_mae_kcal_mol"])
