@@ -23,8 +23,10 @@ Same function as schnetpack, computed differently for speed on CPU (benchmarks/p
     and the cutoff multiplies the filter net's input, not its wide output (PaiNN.filters);
   * vector features are stored component first, mu [3, n_atoms, F] (schnetpack:
     [n_atoms, 3, F]), so sums over x, y, z add contiguous blocks (Interaction, Mixing);
-  * a batch is evaluated a few molecules at a time (group_molecules), which keeps the
-    per-pair tensors small: 64 molecules cost no more per molecule than 8.
+  * on CPU a batch is evaluated a few molecules at a time (group_molecules), which keeps
+    the per-pair tensors small: 64 molecules cost no more per molecule than 8. On a GPU the
+    whole batch is one pass (`evaluation`: "groups" | "one_pass" | "auto", by device), with
+    no host-device synchronisation per group.
 """
 import itertools
 import math
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 MAX_Z = 100  # size of the element embedding (atomic numbers 0..99)
 MAX_GROUP_PAIRS = 8192  # atom pairs per pass of the network, see group_molecules
+EVALUATIONS = ("auto", "groups", "one_pass")  # PaiNN.evaluation, see PaiNN.forward
 
 # wB97X-D/def2-SVP energies of isolated atoms (Hartree), the `atomrefs` of nablaDFT.
 # The official GOLF checkpoints predict E - sum_i NABLADFT_ATOMREFS[z_i].
@@ -52,8 +55,9 @@ NABLADFT_ATOMREFS = {
 # ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def neighbor_pairs(positions, batch, n_molecules, cutoff, skin=1e-4):
-    """All ordered pairs (i, j), i != j, of atoms of the same molecule closer than `cutoff`.
+def neighbor_pairs(positions, batch, n_molecules, cutoff, skin=1e-4, half=False):
+    """All ordered pairs (i, j), i != j, of atoms of the same molecule closer than `cutoff`
+    (half=True: only those with i < j, each pair {i, j} once).
 
     Per molecule, in one padded block: positions are scattered into [n_molecules, max_n, 3],
     all distances come from one batched torch.cdist, and a mask keeps real, distinct
@@ -73,7 +77,10 @@ def neighbor_pairs(positions, batch, n_molecules, cutoff, skin=1e-4):
     real[batch, local] = True
     dist = torch.cdist(padded, padded)                                   # [n_mol, max_n, max_n]
     mask = (dist < cutoff + skin) & real[:, :, None] & real[:, None, :]
-    mask.diagonal(dim1=1, dim2=2).fill_(False)                           # no self pairs
+    if half:                                                             # i < j only
+        mask = mask.triu_(diagonal=1)
+    else:
+        mask.diagonal(dim1=1, dim2=2).fill_(False)                       # no self pairs
     mol, a, b = mask.nonzero(as_tuple=True)
     return first_atom[mol] + a, first_atom[mol] + b
 
@@ -190,6 +197,7 @@ class PaiNN(nn.Module):
         self.n_interactions = n_interactions
         self.cutoff = cutoff
         self.max_group_pairs = MAX_GROUP_PAIRS  # atom pairs per pass, see group_molecules
+        self.evaluation = "auto"                # one of EVALUATIONS, see evaluation_mode
         self.register_buffer("rbf_frequencies", torch.arange(1, n_rbf + 1) * math.pi / cutoff)
         self.embedding = nn.Embedding(MAX_Z, n_atom_basis)
         # one filter net for all blocks: n_rbf -> n_interactions * 3F
@@ -239,9 +247,7 @@ class PaiNN(nn.Module):
     def atomic_energies(self, z, positions, batch, n_molecules):
         """The network's energy contribution of every atom, [n_atoms] (Hartree)."""
         # pairs (i, j) and (j, i) share distance and filter: keep each pair {a, b} once
-        idx_i, idx_j = neighbor_pairs(positions, batch, n_molecules, self.cutoff)
-        half = idx_i < idx_j
-        a, b = idx_i[half], idx_j[half]                                   # [n_half]
+        a, b = neighbor_pairs(positions, batch, n_molecules, self.cutoff, half=True)  # [n_half]
         r_ab = positions.index_select(0, b) - positions.index_select(0, a)  # [n_half, 3]
         d_ab = torch.linalg.vector_norm(r_ab, dim=1)                      # [n_half]
         unit_ab = r_ab / d_ab[:, None]
@@ -257,11 +263,18 @@ class PaiNN(nn.Module):
             q, mu = mixing(q, mu)
         return self.energy_head(q).squeeze(-1)                            # [n_atoms]
 
+    def evaluation_mode(self, device):
+        """How a call is evaluated: "groups" of molecules (CPU: see group_molecules) or the
+        whole batch in "one_pass" (GPU: fewer, bigger kernels, no sync per group)."""
+        if self.evaluation == "auto":
+            return "groups" if torch.device(device).type == "cpu" else "one_pass"
+        return self.evaluation
+
     def forward(self, z, positions, batch, n_molecules=None, create_graph=None):
         """Energies [n_molecules] (float64, Hartree) and forces [n_atoms, 3] = -dE/dX.
 
         create_graph (default: self.training) keeps the graph of the forces, needed when
-        the forces enter the loss (Eq. 2)."""
+        the forces enter the loss (Eq. 2). Both evaluation modes give the same numbers."""
         if n_molecules is None:
             n_molecules = int(batch.max()) + 1 if batch.numel() else 0
         if create_graph is None:
@@ -269,24 +282,35 @@ class PaiNN(nn.Module):
         if bool((batch[1:] < batch[:-1]).any()):
             raise ValueError("batch must be sorted: the atoms of a molecule contiguous, "
                              "molecules in increasing order")
-        counts = torch.bincount(batch, minlength=n_molecules).tolist()   # atoms per molecule
-        first_atom = [0] + list(itertools.accumulate(counts))
-        energy_net, grad = [], []
-        with torch.enable_grad():
+        if self.evaluation_mode(positions.device) == "one_pass" and len(positions):
+            energy_net, forces = self.energy_and_forces_net(z, positions, batch, n_molecules,
+                                                            create_graph)
+        else:
+            counts = torch.bincount(batch, minlength=n_molecules).tolist()   # atoms per molecule
+            first_atom = [0] + list(itertools.accumulate(counts))
+            energy_net, forces = [], []
             # molecules are independent: evaluate them a group at a time (see group_molecules)
             for m0, m1 in group_molecules(counts, self.max_group_pairs):
                 a0, a1 = first_atom[m0], first_atom[m1]
-                pos = positions[a0:a1]                                    # [n_group_atoms, 3]
-                if not pos.requires_grad:
-                    pos = pos.detach().requires_grad_(True)
-                mol = batch[a0:a1] - m0
-                atomic = self.atomic_energies(z[a0:a1], pos, mol, m1 - m0)
-                energy = atomic.new_zeros(m1 - m0).index_add(0, mol, atomic)  # [m1 - m0]
-                energy_net.append(energy)
-                grad += torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
-        energy_net = torch.cat(energy_net) if energy_net else positions.new_zeros(0)
-        grad = torch.cat(grad) if grad else torch.zeros_like(positions)
+                e, f = self.energy_and_forces_net(z[a0:a1], positions[a0:a1],
+                                                  batch[a0:a1] - m0, m1 - m0, create_graph)
+                energy_net.append(e)
+                forces.append(f)
+            energy_net = torch.cat(energy_net) if energy_net else positions.new_zeros(0)
+            forces = torch.cat(forces) if forces else torch.zeros_like(positions)
         energy = energy_net.double() + self.reference_energy(z, batch, n_molecules)
+        return energy, forces
+
+    def energy_and_forces_net(self, z, positions, batch, n_molecules, create_graph):
+        """One pass of the network (its own autograd graph): the network's energies
+        [n_molecules] (model dtype, no references) and forces [n_atoms, 3]."""
+        with torch.enable_grad():
+            pos = positions
+            if not pos.requires_grad:
+                pos = pos.detach().requires_grad_(True)
+            atomic = self.atomic_energies(z, pos, batch, n_molecules)        # [n_atoms]
+            energy = atomic.new_zeros(n_molecules).index_add(0, batch, atomic)
+            grad, = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
         return energy, -grad
 
 
