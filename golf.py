@@ -215,10 +215,13 @@ class Golf:
         """Line 10: pay owed updates, each on a minibatch with a D0 share."""
         n = self.updates_owed if max_updates is None else min(self.updates_owed, max_updates)
         for _ in range(n):
-            self.stats["loss"] = self.trainer.update(self.buffer.sample(self.args.batch_size))
+            loss = self.trainer.update(self.buffer.sample_batch(self.args.batch_size,
+                                                                self.args.device, self.dtype))
             self.updates_owed -= 1
             if self.trainer.step % self.args.checkpoint_every == 0:
                 self.save()
+        if n:
+            self.stats["loss"] = float(loss)     # read once: it waits for the device
         self.bar.set_postfix(added=self.stats["n_added"], jobs=len(self.in_flight),
                              failed=self.stats["n_failed"], loss=f"{self.stats['loss']:.2e}",
                              lr=f"{self.trainer.lr:.1e}")
