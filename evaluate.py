@@ -31,7 +31,7 @@ import data
 import optimizers
 import oracles
 import painn
-from train_baseline import prediction_errors
+from train_baseline import add_compile_arg, prediction_errors
 
 EVAL_STEPS = "1,2,3,5,8,13,21,30,50,75,100"
 
@@ -164,6 +164,8 @@ def evaluate_optimization(args):
         eval_steps = [eval_steps[-1]]
     else:
         model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
+        if args.compile:
+            model.compile_network()
         steps_of = nnp_optimize(model, todo, args, set(eval_steps))
 
     with oracles.make_oracle_pool(args) as pool:
@@ -372,6 +374,7 @@ def parse_args(argv=None):
     p.add_argument("--energy_kind", choices=data.ENERGY_KINDS, default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    add_compile_arg(p)
     p.add_argument("--summaries", nargs="+", help="--task table: summary.json files")
     p.add_argument("--names", nargs="+", help="--task table: row names")
     optimizers.add_optimizer_args(p)
@@ -397,6 +400,8 @@ def main(argv=None):
     if args.task == "prediction":
         confs, _ = data.read_db(args.db, args.energy_kind, require_energy=True, require_forces=True)
         model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
+        if args.compile:
+            model.compile_network()
         summary = prediction_errors(model, confs, args.batch_size, args.device,
                                     getattr(torch, args.dtype))
     else:

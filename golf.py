@@ -303,6 +303,8 @@ def main(argv=None):
         sys.exit(f"error: {args.out_dir} holds a GOLF run; pass --resume to continue it")
     torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
     model = painn.load_checkpoint(args.load_baseline).to(args.device, getattr(torch, args.dtype))
+    if args.compile:
+        model.compile_network()
     with oracles.make_oracle_pool(args) as pool:
         golf = Golf(args, d0, model, pool, rng)
         if args.resume:

@@ -198,6 +198,7 @@ class PaiNN(nn.Module):
         self.cutoff = cutoff
         self.max_group_pairs = MAX_GROUP_PAIRS  # atom pairs per pass, see group_molecules
         self.evaluation = "auto"                # one of EVALUATIONS, see evaluation_mode
+        self.compiled_network = None            # see compile_network
         self.register_buffer("rbf_frequencies", torch.arange(1, n_rbf + 1) * math.pi / cutoff)
         self.embedding = nn.Embedding(MAX_Z, n_atom_basis)
         # one filter net for all blocks: n_rbf -> n_interactions * 3F
@@ -244,10 +245,29 @@ class PaiNN(nn.Module):
         weight = torch.cat([self.filter_net.weight, self.filter_net.bias[:, None]], dim=1)
         return (rbf * fc) @ weight.T                                      # [n, n_int*3F]
 
-    def atomic_energies(self, z, positions, batch, n_molecules):
-        """The network's energy contribution of every atom, [n_atoms] (Hartree)."""
+    def atomic_energies(self, z, positions, batch, n_molecules, compiled=False):
+        """The network's energy contribution of every atom, [n_atoms] (Hartree). compiled:
+        use the torch.compile'd network if compile_network() made one."""
         # pairs (i, j) and (j, i) share distance and filter: keep each pair {a, b} once
         a, b = neighbor_pairs(positions, batch, n_molecules, self.cutoff, half=True)  # [n_half]
+        use_compiled = compiled and self.compiled_network is not None and (
+            positions.device.type != "cpu" or torch.get_num_threads() == 1)
+        network = self.compiled_network if use_compiled else self.network
+        return network(z, positions, a, b)
+
+    def compile_network(self):
+        """torch.compile the network (dynamic shapes: every batch has its own atom and pair
+        counts) for the calls without a graph of the forces: NNP-optimization and
+        validation. Training steps stay eager: torch.compile's autograd has no double
+        backward, which a loss on forces needs (Eq. 2). On CPU the compiled network is used
+        with one torch thread only: with 2 threads torch 2.13's CPU code for it gave wrong
+        forces or crashed (tests/test_painn.py), so more threads run eagerly."""
+        self.compiled_network = torch.compile(self.network, dynamic=True)
+        return self
+
+    def network(self, z, positions, a, b):
+        """Atomic energies [n_atoms] from the pairs {a, b} (a < b) within the cutoff: the
+        part with static control flow, which torch.compile can take whole (compile_network)."""
         r_ab = positions.index_select(0, b) - positions.index_select(0, a)  # [n_half, 3]
         d_ab = torch.linalg.vector_norm(r_ab, dim=1)                      # [n_half]
         unit_ab = r_ab / d_ab[:, None]
@@ -308,7 +328,8 @@ class PaiNN(nn.Module):
             pos = positions
             if not pos.requires_grad:
                 pos = pos.detach().requires_grad_(True)
-            atomic = self.atomic_energies(z, pos, batch, n_molecules)        # [n_atoms]
+            atomic = self.atomic_energies(z, pos, batch, n_molecules,
+                                          compiled=not create_graph)          # [n_atoms]
             energy = atomic.new_zeros(n_molecules).index_add(0, batch, atomic)
             grad, = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
         return energy, -grad

@@ -31,6 +31,14 @@ def add_model_args(parser):
     g.add_argument("--cutoff", type=float, default=5.0, help="Angstrom")
     g.add_argument("--n_rbf", type=int, default=50)
     g.add_argument("--n_atom_basis", type=int, default=128)
+    add_compile_arg(g)
+
+
+def add_compile_arg(parser):
+    """--compile, shared by train_baseline.py, golf.py and evaluate.py."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile PaiNN's network for energy + forces without a "
+                             "graph (NNP-optimization, validation; training steps stay eager)")
 
 
 def add_training_args(parser, total_steps=500_000):
@@ -215,6 +223,8 @@ def main(argv=None):
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
     model = build_model(args, train, atomrefs)
+    if args.compile:
+        model.compile_network()
     trainer = Trainer(model, args, args.total_steps)
     sampler = data.Minibatches(len(train), args.batch_size, rng)
     train_tensors = data.ConformationTensors(train, args.device, trainer.dtype)   # on the device

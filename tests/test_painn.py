@@ -262,3 +262,31 @@ def test_training_gradients_match_schnetpack():
                                                    for k, v in official.items()})
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_compiled_network_gives_the_same_energies_and_forces():
+    """--compile: torch.compile'd network (CPU here, needs a C++ compiler) = eager, for
+    two batch shapes (dynamic shapes, no recompile per batch) and both evaluation modes;
+    a training step (create_graph) still runs, eagerly."""
+    torch.manual_seed(1)
+    eager = painn.PaiNN(n_atom_basis=16, n_interactions=2, n_rbf=8, cutoff=5.0).double().eval()
+    compiled = painn.PaiNN(n_atom_basis=16, n_interactions=2, n_rbf=8, cutoff=5.0).double().eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_network()
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, seed, evaluation in [(1, 1, "one_pass"), (1, 2, "groups"),
+                                            (1, 3, "one_pass"), (2, 1, "one_pass")]:
+            torch.set_num_threads(n_threads)       # 2 threads: compiled code is not used on CPU
+            z, pos, batch = flat(random_molecules(5, np.random.default_rng(seed), 3, 14))
+            compiled.evaluation = eager.evaluation = evaluation
+            e0, f0 = eager(z, pos, batch)
+            e1, f1 = compiled(z, pos, batch)
+            torch.testing.assert_close(e1, e0, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(f1, f0, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
+    compiled.train()
+    energy, forces = compiled(z, pos, batch)
+    (energy.square().sum() + forces.square().sum()).backward()
+    assert all(p.grad is not None for p in compiled.parameters())
