@@ -50,13 +50,33 @@ bench_painn = load_script("painn")
 bench_opt = load_script("optimizers")
 
 
+MOLECULES = {}      # --molecules file: {"z": [...], "pos": [...]}, for a machine without RDKit
+
+
 def molecules(n, seed=0):
-    """n molecules of 30-40 atoms; the distinct ones of the file repeated if n is larger."""
-    try:
-        return load_molecules(n, 30, 40, seed=seed)
-    except SystemExit:
-        distinct = load_molecules(512, 30, 40, seed=seed)
-        return [distinct[i % len(distinct)] for i in range(n)]
+    """n molecules of 30-40 atoms (ETKDG, benchmarks/molecules.py, or the --molecules file);
+    the distinct ones repeated if the file has fewer."""
+    if MOLECULES:
+        distinct = list(zip(MOLECULES["z"], MOLECULES["pos"]))
+    else:
+        try:
+            return load_molecules(n, 30, 40, seed=seed)
+        except SystemExit:
+            distinct = load_molecules(512, 30, 40, seed=seed)
+    return [distinct[i % len(distinct)] for i in range(n)]
+
+
+def save_molecules(path, n, seed):
+    mols = molecules(n, seed)
+    np.savez_compressed(path, n_atoms=[len(z) for z, _ in mols], z=np.concatenate([z for z, _ in mols]),
+                        pos=np.concatenate([p for _, p in mols]))
+    print(f"wrote {n} molecules to {path}")
+
+
+def read_molecules(path):
+    f = np.load(path)
+    split = np.cumsum(f["n_atoms"])[:-1]
+    MOLECULES.update(z=np.split(f["z"], split), pos=np.split(f["pos"], split))
 
 
 class Table:
@@ -83,19 +103,33 @@ class Table:
 
 # ------------------------------------------------------------------------- PaiNN
 def painn_rows(table, args, device, spk):
-    nnp, ours, hparams, state_dict = bench_painn.same_weights(spk, args.seed, device)
-    groups = painn.PaiNN(**hparams)
-    groups.load_state_dict(state_dict)
-    groups = groups.float().to(device)
-    groups.evaluation = "groups"
+    """Our PaiNN vs schnetpack's with the same weights (spk None, where schnetpack is not
+    installed: ours only, random weights, the reference columns left empty)."""
+    if spk is not None:
+        nnp, ours, hparams, state_dict = bench_painn.same_weights(spk, args.seed, device)
+    else:
+        torch.manual_seed(args.seed)
+        ours = painn.PaiNN(**bench_painn.SIZES).float().to(device)
+        nnp, hparams, state_dict = None, dict(ours.hparams), ours.state_dict()
+
+    def our_model(evaluation="auto"):
+        model = painn.PaiNN(**hparams)
+        model.load_state_dict(state_dict)
+        model = model.float().to(device)
+        model.evaluation = evaluation
+        return model
+
+    groups = our_model("groups")
+    timed = lambda fns: bench_painn.compare([f for f in fns if f], args.repeats) + [None]
     for n, goal_ef, goal_train in [(args.n_small, ">= 2x", ">= 2x"),
                                    (args.n_large, ">= 3x", None),
                                    (args.n_train_large, None, ">= 2x")]:
         mols = molecules(n, args.seed)
         z, pos, batch = bench_painn.flat(mols, torch.float32, device)
-        inputs = bench_painn.schnetpack_inputs(spk, mols, device)
+        inputs = bench_painn.schnetpack_inputs(spk, mols, device) if nnp else None
         target_e = torch.randn(n, device=device)
         target_f = torch.randn(len(z), 3, device=device)
+        mse = torch.nn.functional.mse_loss
 
         def ef(model):
             model.eval()
@@ -110,33 +144,27 @@ def painn_rows(table, args, device, spk):
                 model.train()
                 model.zero_grad(set_to_none=True)
                 e, f = model(z, pos, batch, n, create_graph=True)
-                loss = torch.nn.functional.mse_loss(e.float(), target_e) + \
-                    torch.nn.functional.mse_loss(f, target_f)
-                loss.backward()
+                (mse(e.float(), target_e) + mse(f, target_f)).backward()
             return step
 
         def spk_train():
             nnp.train()
             nnp.zero_grad(set_to_none=True)
             o = nnp(dict(inputs))
-            loss = torch.nn.functional.mse_loss(o["energy"], target_e) + \
-                torch.nn.functional.mse_loss(o["forces"], target_f)
-            loss.backward()
+            (mse(o["energy"], target_e) + mse(o["forces"], target_f)).backward()
 
         if goal_ef:
-            t_ours, t_groups, t_spk = bench_painn.compare([ef(ours), ef(groups), spk_ef], args.repeats)
+            t_ours, t_groups, t_spk = timed([ef(ours), ef(groups), spk_ef if nnp else None])[:3]
             table.add(f"PaiNN energy+forces, {n} molecules", t_ours, t_spk, goal_ef)
-            table.add(f"PaiNN energy+forces, {n} molecules, molecule groups (as shipped)",
+            table.add(f"  the same, ours in molecule groups (the CPU mode, as shipped)",
                       t_groups, t_spk)
         if goal_train:
-            t_ours, t_spk = bench_painn.compare([train(ours), spk_train], args.repeats)
+            t_ours, t_spk = timed([train(ours), spk_train if nnp else None])[:2]
             table.add(f"PaiNN training step, {n} molecules", t_ours, t_spk, goal_train)
     if args.compile:
         mols = molecules(args.n_small, args.seed)
         z, pos, batch = bench_painn.flat(mols, torch.float32, device)
-        compiled = painn.PaiNN(**hparams)
-        compiled.load_state_dict(state_dict)
-        compiled = compiled.float().to(device).eval().compile_network()
+        compiled = our_model().eval().compile_network()
         t0 = time.perf_counter()
         compiled(z, pos, batch)
         bench_painn.synchronize()
@@ -144,13 +172,10 @@ def painn_rows(table, args, device, spk):
         e0, f0 = ours.eval()(z, pos, batch)
         e1, f1 = compiled(z, pos, batch)
         diff = max(float((e1 - e0).abs().max()), float((f1 - f0).abs().max()))
-        inputs = bench_painn.schnetpack_inputs(spk, mols, device)
-        t_comp, t_ours, t_spk = bench_painn.compare(
-            [lambda: compiled(z, pos, batch), lambda: ours(z, pos, batch),
-             lambda: nnp.eval()(dict(inputs))], args.repeats)
-        table.add(f"PaiNN energy+forces, {args.n_small} molecules, --compile "
-                  f"(max diff to eager {diff:.1e})", t_comp, t_spk, "pays if < eager")
-        table.add(f"  the same, eager", t_ours, t_spk)
+        t_comp, t_ours = bench_painn.compare([lambda: compiled(z, pos, batch),
+                                              lambda: ours(z, pos, batch)], args.repeats)
+        table.add(f"PaiNN energy+forces, {args.n_small} molecules, --compile vs eager "
+                  f"(max diff {diff:.1e})", t_comp, t_ours, "pays if > 1x")
 
 
 # ------------------------------------------------------------------------- training loop
@@ -191,12 +216,14 @@ def lbfgs_rows(table, args, device):
     model = painn.PaiNN(**bench_painn.SIZES).float().to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    for n, goal, share_goal in [(args.n_small, ">= 50x", "<= 10 %"), (args.n_lbfgs_large, ">= 300x", None)]:
+    for n, goal, share_goal, ref_steps in [
+            (args.n_small, ">= 50x", "<= 10 %", args.reference_steps),
+            (args.n_lbfgs_large, ">= 300x", None, max(1, args.reference_steps // 5))]:
         mols = [(torch.as_tensor(z, device=device), torch.as_tensor(p, device=device))
                 for z, p in molecules(n, args.seed)]
         wall_b, model_b, _, _ = bench_opt.run_batched(model, mols, args.lbfgs_steps, 100, 1.0, False)
-        wall_r, _, _, _ = bench_opt.run_per_molecule(model, mols, args.reference_steps, 100, 1.0)
-        scaled = wall_r * args.lbfgs_steps / args.reference_steps
+        wall_r, _, _, _ = bench_opt.run_per_molecule(model, mols, ref_steps, 100, 1.0)
+        scaled = wall_r * args.lbfgs_steps / ref_steps
         table.add(f"batched L-BFGS vs torch.optim.LBFGS per molecule, {n} molecules x "
                   f"{args.lbfgs_steps} steps", wall_b, scaled, goal, unit="s")
         if share_goal:
@@ -253,7 +280,14 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--molecules", help="read the molecules from this .npz (made with "
+                   "--save_molecules where RDKit is installed) instead of embedding them")
+    p.add_argument("--save_molecules", help="write the 1024 molecules to this .npz and stop")
     args = p.parse_args()
+    if args.save_molecules:
+        return save_molecules(args.save_molecules, 1024, args.seed)
+    if args.molecules:
+        read_molecules(args.molecules)
     sizes = dict(n_small=64, n_large=1024, n_train_large=256, n_lbfgs_large=512,
                  lbfgs_steps=100, reference_steps=5, n_train_confs=512, batch_size=64,
                  train_steps=200)
@@ -273,6 +307,8 @@ def main():
     sections = args.sections.split(",")
     if "painn" in sections:
         painn_rows(table, args, device, bench_painn.import_schnetpack())
+    elif "ours" in sections:          # no schnetpack on the machine: our rows only
+        painn_rows(table, args, device, None)
     if "training" in sections:
         training_rows(table, args, device)
     if "lbfgs" in sections:
