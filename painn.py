@@ -67,7 +67,9 @@ def neighbor_pairs(positions, batch, n_molecules, cutoff, skin=1e-4, half=False)
     `skin` beyond the cutoff; the cosine cutoff gives those exactly zero weight.
     """
     n_atoms = positions.shape[0]
-    counts = torch.bincount(batch, minlength=n_molecules)                 # [n_molecules]
+    counts = torch.zeros(n_molecules, dtype=torch.long, device=positions.device).index_add_(
+        0, batch, torch.ones_like(batch))                                 # [n_molecules]
+    # (not bincount: on a GPU it syncs with the host to size its output)
     first_atom = torch.cumsum(counts, 0) - counts                         # [n_molecules]
     local = torch.arange(n_atoms, device=positions.device) - first_atom[batch]  # [n_atoms]
     max_n = int(counts.max()) if n_atoms else 0

@@ -70,8 +70,8 @@ def energy_force_loss(model, b, energy_loss_coef, force_loss_coef):
     """Eq. 2 on a collated minibatch `b` (data.Batch). Returns the scalar loss."""
     energy, forces = model(b.z, b.positions, b.batch, b.n_molecules, create_graph=True)
     energy_err = (energy - b.energy).to(forces.dtype)                        # [n_molecules]
-    n_atoms = torch.bincount(b.batch, minlength=b.n_molecules).to(forces.dtype)
     force_err = ((forces - b.forces) ** 2).sum(-1)                           # [n_atoms]
+    n_atoms = force_err.new_zeros(b.n_molecules).index_add(0, b.batch, torch.ones_like(force_err))
     force_err = force_err.new_zeros(b.n_molecules).index_add(0, b.batch, force_err) / n_atoms
     return (energy_loss_coef * energy_err ** 2 + force_loss_coef * force_err).mean()
 
