@@ -337,7 +337,7 @@ class BatchedLBFGS(BatchedOptimizer):
         self.ro[rows, new] = torch.where(push, 1.0 / ys, self.ro[rows, new])
         # s_i . y_new for every entry i (the new one included), in age order; it gives both
         # the new column (upper: ro_i s_i . y_new) and the new row (lower: ro_new y_new . s_j)
-        s_y = (self.old_stps * y[:, None, :]).sum(-1).gather(1, self._age_order())  # [S, H]
+        s_y = _dot(self.old_stps, y[:, None, :]).gather(1, self._age_order())    # [S, H]
         self.coef[rows, :, new] = torch.where(pm, self.ro * s_y, self.coef[rows, :, new])
         self.coef[rows, new, :] = torch.where(pm, self.ro[rows, new, None] * s_y,
                                               self.coef[rows, new, :])
@@ -364,13 +364,13 @@ class BatchedLBFGS(BatchedOptimizer):
 
         order = self._age_order()                                            # [S, H]
         q0 = g.neg()
-        s_q = (self.old_stps * q0[:, None, :]).sum(-1).gather(1, order)      # s_i . q0 [S, H]
+        s_q = _dot(self.old_stps, q0[:, None, :]).gather(1, order)          # s_i . q0 [S, H]
         al = torch.linalg.solve_triangular(self.coef, (self.ro * s_q)[..., None], upper=True,
                                            unitriangular=True)[..., 0]       # [S, H]
         al_ring = torch.zeros_like(al).scatter_(1, order, al)
         q = q0 - torch.bmm(al_ring[:, None, :], self.old_dirs)[:, 0]         # [S, D]
         r = q * self.H_diag[:, None]                                         # H_0 = H_diag I
-        y_r = (self.old_dirs * r[:, None, :]).sum(-1).gather(1, order)       # y_i . r0 [S, H]
+        y_r = _dot(self.old_dirs, r[:, None, :]).gather(1, order)           # y_i . r0 [S, H]
         c = torch.linalg.solve_triangular(self.coef, (al - self.ro * y_r)[..., None],
                                           upper=False, unitriangular=True)[..., 0]
         c_ring = torch.zeros_like(c).scatter_(1, order, c)
