@@ -14,8 +14,8 @@ nablaDFT v2 energy databases store formation energies (E minus the sum of atomre
 official GOLF D-0 / D-test store total energies; `read_db` always returns total energies.
 Our writers store total energies.
 
-Also here: batching of molecules of different sizes (flat atoms + molecule index), a
-training sampler, the split into train/validation molecules, and the GOLF replay buffer.
+Also here: batching of molecules of different sizes (flat atoms + molecule index), labelled
+conformations kept as device tensors for training (ConformationTensors), a training sampler, the split into train/validation molecules, and the GOLF replay buffer.
 """
 from __future__ import annotations
 
@@ -263,6 +263,88 @@ def collate(confs, device="cpu", dtype=None):
     return Batch(z, positions, batch, len(confs), energy, forces)
 
 
+class ConformationTensors:
+    """Labelled conformations as flat tensors on one device, so that a minibatch is a
+    gather by index: no Python objects and one small host-to-device copy per step.
+
+        numbers   [n_atoms_total] long       atoms of all conformations, concatenated
+        positions [n_atoms_total, 3] dtype   Angstrom
+        forces    [n_atoms_total, 3] dtype   Hartree/Angstrom
+        energy    [n_confs] float64          Hartree
+        n_atoms, first_atom [n_confs]        host (numpy) copies: the layout of a gather is
+                                             computed on the host, with no device sync
+
+    gather(indices) returns the same Batch as collate([confs[i] for i in indices]);
+    extend(confs) appends (storage grows by doubling, as the replay buffer grows)."""
+
+    def __init__(self, confs=(), device="cpu", dtype=None):
+        import torch
+        self.device, self.dtype = torch.device(device), dtype or torch.float32
+        self.n_confs = self.n_atoms_total = 0
+        self.n_atoms = np.zeros(0, dtype=np.int64)
+        self.first_atom = np.zeros(0, dtype=np.int64)
+        self._numbers = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(0, 3, dtype=self.dtype, device=self.device)
+        self._forces = torch.zeros(0, 3, dtype=self.dtype, device=self.device)
+        self._energy = torch.zeros(0, dtype=torch.float64, device=self.device)
+        self.extend(confs)
+
+    def __len__(self):
+        return self.n_confs
+
+    def extend(self, confs):
+        import torch
+        confs = list(confs)
+        if not confs:
+            return
+        for c in confs:
+            if c.energy is None or c.forces is None:
+                raise ValueError("ConformationTensors holds labelled conformations only")
+        counts = np.array([c.n_atoms for c in confs], dtype=np.int64)
+        n0, a0 = self.n_confs, self.n_atoms_total
+        n1, a1 = n0 + len(confs), a0 + int(counts.sum())
+        if n1 > len(self._energy):                       # grow by doubling
+            self._energy = _grown(self._energy, max(n1, 2 * len(self._energy)))
+            self.n_atoms = np.resize(self.n_atoms, len(self._energy))
+            self.first_atom = np.resize(self.first_atom, len(self._energy))
+        if a1 > len(self._numbers):
+            size = max(a1, 2 * len(self._numbers))
+            self._numbers, self._positions, self._forces = (
+                _grown(t, size) for t in (self._numbers, self._positions, self._forces))
+        put = dict(device=self.device)
+        self._numbers[a0:a1] = torch.as_tensor(np.concatenate([c.numbers for c in confs]), **put)
+        self._positions[a0:a1] = torch.as_tensor(np.concatenate([c.positions for c in confs]),
+                                                 dtype=self.dtype, **put)
+        self._forces[a0:a1] = torch.as_tensor(np.concatenate([c.forces for c in confs]),
+                                              dtype=self.dtype, **put)
+        self._energy[n0:n1] = torch.tensor([c.energy for c in confs], dtype=torch.float64, **put)
+        self.n_atoms[n0:n1] = counts
+        self.first_atom[n0:n1] = a0 + np.cumsum(counts) - counts
+        self.n_confs, self.n_atoms_total = n1, a1
+
+    def gather(self, indices):
+        """The Batch of conformations `indices` (in that order)."""
+        import torch
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        counts = self.n_atoms[idx]                                        # [B] host
+        mol = np.repeat(np.arange(len(idx)), counts)                      # [n] molecule in batch
+        start = np.cumsum(counts) - counts
+        atom = self.first_atom[idx][mol] + np.arange(len(mol)) - start[mol]  # [n] stored atom
+        host = torch.from_numpy(np.concatenate([atom, mol, idx]))
+        atom, mol, idx = host.to(self.device, non_blocking=True).split(
+            [len(atom), len(mol), len(idx)])
+        return Batch(self._numbers.index_select(0, atom), self._positions.index_select(0, atom),
+                     mol, len(idx), self._energy.index_select(0, idx),
+                     self._forces.index_select(0, atom))
+
+
+def _grown(t, size):
+    """t with its first dimension enlarged to `size` (new rows zero)."""
+    new = t.new_zeros(size, *t.shape[1:])
+    new[:len(t)] = t
+    return new
+
+
 # ---------------------------------------------------------------------------------------
 # Training data: reference energies, molecule split, minibatches, replay buffer
 # ---------------------------------------------------------------------------------------
@@ -327,21 +409,36 @@ class ReplayBuffer:
     def __init__(self, initial, initial_conf_pct, rng):
         self.initial, self.collected = list(initial), []
         self.initial_conf_pct, self.rng = initial_conf_pct, rng
+        self.tensors = None          # ConformationTensors of initial + collected, see sample_batch
 
     def add(self, conf):
         self.collected.append(conf)
+        if self.tensors is not None:
+            self.tensors.extend([conf])
 
     def n_from_initial(self, batch_size):
         if not self.collected:
             return batch_size
         return int(round(self.initial_conf_pct * batch_size))
 
-    def sample(self, batch_size):
+    def sample_indices(self, batch_size):
+        """Indices into initial + collected: a share from D0 first, then collected ones."""
         n0 = self.n_from_initial(batch_size)
         idx0 = self.rng.integers(len(self.initial), size=n0)
         idx1 = self.rng.integers(len(self.collected), size=batch_size - n0) if n0 < batch_size \
-            else []
-        return [self.initial[i] for i in idx0] + [self.collected[i] for i in idx1]
+            else np.zeros(0, dtype=np.int64)
+        return np.concatenate([idx0, len(self.initial) + idx1])
+
+    def sample(self, batch_size):
+        n = len(self.initial)
+        return [self.initial[i] if i < n else self.collected[i - n]
+                for i in self.sample_indices(batch_size)]
+
+    def sample_batch(self, batch_size, device="cpu", dtype=None):
+        """The Batch of `sample` (the same draws), gathered from tensors kept on `device`."""
+        if self.tensors is None:
+            self.tensors = ConformationTensors(self.initial + self.collected, device, dtype)
+        return self.tensors.gather(self.sample_indices(batch_size))
 
 
 # ---------------------------------------------------------------------------------------

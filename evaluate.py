@@ -41,7 +41,7 @@ import optimizers
 import oracles
 import painn
 import report
-from train_baseline import prediction_errors
+from train_baseline import add_compile_arg, prediction_errors
 
 EVAL_STEPS = "1,2,3,5,8,13,21,30,50,75,100"
 
@@ -304,6 +304,8 @@ def evaluate_optimization(args):
         eval_steps = [eval_steps[-1]]
     else:
         model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
+        if args.compile:
+            model.compile_network()
         steps_of = nnp_optimize(model, todo, args, set(eval_steps))
 
     with oracles.make_oracle_pool(args) as pool:
@@ -644,6 +646,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--page_conformations", type=int, default=4,
                    help="conformations.html shows this many test conformations in 3D (0: none)")
+    add_compile_arg(p)
     p.add_argument("--summaries", nargs="+", help="--task table: summary.json files")
     p.add_argument("--names", nargs="+", help="--task table: row names")
     p.add_argument("--figures", help="--task table: folder for Figures 1-3 of all the summaries")
@@ -685,6 +688,8 @@ def main(argv=None):
     if args.task == "prediction":
         confs, _ = data.read_db(args.db, args.energy_kind, require_energy=True, require_forces=True)
         model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
+        if args.compile:
+            model.compile_network()
         summary = prediction_errors(model, confs, args.batch_size, args.device,
                                     getattr(torch, args.dtype))
     else:

@@ -249,10 +249,13 @@ class Golf:
         """Line 10: pay owed updates, each on a minibatch with a D0 share."""
         n = self.updates_owed if max_updates is None else min(self.updates_owed, max_updates)
         for _ in range(n):
-            self.stats["loss"] = self.trainer.update(self.buffer.sample(self.args.batch_size))
+            loss = self.trainer.update(self.buffer.sample_batch(self.args.batch_size,
+                                                                self.args.device, self.dtype))
             self.updates_owed -= 1
             if self.trainer.step % self.args.checkpoint_every == 0:
                 self.save()
+        if n:
+            self.stats["loss"] = float(loss)     # read once: it waits for the device
         self.bar.set_postfix(added=self.stats["n_added"], jobs=len(self.in_flight),
                              failed=self.stats["n_failed"], loss=f"{self.stats['loss']:.2e}",
                              lr=f"{self.trainer.lr:.1e}")
@@ -336,6 +339,8 @@ def main(argv=None):
         sys.exit(f"error: {args.out_dir} holds a GOLF run; pass --resume to continue it")
     torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
     model = painn.load_checkpoint(args.load_baseline).to(args.device, getattr(torch, args.dtype))
+    if args.compile:
+        model.compile_network()
     with oracles.make_oracle_pool(args) as pool:
         golf = Golf(args, d0, model, pool, rng)
         if args.resume:

@@ -291,55 +291,91 @@ class BatchedLBFGS(BatchedOptimizer):
         self.prev_flat_grad = torch.zeros(S, 0, **f64)  # g before the last update [S, D]
         self.prev_loss = torch.zeros(S, **f64)          # E before the last update [S]
         self.H_diag = torch.ones(S, **f64)              # initial inverse Hessian scale
-        # curvature pairs, oldest first like torch's lists: y = g_{k+1} - g_k, s = x_{k+1} - x_k.
-        # Unused entries are zero with ro = 0, so they are exact no-ops in the two-loop.
-        self.old_dirs = torch.zeros(S, H, 0, **f64)     # y                        [S, H, D]
-        self.old_stps = torch.zeros(S, H, 0, **f64)     # s                        [S, H, D]
-        self.ro = torch.zeros(S, H, **f64)              # 1 / (y . s)              [S, H]
+        # curvature pairs y = g_{k+1} - g_k, s = x_{k+1} - x_k. torch keeps lists, oldest
+        # first, and pops the oldest when full. Here the vectors sit in a ring of H entries
+        # per slot (the oldest at hist_start; a full ring overwrites its oldest entry instead
+        # of shifting H rows); the small per-entry numbers are kept oldest first ("age
+        # order"). Unused entries are zero with ro = 0, so they are exact no-ops.
+        self.old_dirs = torch.zeros(S, H, 0, **f64)     # y, ring order            [S, H, D]
+        self.old_stps = torch.zeros(S, H, 0, **f64)     # s, ring order            [S, H, D]
+        self.ro = torch.zeros(S, H, **f64)              # 1 / (y . s), age order   [S, H]
+        # the two-loop's coefficients in age order (see _lbfgs_direction), diagonal unused:
+        #   upper, j > i: ro_i s_i . y_j        lower, j < i: ro_i y_i . s_j
+        self.coef = torch.zeros(S, H, H, **f64)         # [S, H, H]
         self.hist_len = torch.zeros(S, dtype=torch.long, device=self.device)
+        self.hist_start = torch.zeros(S, dtype=torch.long, device=self.device)
         self._padded += ["d", "prev_flat_grad", "old_dirs", "old_stps"]
 
     def _reset_state(self, k):
         for name in ["n_iter", "d", "t", "prev_flat_grad", "prev_loss", "old_dirs",
-                     "old_stps", "ro", "hist_len"]:
+                     "old_stps", "ro", "coef", "hist_len", "hist_start"]:
             getattr(self, name)[k] = 0
         self.H_diag[k] = 1.0
+
+    def _age_order(self):
+        """Ring entry of the i-th oldest pair of every slot, [S, H]."""
+        H = self.history_size
+        return (self.hist_start[:, None] + torch.arange(H, device=self.device)) % H
+
+    def _push(self, y, s, ys, push):
+        """Append the curvature pair (y, s) to the memory of the slots `push` [S], dropping
+        the oldest pair when the memory is full. No host sync: all slots are computed, and
+        the others' rows are written back unchanged."""
+        S, H = self.n_slots, self.history_size
+        rows = torch.arange(S, device=self.device)
+        full = self.hist_len == H
+        ring = torch.where(full, self.hist_start, self.hist_start + self.hist_len) % H  # [S]
+        pm = push[:, None]
+        self.old_dirs[rows, ring] = torch.where(pm, y, self.old_dirs[rows, ring])
+        self.old_stps[rows, ring] = torch.where(pm, s, self.old_stps[rows, ring])
+        shift = (push & full)[:, None]                   # age order: drop the oldest
+        self.ro[:, :-1] = torch.where(shift, self.ro[:, 1:], self.ro[:, :-1])
+        self.coef[:, :-1, :-1] = torch.where(shift[..., None], self.coef[:, 1:, 1:],
+                                             self.coef[:, :-1, :-1])
+        self.hist_start = torch.where(push & full, (self.hist_start + 1) % H, self.hist_start)
+        self.hist_len = torch.where(push, (self.hist_len + 1).clamp(max=H), self.hist_len)
+        new = self.hist_len - 1                          # age of the new pair (if pushed)
+        self.ro[rows, new] = torch.where(push, 1.0 / ys, self.ro[rows, new])
+        # s_i . y_new for every entry i (the new one included), in age order; it gives both
+        # the new column (upper: ro_i s_i . y_new) and the new row (lower: ro_new y_new . s_j)
+        s_y = _dot(self.old_stps, y[:, None, :]).gather(1, self._age_order())    # [S, H]
+        self.coef[rows, :, new] = torch.where(pm, self.ro * s_y, self.coef[rows, :, new])
+        self.coef[rows, new, :] = torch.where(pm, self.ro[rows, new, None] * s_y,
+                                              self.coef[rows, new, :])
 
     def _lbfgs_direction(self, g, update):
         """For slots `update` [S]: add the curvature pair (y, s) of the last update to the
         memory if y.s > 1e-10 and return d = -H g by the two-loop recursion [S, D]
-        (rows of other slots are computed too, and must be ignored)."""
+        (rows of other slots are computed too, and must be ignored).
+
+        torch.optim.LBFGS's two loops (entries i = 0..m-1, oldest first)
+            q = -g;  for i = m-1..0: al_i = ro_i s_i.q,  q -= al_i y_i
+            r = H_diag q;  for i = 0..m-1: be_i = ro_i y_i.r,  r += (al_i - be_i) s_i
+        are, written out, two unit-triangular systems in the coefficients kept by _push,
+        so each loop is one batched triangular solve instead of m dependent steps:
+            al_i + sum_{j>i} ro_i (s_i.y_j) al_j = ro_i s_i.q0,              q0 = -g
+            c_i  + sum_{j<i} ro_i (y_i.s_j) c_j  = al_i - ro_i y_i.r0,        c = al - be
+        with q = q0 - sum_i al_i y_i, r0 = H_diag q, d = r0 + sum_i c_i s_i."""
         y = g - self.prev_flat_grad                                          # [S, D]
         s = self.d * self.t[:, None]                                         # [S, D]
         ys = _dot(y, s)                                                      # [S]
         push = update & (ys > 1e-10)
-        if bool(push.any()):
-            H = self.history_size
-            full = torch.nonzero(push & (self.hist_len == H))[:, 0]
-            if len(full):   # limited memory: drop the oldest pair (torch: list.pop(0))
-                self.old_dirs[full, :-1] = self.old_dirs[full, 1:]
-                self.old_stps[full, :-1] = self.old_stps[full, 1:]
-                self.ro[full, :-1] = self.ro[full, 1:]
-            idx = torch.nonzero(push)[:, 0]
-            col = self.hist_len[idx].clamp(max=H - 1)                        # append here
-            self.old_dirs[idx, col] = y[idx]
-            self.old_stps[idx, col] = s[idx]
-            self.ro[idx, col] = 1.0 / ys[idx]
-            self.hist_len[idx] = col + 1
-            self.H_diag = torch.where(push, ys / _dot(y, y), self.H_diag)
+        self._push(y, s, ys, push)
+        self.H_diag = torch.where(push, ys / _dot(y, y), self.H_diag)
 
-        # two-loop recursion, vectorized over molecules, sequential over the memory
-        num_old = int(torch.where(update, self.hist_len, 0).max())
-        q = g.neg()
-        al = [None] * num_old
-        for i in range(num_old - 1, -1, -1):                                 # newest first
-            al[i] = _dot(self.old_stps[:, i], q) * self.ro[:, i]
-            q.addcmul_(al[i][:, None], self.old_dirs[:, i], value=-1.0)
+        order = self._age_order()                                            # [S, H]
+        q0 = g.neg()
+        s_q = _dot(self.old_stps, q0[:, None, :]).gather(1, order)          # s_i . q0 [S, H]
+        al = torch.linalg.solve_triangular(self.coef, (self.ro * s_q)[..., None], upper=True,
+                                           unitriangular=True)[..., 0]       # [S, H]
+        al_ring = torch.zeros_like(al).scatter_(1, order, al)
+        q = q0 - torch.bmm(al_ring[:, None, :], self.old_dirs)[:, 0]         # [S, D]
         r = q * self.H_diag[:, None]                                         # H_0 = H_diag I
-        for i in range(num_old):                                             # oldest first
-            be_i = _dot(self.old_dirs[:, i], r) * self.ro[:, i]
-            r.addcmul_((al[i] - be_i)[:, None], self.old_stps[:, i])
-        return r
+        y_r = _dot(self.old_dirs, r[:, None, :]).gather(1, order)           # y_i . r0 [S, H]
+        c = torch.linalg.solve_triangular(self.coef, (al - self.ro * y_r)[..., None],
+                                          upper=False, unitriangular=True)[..., 0]
+        c_ring = torch.zeros_like(c).scatter_(1, order, c)
+        return r + torch.bmm(c_ring[:, None, :], self.old_stps)[:, 0]
 
     @torch.no_grad()
     def step(self, energy_and_forces):

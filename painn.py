@@ -23,8 +23,10 @@ Same function as schnetpack, computed differently for speed on CPU (benchmarks/p
     and the cutoff multiplies the filter net's input, not its wide output (PaiNN.filters);
   * vector features are stored component first, mu [3, n_atoms, F] (schnetpack:
     [n_atoms, 3, F]), so sums over x, y, z add contiguous blocks (Interaction, Mixing);
-  * a batch is evaluated a few molecules at a time (group_molecules), which keeps the
-    per-pair tensors small: 64 molecules cost no more per molecule than 8.
+  * on CPU a batch is evaluated a few molecules at a time (group_molecules), which keeps
+    the per-pair tensors small: 64 molecules cost no more per molecule than 8. On a GPU the
+    whole batch is one pass (`evaluation`: "groups" | "one_pass" | "auto", by device), with
+    no host-device synchronisation per group.
 """
 import itertools
 import math
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 MAX_Z = 100  # size of the element embedding (atomic numbers 0..99)
 MAX_GROUP_PAIRS = 8192  # atom pairs per pass of the network, see group_molecules
+EVALUATIONS = ("auto", "groups", "one_pass")  # PaiNN.evaluation, see PaiNN.forward
 
 # wB97X-D/def2-SVP energies of isolated atoms (Hartree), the `atomrefs` of nablaDFT.
 # The official GOLF checkpoints predict E - sum_i NABLADFT_ATOMREFS[z_i].
@@ -52,8 +55,9 @@ NABLADFT_ATOMREFS = {
 # ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def neighbor_pairs(positions, batch, n_molecules, cutoff, skin=1e-4):
-    """All ordered pairs (i, j), i != j, of atoms of the same molecule closer than `cutoff`.
+def neighbor_pairs(positions, batch, n_molecules, cutoff, skin=1e-4, half=False):
+    """All ordered pairs (i, j), i != j, of atoms of the same molecule closer than `cutoff`
+    (half=True: only those with i < j, each pair {i, j} once).
 
     Per molecule, in one padded block: positions are scattered into [n_molecules, max_n, 3],
     all distances come from one batched torch.cdist, and a mask keeps real, distinct
@@ -63,7 +67,9 @@ def neighbor_pairs(positions, batch, n_molecules, cutoff, skin=1e-4):
     `skin` beyond the cutoff; the cosine cutoff gives those exactly zero weight.
     """
     n_atoms = positions.shape[0]
-    counts = torch.bincount(batch, minlength=n_molecules)                 # [n_molecules]
+    counts = torch.zeros(n_molecules, dtype=torch.long, device=positions.device).index_add_(
+        0, batch, torch.ones_like(batch))                                 # [n_molecules]
+    # (not bincount: on a GPU it syncs with the host to size its output)
     first_atom = torch.cumsum(counts, 0) - counts                         # [n_molecules]
     local = torch.arange(n_atoms, device=positions.device) - first_atom[batch]  # [n_atoms]
     max_n = int(counts.max()) if n_atoms else 0
@@ -73,7 +79,10 @@ def neighbor_pairs(positions, batch, n_molecules, cutoff, skin=1e-4):
     real[batch, local] = True
     dist = torch.cdist(padded, padded)                                   # [n_mol, max_n, max_n]
     mask = (dist < cutoff + skin) & real[:, :, None] & real[:, None, :]
-    mask.diagonal(dim1=1, dim2=2).fill_(False)                           # no self pairs
+    if half:                                                             # i < j only
+        mask = mask.triu_(diagonal=1)
+    else:
+        mask.diagonal(dim1=1, dim2=2).fill_(False)                       # no self pairs
     mol, a, b = mask.nonzero(as_tuple=True)
     return first_atom[mol] + a, first_atom[mol] + b
 
@@ -190,6 +199,8 @@ class PaiNN(nn.Module):
         self.n_interactions = n_interactions
         self.cutoff = cutoff
         self.max_group_pairs = MAX_GROUP_PAIRS  # atom pairs per pass, see group_molecules
+        self.evaluation = "auto"                # one of EVALUATIONS, see evaluation_mode
+        self.compiled_network = None            # see compile_network
         self.register_buffer("rbf_frequencies", torch.arange(1, n_rbf + 1) * math.pi / cutoff)
         self.embedding = nn.Embedding(MAX_Z, n_atom_basis)
         # one filter net for all blocks: n_rbf -> n_interactions * 3F
@@ -236,12 +247,29 @@ class PaiNN(nn.Module):
         weight = torch.cat([self.filter_net.weight, self.filter_net.bias[:, None]], dim=1)
         return (rbf * fc) @ weight.T                                      # [n, n_int*3F]
 
-    def atomic_energies(self, z, positions, batch, n_molecules):
-        """The network's energy contribution of every atom, [n_atoms] (Hartree)."""
+    def atomic_energies(self, z, positions, batch, n_molecules, compiled=False):
+        """The network's energy contribution of every atom, [n_atoms] (Hartree). compiled:
+        use the torch.compile'd network if compile_network() made one."""
         # pairs (i, j) and (j, i) share distance and filter: keep each pair {a, b} once
-        idx_i, idx_j = neighbor_pairs(positions, batch, n_molecules, self.cutoff)
-        half = idx_i < idx_j
-        a, b = idx_i[half], idx_j[half]                                   # [n_half]
+        a, b = neighbor_pairs(positions, batch, n_molecules, self.cutoff, half=True)  # [n_half]
+        use_compiled = compiled and self.compiled_network is not None and (
+            positions.device.type != "cpu" or torch.get_num_threads() == 1)
+        network = self.compiled_network if use_compiled else self.network
+        return network(z, positions, a, b)
+
+    def compile_network(self):
+        """torch.compile the network (dynamic shapes: every batch has its own atom and pair
+        counts) for the calls without a graph of the forces: NNP-optimization and
+        validation. Training steps stay eager: torch.compile's autograd has no double
+        backward, which a loss on forces needs (Eq. 2). On CPU the compiled network is used
+        with one torch thread only: with 2 threads torch 2.13's CPU code for it gave wrong
+        forces or crashed (tests/test_painn.py), so more threads run eagerly."""
+        self.compiled_network = torch.compile(self.network, dynamic=True)
+        return self
+
+    def network(self, z, positions, a, b):
+        """Atomic energies [n_atoms] from the pairs {a, b} (a < b) within the cutoff: the
+        part with static control flow, which torch.compile can take whole (compile_network)."""
         r_ab = positions.index_select(0, b) - positions.index_select(0, a)  # [n_half, 3]
         d_ab = torch.linalg.vector_norm(r_ab, dim=1)                      # [n_half]
         unit_ab = r_ab / d_ab[:, None]
@@ -257,11 +285,18 @@ class PaiNN(nn.Module):
             q, mu = mixing(q, mu)
         return self.energy_head(q).squeeze(-1)                            # [n_atoms]
 
+    def evaluation_mode(self, device):
+        """How a call is evaluated: "groups" of molecules (CPU: see group_molecules) or the
+        whole batch in "one_pass" (GPU: fewer, bigger kernels, no sync per group)."""
+        if self.evaluation == "auto":
+            return "groups" if torch.device(device).type == "cpu" else "one_pass"
+        return self.evaluation
+
     def forward(self, z, positions, batch, n_molecules=None, create_graph=None):
         """Energies [n_molecules] (float64, Hartree) and forces [n_atoms, 3] = -dE/dX.
 
         create_graph (default: self.training) keeps the graph of the forces, needed when
-        the forces enter the loss (Eq. 2)."""
+        the forces enter the loss (Eq. 2). Both evaluation modes give the same numbers."""
         if n_molecules is None:
             n_molecules = int(batch.max()) + 1 if batch.numel() else 0
         if create_graph is None:
@@ -269,24 +304,36 @@ class PaiNN(nn.Module):
         if bool((batch[1:] < batch[:-1]).any()):
             raise ValueError("batch must be sorted: the atoms of a molecule contiguous, "
                              "molecules in increasing order")
-        counts = torch.bincount(batch, minlength=n_molecules).tolist()   # atoms per molecule
-        first_atom = [0] + list(itertools.accumulate(counts))
-        energy_net, grad = [], []
-        with torch.enable_grad():
+        if self.evaluation_mode(positions.device) == "one_pass" and len(positions):
+            energy_net, forces = self.energy_and_forces_net(z, positions, batch, n_molecules,
+                                                            create_graph)
+        else:
+            counts = torch.bincount(batch, minlength=n_molecules).tolist()   # atoms per molecule
+            first_atom = [0] + list(itertools.accumulate(counts))
+            energy_net, forces = [], []
             # molecules are independent: evaluate them a group at a time (see group_molecules)
             for m0, m1 in group_molecules(counts, self.max_group_pairs):
                 a0, a1 = first_atom[m0], first_atom[m1]
-                pos = positions[a0:a1]                                    # [n_group_atoms, 3]
-                if not pos.requires_grad:
-                    pos = pos.detach().requires_grad_(True)
-                mol = batch[a0:a1] - m0
-                atomic = self.atomic_energies(z[a0:a1], pos, mol, m1 - m0)
-                energy = atomic.new_zeros(m1 - m0).index_add(0, mol, atomic)  # [m1 - m0]
-                energy_net.append(energy)
-                grad += torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
-        energy_net = torch.cat(energy_net) if energy_net else positions.new_zeros(0)
-        grad = torch.cat(grad) if grad else torch.zeros_like(positions)
+                e, f = self.energy_and_forces_net(z[a0:a1], positions[a0:a1],
+                                                  batch[a0:a1] - m0, m1 - m0, create_graph)
+                energy_net.append(e)
+                forces.append(f)
+            energy_net = torch.cat(energy_net) if energy_net else positions.new_zeros(0)
+            forces = torch.cat(forces) if forces else torch.zeros_like(positions)
         energy = energy_net.double() + self.reference_energy(z, batch, n_molecules)
+        return energy, forces
+
+    def energy_and_forces_net(self, z, positions, batch, n_molecules, create_graph):
+        """One pass of the network (its own autograd graph): the network's energies
+        [n_molecules] (model dtype, no references) and forces [n_atoms, 3]."""
+        with torch.enable_grad():
+            pos = positions
+            if not pos.requires_grad:
+                pos = pos.detach().requires_grad_(True)
+            atomic = self.atomic_energies(z, pos, batch, n_molecules,
+                                          compiled=not create_graph)          # [n_atoms]
+            energy = atomic.new_zeros(n_molecules).index_add(0, batch, atomic)
+            grad, = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
         return energy, -grad
 
 

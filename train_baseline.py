@@ -37,6 +37,14 @@ def add_model_args(parser):
     g.add_argument("--cutoff", type=float, default=5.0, help="Angstrom")
     g.add_argument("--n_rbf", type=int, default=50)
     g.add_argument("--n_atom_basis", type=int, default=128)
+    add_compile_arg(g)
+
+
+def add_compile_arg(parser):
+    """--compile, shared by train_baseline.py, golf.py and evaluate.py."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile PaiNN's network for energy + forces without a "
+                             "graph (NNP-optimization, validation; training steps stay eager)")
 
 
 def add_training_args(parser, total_steps=500_000):
@@ -68,40 +76,49 @@ def energy_force_loss(model, b, energy_loss_coef, force_loss_coef):
     """Eq. 2 on a collated minibatch `b` (data.Batch). Returns the scalar loss."""
     energy, forces = model(b.z, b.positions, b.batch, b.n_molecules, create_graph=True)
     energy_err = (energy - b.energy).to(forces.dtype)                        # [n_molecules]
-    n_atoms = torch.bincount(b.batch, minlength=b.n_molecules).to(forces.dtype)
     force_err = ((forces - b.forces) ** 2).sum(-1)                           # [n_atoms]
+    n_atoms = force_err.new_zeros(b.n_molecules).index_add(0, b.batch, torch.ones_like(force_err))
     force_err = force_err.new_zeros(b.n_molecules).index_add(0, b.batch, force_err) / n_atoms
     return (energy_loss_coef * energy_err ** 2 + force_loss_coef * force_err).mean()
 
 
 class Trainer:
-    """Adam + cosine annealing + clipping around a model; `update(confs)` is one step of
-    Eq. 2 on a minibatch of data.Conformations. A non-finite loss or gradient skips the
-    update (counted in n_skipped)."""
+    """Adam + cosine annealing + clipping around a model; `update(minibatch)` is one step of
+    Eq. 2 on a data.Batch (e.g. data.ConformationTensors.gather) or a list of
+    data.Conformations. A non-finite loss or gradient skips the update (counted in
+    n_skipped). No host-device sync in a step: the skip is a flag tensor that fused Adam
+    reads on the device, and the loss comes back as a tensor."""
 
     def __init__(self, model, args, total_steps):
         self.model, self.args = model, args
         self.dtype = getattr(torch, args.dtype)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=max(total_steps, 1), eta_min=args.lr_final)
-        self.step, self.n_skipped = 0, 0
+        self.step = 0
+        self._n_skipped = torch.zeros((), dtype=torch.long, device=args.device)
 
-    def update(self, confs):
+    def update(self, minibatch):
+        """One update; returns the loss, a 0-d tensor on the device (float() waits for it)."""
         self.model.train()
-        b = data.collate(confs, self.args.device, self.dtype)
+        b = minibatch if isinstance(minibatch, data.Batch) else \
+            data.collate(minibatch, self.args.device, self.dtype)
         loss = energy_force_loss(self.model, b, self.args.energy_loss_coef,
                                  self.args.force_loss_coef)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_value)
-        if torch.isfinite(loss) and torch.isfinite(grad_norm):
-            self.optimizer.step()
-        else:
-            self.n_skipped += 1
+        skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.optimizer.found_inf = skip.float()       # fused Adam: no update where set
+        self.optimizer.step()
+        self._n_skipped += skip
         self.scheduler.step()
         self.step += 1
-        return loss.item()
+        return loss.detach()
+
+    @property
+    def n_skipped(self):
+        return int(self._n_skipped)
 
     @property
     def lr(self):
@@ -113,21 +130,31 @@ class Trainer:
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:     # checkpoints of the unfused Adam
+            group["fused"] = True
+            for p in group["params"]:
+                if "step" in self.optimizer.state.get(p, {}):
+                    step = self.optimizer.state[p]["step"]
+                    self.optimizer.state[p]["step"] = step.to(p.device, torch.float32)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.n_skipped = state["step"], state["n_skipped"]
+        self.step = state["step"]
+        self._n_skipped.fill_(state["n_skipped"])
 
 
 def prediction_errors(model, confs, batch_size=64, device="cpu", dtype=torch.float32):
-    """Energy and force errors of the NNP on labelled conformations, kcal/mol(/A)."""
+    """Energy and force errors of the NNP on labelled conformations (a list, or
+    data.ConformationTensors already on the device), kcal/mol(/A)."""
     model.eval()
+    if not isinstance(confs, data.ConformationTensors):
+        confs = data.ConformationTensors(confs, device, dtype)
     energy_err, force_err = [], []
     for start in range(0, len(confs), batch_size):
-        b = data.collate(confs[start:start + batch_size], device, dtype)
+        b = confs.gather(np.arange(start, min(start + batch_size, len(confs))))
         energy, forces = model(b.z, b.positions, b.batch, b.n_molecules)
-        energy_err.append((energy - b.energy).detach().cpu().numpy())
-        force_err.append((forces.double() - b.forces.double()).detach().cpu().numpy().ravel())
-    e = np.concatenate(energy_err) * data.HARTREE_TO_KCAL
-    f = np.concatenate(force_err) * data.HARTREE_TO_KCAL
+        energy_err.append((energy - b.energy).detach())
+        force_err.append((forces.double() - b.forces.double()).detach().flatten())
+    e = torch.cat(energy_err).cpu().numpy() * data.HARTREE_TO_KCAL   # one copy to the host
+    f = torch.cat(force_err).cpu().numpy() * data.HARTREE_TO_KCAL
     return {"n_conformations": len(confs),
             "energy_mae_kcal_mol": float(np.abs(e).mean()),
             "energy_rmse_kcal_mol": float(np.sqrt((e ** 2).mean())),
@@ -207,8 +234,12 @@ def main(argv=None):
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
     model = build_model(args, train, atomrefs)
+    if args.compile:
+        model.compile_network()
     trainer = Trainer(model, args, args.total_steps)
     sampler = data.Minibatches(len(train), args.batch_size, rng)
+    train_tensors = data.ConformationTensors(train, args.device, trainer.dtype)   # on the device
+    val_tensors = data.ConformationTensors(val, args.device, trainer.dtype)
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=True)
         model.load_state_dict(ckpt["model"]["state_dict"])
@@ -230,7 +261,7 @@ def main(argv=None):
     def validate():
         if not val:
             return
-        errors = prediction_errors(model, val, args.batch_size, args.device, trainer.dtype)
+        errors = prediction_errors(model, val_tensors, args.batch_size)
         record = {"step": trainer.step, "lr": trainer.lr, "n_skipped": trainer.n_skipped, **errors}
         log_metrics(metrics_path, record)
         tqdm.write(f"step {trainer.step}: val energy MAE {errors['energy_mae_kcal_mol']:.3f} "
@@ -238,9 +269,10 @@ def main(argv=None):
 
     bar = tqdm(total=args.total_steps, initial=trainer.step, desc="train", dynamic_ncols=True)
     while trainer.step < args.total_steps:
-        loss = trainer.update([train[i] for i in sampler.next_indices()])
+        loss = trainer.update(train_tensors.gather(sampler.next_indices()))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3e}", lr=f"{trainer.lr:.1e}")
+        if trainer.step % 50 == 1:      # reading the loss waits for the device: not every step
+            bar.set_postfix(loss=f"{float(loss):.3e}", lr=f"{trainer.lr:.1e}")
         if trainer.step % args.eval_every == 0:
             validate()
         if trainer.step % args.checkpoint_every == 0:

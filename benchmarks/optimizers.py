@@ -16,6 +16,10 @@ run spent outside the NNP call (goal <= 10%). On a shared CPU use --threads 1: w
 threads and another busy process, torch's thread pool waits and timings explode.
 
     .venv/bin/python benchmarks/optimizers.py --n_molecules 64 --steps 100 --threads 1
+    .venv/bin/python benchmarks/optimizers.py --device cuda --reference_steps 10
+
+On a GPU every NNP call is timed between two torch.cuda.synchronize(); the L-BFGS step
+syncs once per inner iteration anyway (its exit test), so this adds little.
 """
 import argparse
 import os
@@ -46,17 +50,25 @@ def restrained(energy, forces, positions, start, batch, n_molecules, k):
     return energy, forces - k * diff
 
 
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_batched(model, mols, steps, history, k, whole_batch):
     """All molecules in one BatchedLBFGS; returns (wall s, s inside the model, calls, opt)."""
     z = torch.cat([m[0] for m in mols])
     pos = torch.cat([m[1] for m in mols])
+    device = pos.device
     start = pos.float()
-    batch = torch.repeat_interleave(torch.arange(len(mols)), torch.tensor([len(m[0]) for m in mols]))
+    batch = torch.repeat_interleave(torch.arange(len(mols), device=device),
+                                    torch.tensor([len(m[0]) for m in mols], device=device))
     opt = optimizers.BatchedLBFGS(pos, batch, len(mols), history_size=history,
                                   grad_threshold=-1.0, model_dtype=torch.float32)
     in_model = [0.0, 0]
 
     def energy_and_forces(positions):
+        synchronize(device)
         t0 = time.perf_counter()
         keep = opt.evaluating[opt.batch]          # atoms of molecules still iterating
         if whole_batch or bool(keep.all()):
@@ -65,13 +77,16 @@ def run_batched(model, mols, steps, history, k, whole_batch):
             energy, forces_kept = model(z[keep], positions[keep], opt.batch[keep], opt.n_slots)
             forces = positions.new_zeros(positions.shape)
             forces[keep] = forces_kept
+        synchronize(device)
         in_model[0] += time.perf_counter() - t0
         in_model[1] += 1
         return restrained(energy, forces, positions, start, opt.batch, opt.n_slots, k)
 
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         opt.step(energy_and_forces)
+    synchronize(device)
     wall = time.perf_counter() - t0
     return wall, in_model[0], in_model[1], opt
 
@@ -85,7 +100,7 @@ def run_per_molecule(model, mols, steps, history, k):
     in_model = [0.0, 0]
 
     def make_closure(z, X):
-        zeros = torch.zeros(len(z), dtype=torch.long)
+        zeros = torch.zeros(len(z), dtype=torch.long, device=X.device)
         start = X.detach().float().clone()
 
         def closure():
@@ -100,10 +115,13 @@ def run_per_molecule(model, mols, steps, history, k):
         return closure
 
     closures = [make_closure(z, X) for z, X, _ in states]
+    device = states[0][1].device
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         for (_, _, lbfgs), closure in zip(states, closures):
             lbfgs.step(closure)
+    synchronize(device)
     wall = time.perf_counter() - t0
     return wall, in_model[0], in_model[1], [X.detach() for _, X, _ in states]
 
@@ -130,26 +148,28 @@ def main():
                    help="evaluate every molecule in every call, also those that left their "
                         "inner L-BFGS loop (default: only opt.evaluating molecules)")
     p.add_argument("--skip_reference", action="store_true", help="only the batched run")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--profile", action="store_true", help="cProfile the batched run")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    mols = [(torch.as_tensor(z), torch.as_tensor(pos)) for z, pos in
+    device = torch.device(args.device)
+    mols = [(torch.as_tensor(z, device=device), torch.as_tensor(pos, device=device)) for z, pos in
             load_molecules(args.n_molecules, args.min_atoms, args.max_atoms, args.seed, args.smiles)]
     if args.checkpoint:
         model = painn.load_checkpoint(args.checkpoint)
     else:
         model = painn.PaiNN(n_atom_basis=args.n_atom_basis, n_interactions=args.n_interactions,
                             n_rbf=50, cutoff=5.0)
-    model = model.float().eval()
+    model = model.float().to(device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
     n_atoms = sum(len(m[0]) for m in mols)
     print(f"{len(mols)} molecules, {n_atoms} atoms, {args.steps} L-BFGS steps "
           f"(lr 1, max_iter 5, history {args.history}), {args.threads} threads, PaiNN "
           f"{model.hparams['n_atom_basis']} x {model.hparams['n_interactions']}, restraint "
-          f"{args.restraint}; load average {os.getloadavg()[0]:.1f}")
+          f"{args.restraint}, {device}; load average {os.getloadavg()[0]:.1f}")
 
     if args.profile:
         import cProfile

@@ -124,3 +124,45 @@ def test_replay_buffer_initial_share():
     buf.add(new)
     sample = buf.sample(64)
     assert sum(c is d0[0] for c in sample) == 6 and sum(c is new for c in sample) == 58
+
+
+def random_confs(n, seed):
+    """Labelled conformations of 1-12 atoms with distinct random values everywhere."""
+    rng = np.random.default_rng(seed)
+    confs = []
+    for _ in range(n):
+        k = int(rng.integers(1, 13))
+        confs.append(data.Conformation(numbers=rng.integers(1, 10, k), positions=rng.normal(size=(k, 3)),
+                                       energy=float(rng.normal()), forces=rng.normal(size=(k, 3))))
+    return confs
+
+
+def assert_same_batch(a, b):
+    assert a.n_molecules == b.n_molecules
+    for name in ("z", "positions", "batch", "energy", "forces"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conformation_tensors_gather_is_collate(dtype):
+    confs = random_confs(30, seed=1)
+    tensors = data.ConformationTensors(confs[:5], dtype=dtype)
+    tensors.extend(confs[5:6])
+    for c in confs[6:]:                                        # grows by doubling
+        tensors.extend([c])
+    assert len(tensors) == 30
+    for idx in ([3], [29, 0, 7, 7, 12], list(range(30))[::-1]):
+        assert_same_batch(tensors.gather(idx), data.collate([confs[i] for i in idx], dtype=dtype))
+    with pytest.raises(ValueError, match="labelled"):
+        tensors.extend([data.Conformation(numbers=np.array([1]), positions=np.zeros((1, 3)))])
+
+
+def test_replay_buffer_sample_batch_draws_like_sample():
+    d0, new = random_confs(9, seed=2), random_confs(6, seed=3)
+    buffers = [data.ReplayBuffer(d0, 0.25, np.random.default_rng(5)) for _ in range(2)]
+    for step in range(8):
+        if step in (2, 3, 6):                                  # collected data arrives
+            for buf in buffers:
+                buf.add(new[step % len(new)])
+        assert_same_batch(buffers[0].sample_batch(8), data.collate(buffers[1].sample(8)))

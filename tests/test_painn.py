@@ -192,23 +192,42 @@ def test_group_molecules():
 
 @pytest.mark.parametrize("create_graph", [False, True])
 def test_molecule_groups_do_not_change_the_function(model, create_graph):
+    """Both evaluation modes (CPU default "groups", GPU default "one_pass") give the same
+    energies, forces and training gradients, whatever the group size."""
     z, pos, batch = flat(random_molecules(7, np.random.default_rng(8), 2, 30))
     results = []
-    for max_pairs in (10**9, 1000, 1):                       # one pass, a few groups, 1 by 1
-        model.max_group_pairs = max_pairs
+    for evaluation, max_pairs in [("one_pass", painn.MAX_GROUP_PAIRS), ("groups", 10**9),
+                                  ("groups", 1000), ("groups", 1)]:  # 1 pass, groups, 1 by 1
+        model.evaluation, model.max_group_pairs = evaluation, max_pairs
         model.zero_grad(set_to_none=True)
         energy, forces = model(z, pos, batch, create_graph=create_graph)
         if create_graph:                                     # a training step's gradients
             (energy.square().sum() + forces.square().sum()).backward()
         grads = [p.grad.clone() for p in model.parameters()] if create_graph else []
         results.append((energy.detach(), forces.detach(), grads))
-    model.max_group_pairs = painn.MAX_GROUP_PAIRS
+    model.evaluation, model.max_group_pairs = "auto", painn.MAX_GROUP_PAIRS
     model.zero_grad(set_to_none=True)
     for energy, forces, grads in results[1:]:
         torch.testing.assert_close(energy, results[0][0], rtol=1e-12, atol=1e-10)
         torch.testing.assert_close(forces, results[0][1], rtol=1e-10, atol=1e-12)
         for g, g0 in zip(grads, results[0][2]):
             torch.testing.assert_close(g, g0, rtol=1e-9, atol=1e-12)
+
+
+def test_evaluation_mode_follows_the_device(model):
+    assert model.evaluation_mode(torch.device("cpu")) == "groups"
+    assert model.evaluation_mode(torch.device("cuda")) == "one_pass"   # no GPU needed
+    model.evaluation = "one_pass"
+    assert model.evaluation_mode("cpu") == "one_pass"
+    model.evaluation = "auto"
+
+
+def test_half_neighbor_pairs_are_the_pairs_with_i_below_j():
+    z, pos, batch = flat(random_molecules(5, np.random.default_rng(3), 2, 20))
+    i, j = painn.neighbor_pairs(pos, batch, 5, 4.0)
+    a, b = painn.neighbor_pairs(pos, batch, 5, 4.0, half=True)
+    keep = i < j
+    assert torch.equal(a, i[keep]) and torch.equal(b, j[keep]) and len(a) * 2 == len(i)
 
 
 def test_training_gradients_match_schnetpack():
@@ -243,3 +262,31 @@ def test_training_gradients_match_schnetpack():
                                                    for k, v in official.items()})
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_compiled_network_gives_the_same_energies_and_forces():
+    """--compile: torch.compile'd network (CPU here, needs a C++ compiler) = eager, for
+    two batch shapes (dynamic shapes, no recompile per batch) and both evaluation modes;
+    a training step (create_graph) still runs, eagerly."""
+    torch.manual_seed(1)
+    eager = painn.PaiNN(n_atom_basis=16, n_interactions=2, n_rbf=8, cutoff=5.0).double().eval()
+    compiled = painn.PaiNN(n_atom_basis=16, n_interactions=2, n_rbf=8, cutoff=5.0).double().eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_network()
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, seed, evaluation in [(1, 1, "one_pass"), (1, 2, "groups"),
+                                            (1, 3, "one_pass"), (2, 1, "one_pass")]:
+            torch.set_num_threads(n_threads)       # 2 threads: compiled code is not used on CPU
+            z, pos, batch = flat(random_molecules(5, np.random.default_rng(seed), 3, 14))
+            compiled.evaluation = eager.evaluation = evaluation
+            e0, f0 = eager(z, pos, batch)
+            e1, f1 = compiled(z, pos, batch)
+            torch.testing.assert_close(e1, e0, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(f1, f0, rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
+    compiled.train()
+    energy, forces = compiled(z, pos, batch)
+    (energy.square().sum() + forces.square().sum()).backward()
+    assert all(p.grad is not None for p in compiled.parameters())

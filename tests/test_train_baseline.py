@@ -148,3 +148,26 @@ def test_val_db_validates_on_it_and_trains_on_all_of_db(tmp_path, capsys):
                                                 dtype=torch.float64)
     assert record["n_conformations"] == 4
     assert record["energy_mae_kcal_mol"] == pytest.approx(expected["energy_mae_kcal_mol"])
+
+
+def test_update_on_device_tensors_equals_update_on_conformations():
+    """train_baseline.main's minibatches (gathered from data.ConformationTensors) give the same
+    losses and weights as collating the same conformations, step after step."""
+    confs = teacher_labelled(["C", "CO", "CCO", "CN"], 3)
+    args = argparse.Namespace(lr=3e-3, lr_final=1e-7, dtype="float64", device="cpu",
+                              energy_loss_coef=0.01, force_loss_coef=0.99, clip_value=1.0)
+    runs = []
+    for on_device in (False, True):
+        torch.manual_seed(0)
+        model = painn.PaiNN(**SMALL, atomrefs=data.fit_atomrefs(confs)).double()
+        trainer = train_baseline.Trainer(model, args, total_steps=6)
+        sampler = data.Minibatches(len(confs), 5, np.random.default_rng(1))
+        tensors = data.ConformationTensors(confs, "cpu", torch.float64)
+        losses = []
+        for _ in range(6):
+            idx = sampler.next_indices()
+            batch = tensors.gather(idx) if on_device else [confs[i] for i in idx]
+            losses.append(float(trainer.update(batch)))
+        runs.append((losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
