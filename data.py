@@ -20,6 +20,7 @@ training sampler, the split into train/validation molecules, and the GOLF replay
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -317,3 +318,81 @@ class ReplayBuffer:
         idx1 = self.rng.integers(len(self.collected), size=batch_size - n0) if n0 < batch_size \
             else []
         return [self.initial[i] for i in idx0] + [self.collected[i] for i in idx1]
+
+
+# ---------------------------------------------------------------------------------------
+# Reliability: one writer per output, crash-safe JSON lines
+# ---------------------------------------------------------------------------------------
+
+@contextmanager
+def output_lock(path):
+    """Hold an advisory lock (flock) on an output for the whole run, so that two processes
+    never write one output. `path` is a directory (lock file path/.lock) or a file (lock
+    file path.lock). A second process gets a DataError naming the process that holds it.
+    The kernel drops the lock when its holder dies, kill -9 included."""
+    import fcntl
+    lock_path = os.path.join(path, ".lock") if os.path.isdir(path) else f"{path}.lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DataError(f"{path} is being written by another process (PID {holder}); "
+                            "wait for it to end, or write to another output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)          # releases the lock; the file stays (deleting it would race)
+
+
+def _split_tail(text):
+    """(complete lines, partial last line or '') of a JSON-lines text."""
+    head, sep, tail = text.rpartition("\n")
+    return (head + sep, tail)
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file. A partial last line (a kill mid-write) is dropped
+    with a warning; a bad line anywhere else is a DataError naming it."""
+    import json
+    import sys
+    with open(path, errors="replace") as f:
+        complete, tail = _split_tail(f.read())
+    records = []
+    for number, line in enumerate(complete.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}, line {number}: not JSON; fix or remove the "
+                                "line") from None
+    if tail.strip():
+        try:
+            records.append(json.loads(tail))          # complete, only its newline missing
+        except json.JSONDecodeError:
+            print(f"warning: {path}: dropped a partial last line (a write was "
+                  "interrupted)", file=sys.stderr)
+    return records
+
+
+def append_jsonl(path, record):
+    """Append one record as one line in one write. A partial last line left by a kill is
+    cut off first, so it never glues onto the new record."""
+    import json
+    line = (json.dumps(record) + "\n").encode()
+    with open(path, "ab+") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":                   # an interrupted write before ours
+                f.seek(0)
+                text = f.read()
+                cut = text.rfind(b"\n") + 1           # end of the last complete line
+                try:
+                    json.loads(text[cut:])
+                    line = b"\n" + line               # a whole record without its newline
+                except ValueError:
+                    f.truncate(cut)
+        f.write(line)

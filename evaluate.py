@@ -181,14 +181,22 @@ def evaluate_optimization(args):
             key, t = jobs[future]
             entry = pending[key]
             entry[3][t] = future.result()
+            if not entry[3][t].ok and oracles.is_permanent(entry[3][t].reason):
+                raise oracles.OracleError(
+                    f"the oracle cannot label conformation {key} of {args.db} "
+                    f"({entry[3][t].reason[:200]}); it will fail again: check --oracle_method "
+                    "(method and basis) and the elements of the db")
             if len(entry[3]) == len(eval_steps) + (entry[0].energy is None):
                 record = conformation_record(*entry, eval_steps)
                 conf, positions = entry[0], entry[1]
                 final = data.Conformation(numbers=conf.numbers, positions=positions[eval_steps[-1]],
                                           energy=record["energy_dft"][-1], smiles=conf.smiles)
-                data.write_conformation(final_db, final, conf_id=key)
-                with open(records_path, "a") as f:          # appended as it finishes
-                    f.write(json.dumps(record) + "\n")
+                # the record is the one mark of 'done', written last; the final.db row of
+                # a run killed before its record is replaced, never doubled
+                with final_db:
+                    final_db.delete([row.id for row in final_db.select(conf_id=key)])
+                    data.write_conformation(final_db, final, conf_id=key)
+                data.append_jsonl(records_path, record)     # appended as it finishes
                 del pending[key]
                 bar.update(1)
         bar.close()
@@ -221,8 +229,8 @@ def conformation_record(conf, positions, nnp, results, eval_steps):
 
 
 def read_records(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The per-conformation records (a partial last line of a killed run is dropped)."""
+    return data.read_jsonl(path)
 
 
 def summarize(args, records, confs_by_id):
@@ -379,10 +387,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def read_summary(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise data.DataError(f"{path}: not a readable summary.json ({err}); pass the "
+                             "summary.json files of evaluate.py runs") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.task == "table":
-        rows = [json.load(open(path)) for path in args.summaries]
+        rows = [read_summary(path) for path in args.summaries or []]
         names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(p)))
                                for p in args.summaries]
         print(format_table(list(zip(names, rows))))
@@ -392,7 +409,14 @@ def main(argv=None):
             sys.exit(f"error: --{flag} is required for --task {args.task}")
     if args.model == "nnp" and not args.checkpoint:
         sys.exit("error: --checkpoint is required (or --model rdkit)")
+    if args.dask_scheduler and args.task == "optimization":   # fail fast, before any output
+        oracles.check_dask_scheduler(args.dask_scheduler)
     os.makedirs(args.out_dir, exist_ok=True)
+    with data.output_lock(args.out_dir):                    # one writer per out_dir
+        evaluate_task(args)
+
+
+def evaluate_task(args):
     torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
     if args.task == "prediction":
         confs, _ = data.read_db(args.db, args.energy_kind, require_energy=True, require_forces=True)
@@ -407,13 +431,15 @@ def main(argv=None):
         print(format_table([(os.path.basename(os.path.normpath(args.out_dir)), summary)]))
         print(f"plots: {args.out_dir}/fig1_nnp_error.png, fig2_pct_violin.png, "
               "fig3_pct_over_steps.png")
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+    path = os.path.join(args.out_dir, "summary.json")
+    with open(f"{path}.tmp", "w") as f:        # whole or not at all: a kill keeps the old one
         json.dump(summary, f, indent=1)
+    os.replace(f"{path}.tmp", path)
     print(f"wrote {args.out_dir}/summary.json")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (data.DataError, painn.CheckpointError) as err:
+    except (data.DataError, painn.CheckpointError, oracles.OracleError) as err:
         sys.exit(f"error: {err}")
