@@ -327,11 +327,13 @@ class ReplayBuffer:
 @contextmanager
 def output_lock(path):
     """Hold an advisory lock (flock) on an output for the whole run, so that two processes
-    never write one output. `path` is a directory (lock file path/.lock) or a file (lock
-    file path.lock). A second process gets a DataError naming the process that holds it.
+    never write one output. `path` is a directory (lock file path/.writer.lock) or a file
+    (lock file path.writer.lock). A second process gets a DataError naming the process
+    that holds it.
     The kernel drops the lock when its holder dies, kill -9 included."""
     import fcntl
-    lock_path = os.path.join(path, ".lock") if os.path.isdir(path) else f"{path}.lock"
+    lock_path = os.path.join(path, ".writer.lock") if os.path.isdir(path) \
+        else f"{path}.writer.lock"             # not path.lock: ase.db locks that one itself
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

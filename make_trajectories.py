@@ -38,8 +38,8 @@ same command skips finished conformations (conf_id in --out; for optimize, in
 --out_optimal) and retries all others, failed ones included. Failures that will repeat
 (no basis for an element, an unknown method, no MMFF types) are not retried within a run
 and are marked so; a run in which every conformation failed exits with status 1. One
-process writes an output at a time (a lock file <out>.lock). Failures are appended to
-<out>.failures.jsonl (one JSON per line: conf_id, smiles, mode, reason, seconds, attempts,
+process writes an output at a time (a lock file <out>.writer.lock). Failures are appended
+to <out>.failures.jsonl (one JSON per line: conf_id, smiles, mode, reason, seconds, attempts,
 steps, time). The steps an optimization finished before failing are written to --out
 anyway; a rerun replaces them with its own.
 """
