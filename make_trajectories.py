@@ -282,7 +282,10 @@ def atomrefs_for(args, elements):
         return painn.NABLADFT_ATOMREFS
     for path in (args.out, args.out_optimal):
         if path and os.path.exists(path):
-            refs = data.read_atomrefs(ase.db.connect(path).metadata)
+            try:
+                refs = data.read_atomrefs(ase.db.connect(path).metadata)
+            except Exception:    # not a db: open_output says so in one line
+                continue
             if refs and set(elements) <= set(refs):
                 return refs
     print(f"atomrefs: energies of the free atoms {sorted(elements)} with {args.oracle_method}")
@@ -315,6 +318,10 @@ def make(args):
                     for a in Chem.AddHs(parse_smiles(smi)).GetAtoms()}
     else:
         elements = {int(z) for c in confs for z in c.numbers}
+    for path in filter(None, (args.out, args.out_optimal)):
+        if os.path.isdir(path):
+            raise data.DataError(f"{path} is a directory; --out and --out_optimal name db "
+                                 f"files (e.g. {os.path.join(path, 'd0.db')})")
     if args.dask_scheduler:      # fail fast, before any output exists
         oracles.check_dask_scheduler(args.dask_scheduler)
     with ExitStack() as locks:   # one writer per output, for the whole run
