@@ -67,15 +67,16 @@ def lines(path):
         return 0
 
 
-def kill_and_rerun(script, argv, events, seed, tmp_path, step=(0, 2), torn_file=None):
-    """N_KILLS times: start the stage, wait until `events()` grew by a seeded number, wait a
-    seeded fraction of a second more, kill -9 (and, half of the time, leave a partial line
-    at the end of `torn_file`). Then the same command to the end. Returns the kills that
-    landed (the process still ran)."""
+def kill_and_rerun(script, argv, events, n_events, seed, tmp_path, step=(0, 2),
+                   torn_file=None):
+    """N_KILLS times: start the stage, wait until `events()` grew by a seeded number (below
+    `n_events`, what a whole run makes), wait a seeded fraction of a second more, kill -9
+    (and, half of the time, leave a partial line at the end of `torn_file`). Then the same
+    command to the end. Returns the kills that landed (the process still ran)."""
     rng = np.random.default_rng(seed)
     landed = 0
     for _ in range(N_KILLS):
-        target = events() + int(rng.integers(*step))
+        target = min(events() + int(rng.integers(*step)), n_events - 1)
         delay = float(rng.uniform(0.0, 0.15))
         with open(tmp_path / "killed.log", "ab") as log:
             p = subprocess.Popen(command(script, *argv), cwd=ROOT, env=ENV,
@@ -170,7 +171,7 @@ def assert_clean_jsonl(path):
 def check_make_trajectories(clean, tmp_path, seed):
     out = tmp_path / "d0.db"
     landed = kill_and_rerun("make_trajectories.py", d0_argv(clean["smiles"], out),
-                            lambda: db_rows(out), seed, tmp_path)
+                            lambda: db_rows(out), 24, seed, tmp_path)
     killed, n_killed = labelled(out)
     whole, n_whole = labelled(clean["d0"])
     assert n_killed == len(killed) == n_whole == len(whole) == 24     # none lost, none doubled
@@ -182,7 +183,7 @@ def check_make_trajectories(clean, tmp_path, seed):
 def check_train_baseline(clean, tmp_path, seed):
     out = tmp_path / "baseline"
     landed = kill_and_rerun("train_baseline.py", train_argv(clean["d0"], out),
-                            lambda: lines(out / "metrics.jsonl"), seed, tmp_path,
+                            lambda: lines(out / "metrics.jsonl"), 75, seed, tmp_path,
                             step=(1, 8), torn_file=out / "metrics.jsonl")
     a = torch.load(clean["baseline"] / "checkpoint.pt", weights_only=True)
     b = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -202,7 +203,7 @@ def check_golf(clean, tmp_path, seed):
     if not os.path.exists(clean["golf"] / "checkpoint.pt"):
         ok("golf.py", *golf_argv(clean, clean["golf"]))
     landed = kill_and_rerun("golf.py", golf_argv(clean, out),
-                            lambda: db_rows(out / "collected.db"), seed, tmp_path,
+                            lambda: db_rows(out / "collected.db"), 10, seed, tmp_path,
                             torn_file=out / "metrics.jsonl")
     for run_dir in (clean["golf"], out):
         collected, _ = data.read_db(str(run_dir / "collected.db"), "total", verbose=False)
@@ -222,7 +223,7 @@ def check_evaluate(clean, tmp_path, seed):
     if not os.path.exists(clean["eval"] / "summary.json"):
         ok("evaluate.py", *eval_argv(clean, clean["eval"]))
     landed = kill_and_rerun("evaluate.py", eval_argv(clean, out),
-                            lambda: lines(out / "per_conformation.jsonl"), seed, tmp_path,
+                            lambda: lines(out / "per_conformation.jsonl"), 12, seed, tmp_path,
                             torn_file=out / "per_conformation.jsonl")
     killed = {r["conf_id"]: r for r in assert_clean_jsonl(out / "per_conformation.jsonl")}
     whole = {r["conf_id"]: r for r in assert_clean_jsonl(clean["eval"] / "per_conformation.jsonl")}

@@ -218,12 +218,18 @@ def cases(repo, x, tmp):
     count = lambda: rows(collected)   # noqa: E731
     count.expected = 6
     yield gf, "two processes on one --out_dir", two_writers(repo, gf, golf_argv(x, d("g7")), count)
-    if rows(collected) > 6:       # the case of the issue: resume a doubled run
-        rc, out, err = sh(repo, gf, *golf_argv(x, d("g7"), "--resume"), timeout=120)
-        log = [json.loads(line) for line in open(os.path.join(d("g7"), "metrics.jsonl"))]
-        yield gf, "--resume of a doubled collected.db", "ok" if log[-1]["updates"] <= 12 else "duplicate"
-    else:
-        yield gf, "--resume of a doubled collected.db", "ok (cannot arise: the second writer was refused)"
+    collected = os.path.join(d("g9"), "collected.db")    # the issue's case: 12 rows, K = 6
+    sh(repo, gf, *golf_argv(x, d("g9")), timeout=180)
+    import ase.db
+    db = ase.db.connect(collected)
+    for row in list(db.select()):                            # as two writers left it
+        db.write(row.toatoms(), data=row.data, **row.key_value_pairs)
+    rc, out, err = sh(repo, gf, *golf_argv(x, d("g9"), "--resume"), timeout=120)
+    log = [json.loads(line) for line in open(os.path.join(d("g9"), "metrics.jsonl"))]
+    yield gf, "--resume of a doubled collected.db (12 rows, K = 6)", \
+        "ok" if rc == 0 and log[-1]["updates"] <= 12 else \
+        f"duplicate (trains to {log[-1]['updates']} of 12 updates, lr climbs to {log[-1]['lr']:.1e})" \
+        if rc == 0 else one_error_line(rc, out, err)
     collected = os.path.join(d("g8"), "collected.db")
     rc, out, err = kill_then_rerun(repo, gf, golf_argv(x, d("g8"), "--checkpoint_every", "1000"), lambda: rows(collected) if os.path.exists(collected) else 0, 2)
     yield gf, "kill -9 before the first checkpoint, same command", "ok" if rc != 0 and "--resume" in err and "Traceback" not in err else ("duplicate" if rows(collected) > 6 else one_error_line(rc, out, err))
