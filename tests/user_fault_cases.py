@@ -12,6 +12,7 @@ outcome is one of:
     exit 0     a run that did nothing useful reports success
     duplicate  a row or record written twice, or more than asked for
     loss       a finished result lost, or a run that can no longer resume
+    corrupt    a record glued onto a torn line: a file no JSON-lines reader can read
 Inputs (a labelled D0, a test db, a baseline) are made once with this repo's scripts and
 Psi4 hf/sto-3g.
 """
@@ -182,7 +183,7 @@ def cases(repo, x, tmp):
         [json.loads(line) for line in open(fail_db + ".failures.jsonl")]
         yield mt, "torn last line of failures.jsonl, rerun", "ok"
     except ValueError:
-        yield mt, "torn last line of failures.jsonl, rerun", "loss"
+        yield mt, "torn last line of failures.jsonl, rerun", "corrupt"
 
     yield tb, "missing --db", one_error_line(*sh(repo, tb, "--db", d("no.db"), "--out_dir", d("t1")))
     yield tb, "text file as --load_baseline", one_error_line(*sh(repo, tb, *train_argv(x, d("t2"), "--load_baseline", x["text"])))
@@ -204,7 +205,7 @@ def cases(repo, x, tmp):
         [json.loads(line) for line in open(metrics)]
         yield tb, "torn last line of metrics.jsonl, --resume", one_error_line(rc, out, err) if rc != 0 else "ok"
     except ValueError:
-        yield tb, "torn last line of metrics.jsonl, --resume", "loss"
+        yield tb, "torn last line of metrics.jsonl, --resume", "corrupt"
 
     t0 = time.monotonic()
     rc, out, err = sh(repo, gf, *golf_argv(x, d("g1"), "--dask_scheduler", DEAD_SCHEDULER), timeout=120)
