@@ -380,21 +380,28 @@ def read_jsonl(path):
     return records
 
 
-def append_jsonl(path, record):
-    """Append one record as one line in one write. A partial last line left by a kill is
-    cut off first, so it never glues onto the new record."""
+def cut_partial_line(path):
+    """Cut a partial last line (a kill mid-write) off a JSON-lines file that this process
+    writes (under its output_lock); a whole record that only lacks its newline gets one."""
     import json
-    line = (json.dumps(record) + "\n").encode()
-    with open(path, "ab+") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":                   # an interrupted write before ours
-                f.seek(0)
-                text = f.read()
-                cut = text.rfind(b"\n") + 1           # end of the last complete line
-                try:
-                    json.loads(text[cut:])
-                    line = b"\n" + line               # a whole record without its newline
-                except ValueError:
-                    f.truncate(cut)
-        f.write(line)
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        text = f.read()
+        if not text or text.endswith(b"\n"):
+            return
+        cut = text.rfind(b"\n") + 1                  # end of the last complete line
+        try:
+            json.loads(text[cut:])
+            f.write(b"\n")
+        except ValueError:
+            f.truncate(cut)
+
+
+def append_jsonl(path, record):
+    """Append one record as one line in one write, after cutting off a partial last line
+    that a kill left, so that it never glues onto the new record."""
+    import json
+    cut_partial_line(path)
+    with open(path, "ab") as f:
+        f.write((json.dumps(record) + "\n").encode())

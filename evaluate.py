@@ -154,6 +154,7 @@ def evaluate_optimization(args):
     done = set()
     if os.path.exists(records_path):
         done = {r["conf_id"] for r in read_records(records_path)}
+        data.cut_partial_line(records_path)          # what a kill mid-write left
     todo = [c for c in confs if conf_key(c) not in done]
     print(f"{len(confs)} test conformations, {len(done)} done before, {len(todo)} to evaluate")
     final_db = data.connect_for_writing(os.path.join(args.out_dir, "final.db"))

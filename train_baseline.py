@@ -209,18 +209,18 @@ def fit(args, rng, train, val, atomrefs):
         sampler.order, sampler.pos = np.asarray(ckpt["sampler"]["order"]), ckpt["sampler"]["pos"]
         set_rng_state(rng, ckpt["rng"])
         print(f"resumed from {ckpt_path} at step {trainer.step}")
-        if trainer.step >= args.total_steps:
-            print(f"already trained for --total_steps {args.total_steps}: nothing to do")
-            return
     elif os.path.exists(ckpt_path):
         sys.exit(f"error: {ckpt_path} exists; pass --resume to continue it or choose another --out_dir")
     if os.path.exists(metrics_path):
-        # records a killed run logged after its checkpoint come again now: drop them, so
-        # that a killed and resumed run logs what an uninterrupted one does
+        # records a killed run logged after its checkpoint come again now: drop them (and a
+        # torn last line), so that a killed and resumed run logs what an uninterrupted one does
         kept = [r for r in data.read_jsonl(metrics_path) if r["step"] <= trainer.step]
         with open(f"{metrics_path}.tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(f"{metrics_path}.tmp", metrics_path)
+    if trainer.step >= args.total_steps:
+        print(f"already trained for --total_steps {args.total_steps}: nothing to do")
+        return
 
     def save():
         painn.save_checkpoint(model, ckpt_path, trainer=trainer.state_dict(),
