@@ -378,3 +378,17 @@ def test_permanent_failures_are_told_from_transient_ones():
                    "worker died with signal 9 (SIGKILL)", "pool closed before the job finished",
                    "Dask task failed: KilledWorker", ""):
         assert not oracles.is_permanent(reason), reason
+
+
+def test_anything_but_a_checkpoint_is_one_clear_error(tmp_path):
+    import painn
+    text, noise, foreign = tmp_path / "notes.txt", tmp_path / "noise.bin", tmp_path / "sd.pt"
+    text.write_text("not a checkpoint\n")
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"layer.weight": torch.zeros(2, 2)}, foreign)     # a torch file, not ours
+    for path in (text, noise, foreign, tmp_path / "missing.pt"):
+        with pytest.raises(painn.CheckpointError) as err:
+            painn.load_checkpoint(str(path))
+        message = str(err.value)
+        assert str(path) in message and "\n" not in message
+        assert "weights_only" not in message                   # never advise unsafe loading
