@@ -332,6 +332,7 @@ def output_lock(path):
     that holds it.
     The kernel drops the lock when its holder dies, kill -9 included."""
     import fcntl
+    import sys
     lock_path = os.path.join(path, ".writer.lock") if os.path.isdir(path) \
         else f"{path}.writer.lock"             # not path.lock: ase.db locks that one itself
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
@@ -345,6 +346,15 @@ def output_lock(path):
                             "wait for it to end, or write to another output") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # ase.db's own lock, <db>.lock, is a file created exclusively for each write: a kill
+        # -9 in the middle of a write leaves it behind, and the next writer would wait for
+        # it forever. Holding this lock, no other writer exists: such a file is stale.
+        dbs = [path] if not os.path.isdir(path) else \
+            [os.path.join(path, name) for name in os.listdir(path) if name.endswith(".db")]
+        for db in dbs:
+            if os.path.exists(f"{db}.lock"):
+                os.remove(f"{db}.lock")
+                print(f"removed {db}.lock, a lock a killed run left behind", file=sys.stderr)
         yield
     finally:
         os.close(fd)          # releases the lock; the file stays (deleting it would race)

@@ -288,6 +288,17 @@ def test_a_second_make_trajectories_on_one_output_is_refused(clean, tmp_path):
     assert labelled(out)[1] == 24                                     # one writer: 24 rows
 
 
+def test_the_ase_lock_a_kill_leaves_does_not_hang_the_rerun(clean, tmp_path):
+    """ase.db creates <db>.lock for each write; kill -9 inside a write leaves it, and ase
+    then waits for it forever (found by the kill loop above)."""
+    out = tmp_path / "d0.db"
+    open(f"{out}.lock", "w").close()
+    rc, _, err = run("make_trajectories.py", *d0_argv(clean["smiles"], out)[:-1], "1",
+                     "--max_molecules", "1", timeout=120)
+    assert rc == 0, err[-2000:]
+    assert f"removed {out}.lock" in err and labelled(out)[1] == 4
+
+
 @pytest.mark.parametrize("stage", ["train_baseline", "golf", "evaluate"])
 def test_every_stage_refuses_an_output_another_process_writes(clean, tmp_path, stage):
     out = tmp_path / stage
