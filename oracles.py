@@ -65,11 +65,13 @@ class OracleError(RuntimeError):
     """The oracle cannot run at all (Psi4 missing, Dask unreachable, a bad flag): one line."""
 
 
-# Failure reasons that repeat on every attempt: the method, the basis or the element, not
-# the geometry or the machine (Psi4's BasisSetNotFound and ValidationError, an xtb engine's
-# unsupported element, RDKit's missing MMFF types). Such a job is never retried.
+# Failure reasons that repeat on every attempt: the method, the basis, the element or the
+# charge, not the geometry or the machine (Psi4's BasisSetNotFound, an unknown method "... are
+# not available", an impossible chg/mult; an xtb engine's unsupported element; RDKit's
+# missing MMFF types). Such a job is never retried. Not Psi4's ValidationError as such: it
+# also says "atoms are too close", a geometry the NNP made, which evaluation must record.
 PERMANENT_FAILURES = re.compile(
-    r"BasisSetNotFound|basis set for atom|no basis|ValidationError|not available|"
+    r"BasisSetNotFound|basis set for atom|no basis|are not available|chg/mult|"
     r"unsupported element|not supported|not parametri[sz]ed|unknown method|not recognized|"
     r"no atom types", re.IGNORECASE)
 

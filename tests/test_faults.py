@@ -386,6 +386,7 @@ def test_permanent_failures_are_told_from_transient_ones():
         assert oracles.is_permanent(reason), reason
     for reason in ("timeout: no result within 600 s (worker killed)",
                    "SCFConvergenceError: Could not converge SCF iterations in 100 iterations.",
+                   "ValidationError: Following atoms are too close: [(1, 2, 0.0349)]",
                    "worker died with signal 9 (SIGKILL)", "pool closed before the job finished",
                    "Dask task failed: KilledWorker", ""):
         assert not oracles.is_permanent(reason), reason
