@@ -140,27 +140,36 @@ def cases(repo, x, tmp):
         return os.path.join(tmp, name)
 
     mt, tb, gf, ev = "make_trajectories.py", "train_baseline.py", "golf.py", "evaluate.py"
-    yield mt, "missing --smiles file", one_error_line(*sh(repo, mt, "--smiles", d("no.smi"), "--out", d("a.db"), *ORACLE))
-    yield mt, "text file as --db", one_error_line(*sh(repo, mt, "--db", x["text"], "--out", d("b.db"), *ORACLE))
+    yield mt, "missing --smiles file", \
+        one_error_line(*sh(repo, mt, "--smiles", d("no.smi"), "--out", d("a.db"), *ORACLE))
+    yield mt, "text file as --db", \
+        one_error_line(*sh(repo, mt, "--db", x["text"], "--out", d("b.db"), *ORACLE))
     open(d("empty.db"), "w").close()
-    yield mt, "empty file as --db", one_error_line(*sh(repo, mt, "--db", d("empty.db"), "--out", d("c.db"), *ORACLE))
+    yield mt, "empty file as --db", \
+        one_error_line(*sh(repo, mt, "--db", d("empty.db"), "--out", d("c.db"), *ORACLE))
     os.makedirs(d("dir.db"))
-    yield mt, "a directory as --out", one_error_line(*sh(repo, mt, "--smiles", x["smi"], "--out", d("dir.db"), *ORACLE))
-    yield mt, "--out made with other flags", one_error_line(*sh(repo, mt, "--smiles", x["smi"], "--out", x["d0"], "--oracle_method", "hf/3-21g"))
+    yield mt, "a directory as --out", \
+        one_error_line(*sh(repo, mt, "--smiles", x["smi"], "--out", d("dir.db"), *ORACLE))
+    yield mt, "--out made with other flags", \
+        one_error_line(*sh(repo, mt, "--smiles", x["smi"], "--out", x["d0"], "--oracle_method", "hf/3-21g"))
 
     t0 = time.monotonic()
-    rc, out, err = sh(repo, mt, "--smiles", x["smi"], "--out", d("dask.db"), "--dask_scheduler", DEAD_SCHEDULER, "--oracle_method", "hf/sto-3g", timeout=120)
+    rc, out, err = sh(
+        repo, mt, "--smiles", x["smi"], "--out", d("dask.db"), "--dask_scheduler", DEAD_SCHEDULER, "--oracle_method", "hf/sto-3g", timeout=120)
     outcome = one_error_line(rc, out, err)
     if outcome == "ok" and (os.path.exists(d("dask.db")) or time.monotonic() - t0 > 15):
         outcome = "slow, leaves an empty db"
     yield mt, "unreachable --dask_scheduler", outcome
-    rc, out, err = sh(repo, mt, "--smiles", x["smi"], "--out", d("nonsense.db"), "--oracle_method", "nonsense/sto-3g", "--n_workers", "1")
+    rc, out, err = sh(
+        repo, mt, "--smiles", x["smi"], "--out", d("nonsense.db"), "--oracle_method", "nonsense/sto-3g", "--n_workers", "1")
     yield mt, "unknown method (every job fails, will repeat)", "ok" if rc != 0 and "rerun the same command to retry" not in out and "Traceback" not in err else one_error_line(rc, out, err)
     with open(d("iodine.smi"), "w") as f:
         f.write("I hydrogen_iodide\n")
-    rc, out, err = sh(repo, mt, "--smiles", d("iodine.smi"), "--out", d("iodine.db"), "--oracle_method", "hf/cc-pvdz", "--n_workers", "1")
+    rc, out, err = sh(
+        repo, mt, "--smiles", d("iodine.smi"), "--out", d("iodine.db"), "--oracle_method", "hf/cc-pvdz", "--n_workers", "1")
     yield mt, "element without basis functions", "ok" if rc != 0 and "Traceback" not in err else one_error_line(rc, out, err)
-    rc, out, err = sh(repo, mt, "--smiles", x["smi"], "--out", d("timeout.db"), "--oracle_timeout", "0.01", *ORACLE)
+    rc, out, err = sh(
+        repo, mt, "--smiles", x["smi"], "--out", d("timeout.db"), "--oracle_timeout", "0.01", *ORACLE)
     yield mt, "--oracle_timeout 0.01 (every job fails)", one_error_line(rc, out, err)
     with open(d("bad.smi"), "w") as f:
         f.write("C1CC broken\n")
@@ -185,13 +194,17 @@ def cases(repo, x, tmp):
     except ValueError:
         yield mt, "torn last line of failures.jsonl, rerun", "corrupt"
 
-    yield tb, "missing --db", one_error_line(*sh(repo, tb, "--db", d("no.db"), "--out_dir", d("t1")))
-    yield tb, "text file as --load_baseline", one_error_line(*sh(repo, tb, *train_argv(x, d("t2"), "--load_baseline", x["text"])))
-    yield tb, "random bytes as --load_baseline", one_error_line(*sh(repo, tb, *train_argv(x, d("t3"), "--load_baseline", x["noise"])))
+    yield tb, "missing --db", \
+        one_error_line(*sh(repo, tb, "--db", d("no.db"), "--out_dir", d("t1")))
+    yield tb, "text file as --load_baseline", \
+        one_error_line(*sh(repo, tb, *train_argv(x, d("t2"), "--load_baseline", x["text"])))
+    yield tb, "random bytes as --load_baseline", \
+        one_error_line(*sh(repo, tb, *train_argv(x, d("t3"), "--load_baseline", x["noise"])))
     os.makedirs(d("t4"))
     with open(os.path.join(d("t4"), "checkpoint.pt"), "w") as f:
         f.write("garbage")
-    yield tb, "--resume with a corrupt checkpoint.pt", one_error_line(*sh(repo, tb, *train_argv(x, d("t4"), "--resume")))
+    yield tb, "--resume with a corrupt checkpoint.pt", \
+        one_error_line(*sh(repo, tb, *train_argv(x, d("t4"), "--resume")))
     metrics = os.path.join(d("t5"), "metrics.jsonl")
     rc, out, err = kill_then_rerun(repo, tb, train_argv(x, d("t5")), lambda: lines_of(metrics), 6, train_argv(x, d("t5"), "--resume"))
     steps = [json.loads(line)["step"] for line in open(metrics)] if rc == 0 else []
@@ -208,13 +221,19 @@ def cases(repo, x, tmp):
         yield tb, "torn last line of metrics.jsonl, --resume", "corrupt"
 
     t0 = time.monotonic()
-    rc, out, err = sh(repo, gf, *golf_argv(x, d("g1"), "--dask_scheduler", DEAD_SCHEDULER), timeout=120)
+    rc, out, err = sh(
+        repo, gf, *golf_argv(x, d("g1"), "--dask_scheduler", DEAD_SCHEDULER), timeout=120)
     yield gf, "unreachable --dask_scheduler", one_error_line(rc, out, err)
-    yield gf, "--oracle_timeout 0.01 (every job fails)", one_error_line(*sh(repo, gf, *golf_argv(x, d("g2"), "--oracle_timeout", "0.01"), timeout=120))
-    yield gf, "unknown method (every job fails)", one_error_line(*sh(repo, gf, *golf_argv(x, d("g3"), "--oracle_method", "nonsense/sto-3g"), timeout=120))
-    yield gf, "text file as --load_baseline", one_error_line(*sh(repo, gf, *golf_argv(x, d("g4"))[:2], "--load_baseline", x["text"], *golf_argv(x, d("g4"))[4:]))
-    yield gf, "random bytes as --load_baseline", one_error_line(*sh(repo, gf, *golf_argv(x, d("g5"))[:2], "--load_baseline", x["noise"], *golf_argv(x, d("g5"))[4:]))
-    yield gf, "text file as --d0", one_error_line(*sh(repo, gf, "--d0", x["text"], *golf_argv(x, d("g6"))[2:]))
+    yield gf, "--oracle_timeout 0.01 (every job fails)", \
+        one_error_line(*sh(repo, gf, *golf_argv(x, d("g2"), "--oracle_timeout", "0.01"), timeout=120))
+    yield gf, "unknown method (every job fails)", \
+        one_error_line(*sh(repo, gf, *golf_argv(x, d("g3"), "--oracle_method", "nonsense/sto-3g"), timeout=120))
+    yield gf, "text file as --load_baseline", \
+        one_error_line(*sh(repo, gf, *golf_argv(x, d("g4"))[:2], "--load_baseline", x["text"], *golf_argv(x, d("g4"))[4:]))
+    yield gf, "random bytes as --load_baseline", \
+        one_error_line(*sh(repo, gf, *golf_argv(x, d("g5"))[:2], "--load_baseline", x["noise"], *golf_argv(x, d("g5"))[4:]))
+    yield gf, "text file as --d0", \
+        one_error_line(*sh(repo, gf, "--d0", x["text"], *golf_argv(x, d("g6"))[2:]))
     collected = os.path.join(d("g7"), "collected.db")
     count = lambda: rows(collected)   # noqa: E731
     count.expected = 6
@@ -239,7 +258,8 @@ def cases(repo, x, tmp):
 
     records = os.path.join(d("e1"), "per_conformation.jsonl")
     rc, out, err = kill_then_rerun(repo, ev, eval_argv(x, d("e1")), lambda: lines_of(records), 1, tear=records)
-    yield ev, "torn last line of per_conformation.jsonl, rerun", one_error_line(rc, out, err) if rc != 0 else "ok"
+    yield ev, "torn last line of per_conformation.jsonl, rerun", \
+        one_error_line(rc, out, err) if rc != 0 else "ok"
     final = os.path.join(d("e2"), "final.db")
     sh(repo, ev, *eval_argv(x, d("e2")))
     with open(os.path.join(d("e2"), "per_conformation.jsonl")) as f:
@@ -248,14 +268,19 @@ def cases(repo, x, tmp):
         f.writelines(kept)                     # killed after final.db's row, before the record
     rc, out, err = sh(repo, ev, *eval_argv(x, d("e2")))
     yield ev, "kill between final.db row and record, rerun", "ok" if rc == 0 and rows(final) == 2 else ("duplicate" if rc == 0 else one_error_line(rc, out, err))
-    yield ev, "text file as --checkpoint", one_error_line(*sh(repo, ev, "--checkpoint", x["text"], *eval_argv(x, d("e3"))[2:]))
-    yield ev, "random bytes as --checkpoint", one_error_line(*sh(repo, ev, "--checkpoint", x["noise"], *eval_argv(x, d("e4"))[2:]))
-    yield ev, "--db without optimal_energy", one_error_line(*sh(repo, ev, "--checkpoint", x["ckpt"], "--db", x["d0"], *eval_argv(x, d("e5"))[4:]))
-    yield ev, "--task table with a missing summary.json", one_error_line(*sh(repo, ev, "--task", "table", "--summaries", d("none.json")))
+    yield ev, "text file as --checkpoint", \
+        one_error_line(*sh(repo, ev, "--checkpoint", x["text"], *eval_argv(x, d("e3"))[2:]))
+    yield ev, "random bytes as --checkpoint", \
+        one_error_line(*sh(repo, ev, "--checkpoint", x["noise"], *eval_argv(x, d("e4"))[2:]))
+    yield ev, "--db without optimal_energy", \
+        one_error_line(*sh(repo, ev, "--checkpoint", x["ckpt"], "--db", x["d0"], *eval_argv(x, d("e5"))[4:]))
+    yield ev, "--task table with a missing summary.json", \
+        one_error_line(*sh(repo, ev, "--task", "table", "--summaries", d("none.json")))
     rc, out, err = sh(repo, ev, *eval_argv(x, d("e6"), "--oracle_method", "nonsense/sto-3g"))
     poisoned = os.path.exists(os.path.join(d("e6"), "per_conformation.jsonl"))
     yield ev, "unknown method (every job fails)", "loss (a fixed rerun skips them as done)" if poisoned else one_error_line(rc, out, err)
-    yield ev, "unreachable --dask_scheduler", one_error_line(*sh(repo, ev, *eval_argv(x, d("e7"), "--dask_scheduler", DEAD_SCHEDULER), timeout=120))
+    yield ev, "unreachable --dask_scheduler", \
+        one_error_line(*sh(repo, ev, *eval_argv(x, d("e7"), "--dask_scheduler", DEAD_SCHEDULER), timeout=120))
     records = os.path.join(d("e8"), "per_conformation.jsonl")
     count = lambda: lines_of(records)   # noqa: E731
     count.expected = 2
