@@ -287,6 +287,7 @@ def evaluate_optimization(args):
     done = set()
     if os.path.exists(records_path):
         done = {r["conf_id"] for r in read_records(records_path)}
+        data.cut_partial_line(records_path)          # what a kill mid-write left
     todo = [c for c in confs if conf_key(c) not in done
             and bool(c.info.get("converged", True))]     # unconverged E_opt: not scored
     print(f"{len(confs)} test conformations, {len(done)} done before, {len(todo)} to evaluate")
@@ -323,14 +324,22 @@ def evaluate_optimization(args):
             key, t = jobs[future]
             entry = pending[key]
             entry[3][t] = future.result()
+            if not entry[3][t].ok and oracles.is_permanent(entry[3][t].reason):
+                raise oracles.OracleError(
+                    f"the oracle cannot label conformation {key} of {args.db} "
+                    f"({entry[3][t].reason[:200]}); it will fail again: check --oracle_method "
+                    "(method and basis) and the elements of the db")
             if len(entry[3]) == len(eval_steps) + (entry[0].energy is None):
                 record = conformation_record(*entry, eval_steps)
                 conf, positions = entry[0], entry[1]
                 final = data.Conformation(numbers=conf.numbers, positions=positions[eval_steps[-1]],
                                           energy=record["energy_dft"][-1], smiles=conf.smiles)
-                data.write_conformation(final_db, final, conf_id=key)
-                with open(records_path, "a") as f:          # appended as it finishes
-                    f.write(json.dumps(record) + "\n")
+                # the record is the one mark of 'done', written last; the final.db row of
+                # a run killed before its record is replaced, never doubled
+                with final_db:
+                    final_db.delete([row.id for row in final_db.select(conf_id=key)])
+                    data.write_conformation(final_db, final, conf_id=key)
+                data.append_jsonl(records_path, record)     # appended as it finishes
                 del pending[key]
                 bar.update(1)
         bar.close()
@@ -365,8 +374,8 @@ def conformation_record(conf, positions, nnp, results, eval_steps):
 
 
 def read_records(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The per-conformation records (a partial last line of a killed run is dropped)."""
+    return data.read_jsonl(path)
 
 
 def summarize(args, records, confs_by_id):
@@ -683,7 +692,14 @@ def main(argv=None):
     if args.model == "external" and not args.positions:
         sys.exit("error: --model external needs --positions: a db of the method's final "
                  "conformations, key conf_id = the test row id in --db")
+    if args.dask_scheduler and args.task == "optimization":   # fail fast, before any output
+        oracles.check_dask_scheduler(args.dask_scheduler)
     os.makedirs(args.out_dir, exist_ok=True)
+    with data.output_lock(args.out_dir):                    # one writer per out_dir
+        evaluate_task(args)
+
+
+def evaluate_task(args):
     torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
     if args.task == "prediction":
         confs, _ = data.read_db(args.db, args.energy_kind, require_energy=True, require_forces=True)
@@ -702,13 +718,15 @@ def main(argv=None):
               "fig3_pct_over_steps.png")
         if args.page_conformations > 0:
             write_page(args, records)
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+    path = os.path.join(args.out_dir, "summary.json")
+    with open(f"{path}.tmp", "w") as f:        # whole or not at all: a kill keeps the old one
         json.dump(summary, f, indent=1)
+    os.replace(f"{path}.tmp", path)
     print(f"wrote {args.out_dir}/summary.json")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (data.DataError, painn.CheckpointError) as err:
+    except (data.DataError, painn.CheckpointError, oracles.OracleError) as err:
         sys.exit(f"error: {err}")

@@ -28,6 +28,7 @@ oracle, but the run depends on timing). Like the official code, the learning-rat
 spans K * U updates (--total_steps is train_baseline.py's).
 """
 import argparse
+import collections
 import json
 import os
 import sys
@@ -73,6 +74,10 @@ def parse_args(argv=None):
                    help="labelled db to report validation errors on at the end (the same one "
                         "train_baseline.py --val_db uses; GOLF never trains on it)")
     g.add_argument("--log_every", type=int, default=10, help="log metrics every N additions")
+    g.add_argument("--max_consecutive_failures", type=int, default=50,
+                   help="stop when the genuine oracle fails this many times in a row (0: never)")
+    g.add_argument("--max_seconds_without_progress", type=float, default=3600.0,
+                   help="stop when nothing was added for this long (0: never)")
     add_model_args(p)        # used only without --load_baseline
     add_training_args(p, total_steps=None)
     optimizers.add_optimizer_args(p)
@@ -85,6 +90,10 @@ def parse_args(argv=None):
                 "--utd_ratio instead")
     args.total_steps = args.max_oracle_steps * args.utd_ratio   # the schedule spans K * U
     return args
+
+
+class Stalled(RuntimeError):
+    """The run makes no progress (the oracle fails every job, or nothing is added): one line."""
 
 
 class Slot:
@@ -106,6 +115,8 @@ class Golf:
         self.trainer = Trainer(model, args, args.total_steps)
         self.buffer = data.ReplayBuffer(d0, args.initial_conf_pct, rng)
         self.updates_owed = 0        # U per added conformation, paid as training steps
+        self.failures_in_a_row = collections.Counter()   # reason -> count, since the last addition
+        self.last_progress = time.perf_counter()
         self.in_flight = {}          # future -> (slot's D0 index, the conformation sent)
         self.stats = dict(n_added=0, n_failed=0, n_rejected_mmff=0, n_rise_at_start=0,
                           n_submitted=0, wait_seconds=0.0, loss=float("nan"))
@@ -230,9 +241,12 @@ class Golf:
             result = future.result()
             if not result.ok:
                 self.stats["n_failed"] += 1
+                self.failures_in_a_row[result.reason[:120]] += 1
                 self.log({"event": "oracle_failure", "reason": result.reason,
                           "seconds": result.seconds})
                 continue
+            self.failures_in_a_row.clear()
+            self.last_progress = time.perf_counter()
             labelled = data.Conformation(numbers=conf.numbers, positions=conf.positions,
                                          energy=result.energy, forces=result.forces,
                                          smiles=conf.smiles, info=conf.info)
@@ -260,10 +274,29 @@ class Golf:
                              failed=self.stats["n_failed"], loss=f"{self.stats['loss']:.2e}",
                              lr=f"{self.trainer.lr:.1e}")
 
+    def check_progress(self):
+        """Progress or stop: N oracle failures in a row, or no addition for a set time."""
+        n_failed, limit = sum(self.failures_in_a_row.values()), self.args.max_consecutive_failures
+        idle, max_idle = time.perf_counter() - self.last_progress, \
+            self.args.max_seconds_without_progress
+        if (limit and n_failed >= limit) or (max_idle and idle > max_idle):
+            reasons = "; ".join(f"{n} x {r}" for r, n in self.failures_in_a_row.most_common(3))
+            why = f"the genuine oracle failed {n_failed} times in a row" if limit and \
+                n_failed >= limit else f"nothing was added for {idle:.0f} s"
+            permanent = any(oracles.is_permanent(r) for r in self.failures_in_a_row)
+            hint = ("check --oracle_method (method and basis) and the elements of --d0"
+                    if permanent else "check --oracle_timeout, --psi4_memory, the Psi4 or "
+                    "Dask workers, and the MMFF rejections (--surrogate_energy_threshold)")
+            self.save()
+            self.log({"event": "stopped", "why": why})
+            raise Stalled(f"GOLF stopped: {why} ({reasons or 'no oracle failures'}); {hint}. "
+                          f"The {self.stats['n_added']} conformations added are saved: fix "
+                          "it and rerun with --resume")
+
     # ---- the loop -----------------------------------------------------------------------
 
     def run(self):
-        self.start_time = time.perf_counter()
+        self.start_time = self.last_progress = time.perf_counter()
         self.bar = tqdm(total=self.args.max_oracle_steps, initial=self.stats["n_added"],
                         desc="GOLF: conformations added", dynamic_ncols=True)
         self.start_trajectories()
@@ -275,6 +308,7 @@ class Golf:
                 continue
             if self.stats["n_added"] >= self.args.max_oracle_steps:
                 break
+            self.check_progress()
             self.submit_waiting()
             if any(self.moving(k) for k in range(len(self.slots))):
                 self.optimization_step()
@@ -293,8 +327,7 @@ class Golf:
         record = {**record, **self.stats, "updates": self.trainer.step, "lr": self.trainer.lr,
                   "in_flight": len(self.in_flight), "elapsed_seconds": elapsed,
                   "wait_share": self.stats["wait_seconds"] / max(elapsed, 1e-9)}
-        with open(os.path.join(self.args.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        data.append_jsonl(os.path.join(self.args.out_dir, "metrics.jsonl"), record)
         if record["event"] != "progress":
             tqdm.write(json.dumps(record))
 
@@ -310,15 +343,22 @@ class Golf:
         collected_path = os.path.join(self.args.out_dir, "collected.db")
         collected = data.read_db(collected_path, "total", verbose=False)[0] \
             if os.path.exists(collected_path) and len(self.collected_db) else []
+        if len(collected) > self.args.max_oracle_steps:   # K changed, or an older run doubled
+            print(f"warning: {collected_path} holds {len(collected)} conformations; "
+                  f"K = {self.args.max_oracle_steps} of them are used", file=sys.stderr)
+            collected = collected[:self.args.max_oracle_steps]
         for conf in collected:
             self.buffer.add(conf)
         self.stats["n_added"] = len(collected)
         if os.path.exists(path):
-            ckpt = torch.load(path, map_location=self.args.device, weights_only=True)
+            ckpt = painn.read_checkpoint(path, self.args.device)
             self.model.load_state_dict(ckpt["model"]["state_dict"])
             self.trainer.load_state_dict(ckpt["trainer"])
             set_rng_state(self.rng, ckpt["rng"])
-        self.updates_owed = max(0, len(collected) * self.args.utd_ratio - self.trainer.step)
+        # the schedule spans K * U updates (total_steps), never more: the cosine lr must
+        # not climb back
+        self.updates_owed = max(0, min(len(collected) * self.args.utd_ratio,
+                                       self.args.total_steps) - self.trainer.step)
         if collected or self.trainer.step:
             print(f"resumed: {len(collected)} conformations collected, {self.trainer.step} "
                   f"updates done, {self.updates_owed} owed")
@@ -334,14 +374,17 @@ def main(argv=None):
     d0, _ = data.read_db(args.d0, args.energy_kind, require_energy=True, require_forces=True)
     val = data.read_db(args.val_db, args.energy_kind, require_energy=True,
                        require_forces=True)[0] if args.val_db else []
+    model = painn.load_checkpoint(args.load_baseline).to(args.device, getattr(torch, args.dtype))
+    if args.dask_scheduler:      # fail fast, before any output exists
+        oracles.check_dask_scheduler(args.dask_scheduler)
     os.makedirs(args.out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")) and not args.resume:
+    if not args.resume and (os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")) or
+                            os.path.exists(os.path.join(args.out_dir, "collected.db"))):
         sys.exit(f"error: {args.out_dir} holds a GOLF run; pass --resume to continue it")
     torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
-    model = painn.load_checkpoint(args.load_baseline).to(args.device, getattr(torch, args.dtype))
     if args.compile:
         model.compile_network()
-    with oracles.make_oracle_pool(args) as pool:
+    with data.output_lock(args.out_dir), oracles.make_oracle_pool(args) as pool:
         golf = Golf(args, d0, model, pool, rng)
         if args.resume:
             golf.resume()
@@ -356,5 +399,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (data.DataError, painn.CheckpointError) as err:
+    except (data.DataError, painn.CheckpointError, oracles.OracleError, Stalled) as err:
         sys.exit(f"error: {err}")

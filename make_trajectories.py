@@ -55,8 +55,11 @@ rewritten with their rows sorted by (conf_id, step) (a temporary db, then os.rep
 the same command gives the same rows in the same order, whatever the arrival order (ASE's
 per-row ctime/user columns are the rewrite's; nothing reads them). A rerun of the
 same command skips finished conformations (conf_id in --out; for optimize, in
---out_optimal) and retries all others, failed ones included. Failures are appended to
-<out>.failures.jsonl (one JSON per line: conf_id, smiles, mode, reason, seconds, attempts,
+--out_optimal) and retries all others, failed ones included. Failures that will repeat
+(no basis for an element, an unknown method, no MMFF types) are not retried within a run
+and are marked so; a run in which every conformation failed exits with status 1. One
+process writes an output at a time (a lock file <out>.writer.lock). Failures are appended
+to <out>.failures.jsonl (one JSON per line: conf_id, smiles, mode, reason, seconds, attempts,
 steps, time). The steps an optimization finished before failing are written to --out
 anyway; a rerun replaces them with its own.
 """
@@ -64,7 +67,6 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import json
 import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -394,15 +396,14 @@ def canonical_key(row):
 
 
 def log_failure(path, conf, conf_id, mode, reason, result=None):
-    """Append one failure to the <out>.failures.jsonl sidecar (open, write, close: a kill
-    never leaves half a record behind it)."""
+    """Append one failure to the <out>.failures.jsonl sidecar (one write; a partial line
+    left by a kill is cut off before the next record)."""
     record = {"conf_id": int(conf_id), "smiles": conf.smiles, "mode": mode, "reason": reason,
               "seconds": round(result.seconds, 3) if result else 0.0,
               "attempts": result.attempts if result else 0,
               "steps": result.n_steps if result else 0,
               "time": datetime.datetime.now().isoformat(timespec="seconds")}
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    data.append_jsonl(path, record)
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,7 +419,10 @@ def atomrefs_for(args, elements):
         return painn.NABLADFT_ATOMREFS
     for path in (args.out, args.out_optimal, args.db):
         if path and os.path.exists(path):
-            metadata = ase.db.connect(path).metadata
+            try:
+                metadata = ase.db.connect(path).metadata
+            except Exception:    # not a db: open_output says so in one line
+                continue
             if path == args.db and metadata.get("method") != args.oracle_method:
                 continue
             refs = data.read_atomrefs(metadata)
@@ -524,6 +528,22 @@ def make(args):
                     for a in Chem.AddHs(parse_smiles(smi)).GetAtoms()}
     else:
         elements = {int(z) for c in confs for z in c.numbers}
+    for path in filter(None, (args.out, args.out_optimal)):
+        if os.path.isdir(path):
+            raise data.DataError(f"{path} is a directory; --out and --out_optimal name db "
+                                 f"files (e.g. {os.path.join(path, 'd0.db')})")
+    if args.dask_scheduler:      # fail fast, before any output exists
+        oracles.check_dask_scheduler(args.dask_scheduler)
+    with ExitStack() as locks:   # one writer per output, for the whole run
+        for path in filter(None, (args.out, args.out_optimal)):
+            locks.enter_context(data.output_lock(path))
+        return label(args, lines if args.smiles else None, None if args.smiles else confs,
+                     elements)
+
+
+def label(args, lines, confs, elements):
+    """Label the conformations of `lines` (--smiles) or `confs` (--db), writing each result
+    as it arrives. Returns the exit status: 1 if every conformation failed."""
     atomrefs = atomrefs_for(args, elements)
     out = open_output(args.out, args, atomrefs)
     optimal = open_output(args.out_optimal, args, atomrefs) if args.mode == "optimize" else None
@@ -655,10 +675,20 @@ def make(args):
     print(f"{n_done} conformations finished, {n_rows} rows in {args.out}"
           + (f", starts and optima in {args.out_optimal}" if optimal is not None else ""))
     if reasons:
-        print(f"{sum(reasons.values())} failed (logged in {failures_path}; rerun the same "
-              "command to retry them):")
+        n_permanent = sum(n for reason, n in reasons.items() if oracles.is_permanent(reason))
+        print(f"{sum(reasons.values())} failed (logged in {failures_path}):")
         for reason, count in reasons.most_common():
-            print(f"  {count} x {reason}")
+            print(f"  {count} x {reason}" + ("  [will repeat: not retried]"
+                                              if oracles.is_permanent(reason) else ""))
+        if n_permanent:
+            print(f"{n_permanent} will fail again with these flags: check --oracle_method "
+                  "(method and basis) and the elements of the input")
+        if n_permanent < sum(reasons.values()):
+            print("rerun the same command to retry the others")
+    if reasons and n_done == 0:
+        print(f"error: every one of the {sum(reasons.values())} conformations failed; "
+              "nothing was labelled (the reasons are above)", file=sys.stderr)
+        return 1
     return 0
 
 

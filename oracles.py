@@ -47,7 +47,9 @@ import collections
 import math
 import multiprocessing.connection
 import os
+import re
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -94,6 +96,22 @@ def is_xtb(method):
 
 def default_max_opt_steps(method):
     return DEFAULT_MAX_OPT_STEPS["xtb" if is_xtb(method) else "psi4"]
+
+
+# Failure reasons that repeat on every attempt: the method, the basis, the element or the
+# charge, not the geometry or the machine (Psi4's BasisSetNotFound, an unknown method "... are
+# not available", an impossible chg/mult; an xtb engine's unsupported element; RDKit's
+# missing MMFF types). Such a job is never retried. Not Psi4's ValidationError as such: it
+# also says "atoms are too close", a geometry the NNP made, which evaluation must record.
+PERMANENT_FAILURES = re.compile(
+    r"BasisSetNotFound|basis set for atom|no basis|are not available|chg/mult|"
+    r"unsupported element|not supported|not parametri[sz]ed|unknown method|not recognized|"
+    r"no atom types", re.IGNORECASE)
+
+
+def is_permanent(reason):
+    """Will this failure repeat? (wrong method/basis, element without parameters)"""
+    return bool(PERMANENT_FAILURES.search(reason or ""))
 
 
 # ---------------------------------------------------------------------------------------
@@ -704,7 +722,8 @@ class LocalOraclePool:
         if len(job.steps) > len(job.best_steps):
             job.best_steps = job.steps
         with self._lock:
-            if job.attempts <= self.retries and not self._closed and not self._broken:
+            if job.attempts <= self.retries and not self._closed and not self._broken \
+                    and not is_permanent(reason):
                 self._queue.appendleft(job)          # retry first, before newer jobs
                 return
         _settle(job.future, job.result(False, reason))
@@ -855,12 +874,26 @@ def torch_threads_beside_the_pool(args):
     return max(1, (os.cpu_count() or 1) - args.n_workers * args.psi4_threads)
 
 
+def check_dask_scheduler(address, timeout=5.0):
+    """Fail fast, before any output exists: can a TCP connection reach the scheduler?"""
+    scheme, _, host_port = address.rpartition("://")
+    if scheme not in ("", "tcp", "tls"):
+        return                                   # inproc://, ucx://: Dask's own check
+    host, _, port = host_port.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout).close()
+    except (OSError, ValueError) as err:
+        raise OracleError(f"cannot reach the Dask scheduler at {address} ({err}); start it "
+                          "with `dask scheduler`, or drop --dask_scheduler") from None
+
+
 def make_oracle_pool(args):
     """A DaskOraclePool with --dask_scheduler, else a LocalOraclePool."""
     common = dict(method=args.oracle_method, threads=args.psi4_threads,
                   memory=args.psi4_memory, timeout=args.oracle_timeout,
                   retries=args.oracle_retries, max_opt_steps=args.max_opt_steps)
     if args.dask_scheduler:
+        check_dask_scheduler(args.dask_scheduler)
         return DaskOraclePool(args.dask_scheduler, **common)
     return LocalOraclePool(n_workers=args.n_workers, **common)
 

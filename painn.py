@@ -392,22 +392,42 @@ def load_checkpoint(path, device="cpu"):
     `model.representation.*`, `model.output_modules.0.outnet.*`) that predicts E minus the
     nablaDFT atomrefs; loading one sets those atomrefs so the model returns total energies.
     """
+    ckpt = read_checkpoint(path, device)
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    if isinstance(ckpt, dict) and "model" in ckpt and "state_dict" in ckpt["model"]:
-        state = ckpt["model"]
-        hparams, state_dict, atomrefs = state["hparams"], state["state_dict"], state["atomrefs"]
-    elif isinstance(ckpt, dict) and f"{OFFICIAL_PREFIX}embedding.weight" in ckpt:
-        hparams, state_dict = from_official_state_dict(ckpt)
-        atomrefs = NABLADFT_ATOMREFS
-    else:
+        if isinstance(ckpt, dict) and "model" in ckpt and "state_dict" in ckpt["model"]:
+            state = ckpt["model"]
+            hparams, state_dict, atomrefs = state["hparams"], state["state_dict"], state["atomrefs"]
+        elif isinstance(ckpt, dict) and f"{OFFICIAL_PREFIX}embedding.weight" in ckpt:
+            hparams, state_dict = from_official_state_dict(ckpt)
+            atomrefs = NABLADFT_ATOMREFS
+        else:
+            raise KeyError("model")
+        model = PaiNN(**hparams, atomrefs=atomrefs).to(state_dict["embedding.weight"].dtype)
+        model.load_state_dict(state_dict)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError):
         raise CheckpointError(f"{path} is neither a golf checkpoint nor an official "
-                         "NNP_checkpoint_actor state dict")
-    model = PaiNN(**hparams, atomrefs=atomrefs).to(state_dict["embedding.weight"].dtype)
-    model.load_state_dict(state_dict)
+                              "NNP_checkpoint_actor state dict; pass a checkpoint.pt of "
+                              "train_baseline.py or golf.py") from None
     return model.to(device)
+
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load of a checkpoint, tensors only (weights_only: no code runs). Anything that
+    is not such a file is one CheckpointError; never a hint to load it unsafely."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    except Exception as err:    # UnpicklingError, zip errors, KeyError of a foreign format
+        # torch's own text of a refused unpickling advises weights_only=False: not shown
+        detail = " ".join(str(err).split())[:200] if isinstance(err, RuntimeError) \
+            and "weights_only" not in str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is not a checkpoint torch can read safely "
+                              f"({detail}); pass a checkpoint.pt of "
+                              "train_baseline.py or golf.py, or an official "
+                              "NNP_checkpoint_actor") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -201,8 +201,7 @@ def read_training_dbs(paths, energy_kind):
 
 
 def log_metrics(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    data.append_jsonl(path, record)
 
 
 def parse_args(argv=None):
@@ -230,6 +229,11 @@ def main(argv=None):
         train, val = data.split_by_molecule(confs, args.val_fraction, seed=args.seed)
     print(f"{len(train)} training and {len(val)} validation conformations")
     os.makedirs(args.out_dir, exist_ok=True)
+    with data.output_lock(args.out_dir):         # one writer per out_dir
+        fit(args, rng, train, val, atomrefs)
+
+
+def fit(args, rng, train, val, atomrefs):
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
@@ -241,17 +245,24 @@ def main(argv=None):
     train_tensors = data.ConformationTensors(train, args.device, trainer.dtype)   # on the device
     val_tensors = data.ConformationTensors(val, args.device, trainer.dtype)
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=args.device, weights_only=True)
+        ckpt = painn.read_checkpoint(ckpt_path, args.device)
         model.load_state_dict(ckpt["model"]["state_dict"])
         trainer.load_state_dict(ckpt["trainer"])
         sampler.order, sampler.pos = np.asarray(ckpt["sampler"]["order"]), ckpt["sampler"]["pos"]
         set_rng_state(rng, ckpt["rng"])
         print(f"resumed from {ckpt_path} at step {trainer.step}")
-        if trainer.step >= args.total_steps:
-            print(f"already trained for --total_steps {args.total_steps}: nothing to do")
-            return
     elif os.path.exists(ckpt_path):
         sys.exit(f"error: {ckpt_path} exists; pass --resume to continue it or choose another --out_dir")
+    if os.path.exists(metrics_path):
+        # records a killed run logged after its checkpoint come again now: drop them (and a
+        # torn last line), so that a killed and resumed run logs what an uninterrupted one does
+        kept = [r for r in data.read_jsonl(metrics_path) if r["step"] <= trainer.step]
+        with open(f"{metrics_path}.tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(f"{metrics_path}.tmp", metrics_path)
+    if trainer.step >= args.total_steps:
+        print(f"already trained for --total_steps {args.total_steps}: nothing to do")
+        return
 
     def save():
         painn.save_checkpoint(model, ckpt_path, trainer=trainer.state_dict(),
