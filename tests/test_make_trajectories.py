@@ -359,8 +359,9 @@ def test_mmff_mode_skips_what_mmff_did_not_converge(tmp_path, capsys):
     smi = tmp_path / "chain.smi"
     smi.write_text("CCCCCCCCO octanol\n")
     out = str(tmp_path / "rdkit.db")
+    # its only conformation failed: the run exits non-zero (every conformation failed)
     assert run("--smiles", str(smi), "--mode", "mmff", "--mmff_max_iters", "2",
-               "--out", out) == 0
+               "--out", out) == 1
     assert rows(out) == []
     (record,) = [json.loads(line) for line in open(out + ".failures.jsonl")]
     assert record["reason"].startswith("MMFF did not converge in 2 iterations")
