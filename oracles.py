@@ -1,11 +1,15 @@
-"""The oracles of GOLF: the genuine one (DFT in Psi4) and the surrogate one (MMFF94 in RDKit).
+"""The oracles of GOLF: the genuine one (DFT in Psi4, or GFN2-xTB in tblite) and the
+surrogate one (MMFF94 in RDKit).
 
 GOLF (Tsypin et al., ICLR 2024) improves an NNP with conformations labelled by the *genuine
 oracle*, the DFT method of the training data: wB97X-D/def2-SVP in Psi4, as nablaDFT. One
 call costs CPU-minutes (the paper spent ~80 CPU-years), so nothing it computes may be lost
 and one bad job (a segfault, an SCF that does not converge, a job that never ends) must
-never stop a run. The *surrogate oracle*, MMFF94 at tens of microseconds per energy, is
-the cheap one.
+never stop a run. GFN2-xTB (tight-binding DFT, Bannwarth et al. 2019) in tblite is a
+genuine oracle too, ~100 times cheaper than HF/STO-3G (benchmarks/oracle_pool.py), with
+geometries close to DFT's: method names starting with "gfn" run in tblite, every other
+method in Psi4, through the same pool. The *surrogate oracle*, MMFF94 at tens of
+microseconds per energy, is the cheap one.
 
 Genuine oracle
 --------------
@@ -14,26 +18,30 @@ Genuine oracle
     pool = make_oracle_pool(args)                    either, from the flags of add_oracle_args
 
     future = pool.submit(conf, conf_id)                    energy and forces of conf
-    future = pool.submit(conf, conf_id, kind="optimize")   Psi4 geometry optimization from conf
+    future = pool.submit(conf, conf_id, kind="optimize")   geometry optimization from conf
     future.done(); result = future.result()                an OracleResult
     pool.close()                                           (or `with pool:`)
 
 A failure (worker death, timeout, SCF non-convergence, element without basis functions, ...)
 is an OracleResult with ok=False and a reason, never an exception. Each job runs in a
-persistent worker process that imported Psi4 once; a watchdog thread in the parent kills a
+persistent worker process that imported Psi4 (or tblite) once; a watchdog thread in the
+parent kills a
 worker whose job runs past `timeout` and starts a new one. A failed job is retried
 `retries` times. With Dask, each task runs its job the same way, in a child process of the
 Dask worker, so a segfault never takes the Dask worker down.
 
-Psi4 in this process (what the workers call): psi4_gradient, psi4_optimize.
+Psi4 in this process (what the workers call): psi4_gradient, psi4_optimize (optking).
+xTB in this process: xtb_gradient, xtb_optimize (ASE's BFGS in Cartesian coordinates,
+stopping at Psi4's default max force, 3e-4 Hartree/Bohr).
 
 Surrogate oracle
 ----------------
     MMFFSurrogate(conf).energy(positions [n_atoms, 3]) -> kcal/mol, force field built once
     mmff_minimize(conf, max_iters) -> positions [n_atoms, 3]
 
-Units: positions Angstrom, energies Hartree, forces Hartree/Angstrom. Psi4 works in Bohr:
-its gradients (Hartree/Bohr) are converted with data.BOHR_TO_ANGSTROM. MMFF: kcal/mol.
+Units: positions Angstrom, energies Hartree, forces Hartree/Angstrom. Psi4 and tblite work
+in Bohr: their gradients (Hartree/Bohr) are converted with data.BOHR_TO_ANGSTROM. MMFF:
+kcal/mol.
 """
 import collections
 import math
@@ -50,6 +58,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator, all_changes
 from rdkit import Chem, RDLogger
 from rdkit.Chem import AllChem, rdDetermineBonds
 
@@ -57,10 +67,31 @@ import data   # imports no torch: the Psi4 workers run this file and start fast
 
 DEFAULT_METHOD = "wb97x-d/def2-svp"   # the paper's level of theory, and nablaDFT's
 KINDS = ("gradient", "optimize")
+XTB_METHODS = {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB"}   # --oracle_method -> tblite
+# SCC convergence of tblite (1 is its default; smaller is tighter). xtb pairs 0.2 and 0.05
+# with gradient thresholds around Psi4's 3e-4 Hartree/Bohr ("tight", "vtight"); 0.1 keeps
+# the gradient ~1e-7 Hartree/Bohr from its converged value, for ~15% more time than 1.
+XTB_ACCURACY = 0.1
+# Optimizations stop when every atom's force is below Psi4's default (QCHEM) max force,
+# 3e-4 Hartree/Bohr = 3e-4 * 27.2114 eV / 0.529177 A = 0.0154 eV/A. ASE compares each
+# atom's force norm, Psi4 the largest internal-coordinate force: ours is the tighter test.
+XTB_MAX_FORCE = 3e-4            # Hartree/Bohr
+# Most gradients of an optimization (--max_opt_steps): optking's internal coordinates
+# need ~20-50 steps on drug-like molecules, ASE's Cartesian BFGS ~100-200.
+DEFAULT_MAX_OPT_STEPS = {"psi4": 100, "xtb": 500}
 
 
 class OracleError(RuntimeError):
     """The oracle cannot run at all (Psi4 missing, Dask unreachable, a bad flag): one line."""
+
+
+def is_xtb(method):
+    """A GFN-xTB method runs in tblite; every other method in Psi4."""
+    return method.strip().lower().startswith("gfn")
+
+
+def default_max_opt_steps(method):
+    return DEFAULT_MAX_OPT_STEPS["xtb" if is_xtb(method) else "psi4"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,6 +153,79 @@ def psi4_optimize(psi4, method, numbers, positions, charge, multiplicity, max_st
         return False, one_line(err)
 
 
+# ---------------------------------------------------------------------------------------
+# GFN-xTB (tblite) in this process
+# ---------------------------------------------------------------------------------------
+
+def xtb_calculator(method, numbers, positions, charge, multiplicity, options):
+    """A tblite calculator of one molecule at `positions` (Angstrom, given to tblite in
+    Bohr), with multiplicity - 1 unpaired electrons. options: tblite Calculator.set
+    settings (e.g. {"max-iter": 5}) over ours."""
+    from tblite.interface import Calculator as TBLiteCalculator
+    xtb = TBLiteCalculator(XTB_METHODS[method.strip().lower()], np.asarray(numbers),
+                           np.asarray(positions, dtype=np.float64) / data.BOHR_TO_ANGSTROM,
+                           charge=float(charge), uhf=int(multiplicity) - 1)
+    xtb.set("verbosity", 0)
+    xtb.set("accuracy", XTB_ACCURACY)
+    for key, value in options.items():
+        xtb.set(key, value)
+    return xtb
+
+
+def xtb_gradient(method, numbers, positions, charge, multiplicity, options):
+    """Energy (Hartree) and gradient dE/dX [n_atoms, 3] (Hartree/Bohr) of one conformation,
+    the SCC started from scratch (a job's result does not depend on the worker's past).
+    An SCC that does not converge raises TBLiteRuntimeError."""
+    result = xtb_calculator(method, numbers, positions, charge, multiplicity,
+                            options).singlepoint()
+    return float(result.get("energy")), np.array(result.get("gradient"))
+
+
+class XTBCalculator(Calculator):
+    """ASE calculator over one tblite calculator, for ASE's optimizers (eV, eV/A). Every
+    evaluation goes to on_step(energy Hartree, gradient [n_atoms, 3] Hartree/Bohr,
+    positions [n_atoms, 3] Angstrom), the positions exactly those tblite was given. Each
+    SCC starts from the previous step's density (~1.5 times faster)."""
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, xtb, on_step):
+        super().__init__()
+        self.xtb, self.on_step, self.wavefunction = xtb, on_step, None
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)   # self.atoms: a copy of atoms
+        positions = self.atoms.get_positions()                  # [n_atoms, 3] Angstrom
+        self.xtb.update(positions=positions / data.BOHR_TO_ANGSTROM)
+        self.wavefunction = self.xtb.singlepoint(self.wavefunction)
+        energy = float(self.wavefunction.get("energy"))                # Hartree
+        gradient = np.array(self.wavefunction.get("gradient"))         # Hartree/Bohr
+        self.on_step(energy, gradient, positions)
+        self.results = {"energy": energy * units.Hartree,
+                        "forces": -gradient * units.Hartree / units.Bohr}
+
+
+def xtb_optimize(method, numbers, positions, charge, multiplicity, options, max_steps,
+                 on_step):
+    """ASE's BFGS in Cartesian coordinates from `positions`, until every atom's force is
+    below XTB_MAX_FORCE, with at most max_steps gradients (the start included), as Psi4's
+    geom_maxiter. BFGS (full inverse Hessian; 3N <= ~200 here, so it costs nothing) takes
+    one gradient per step and no line search, so every gradient is a step of the
+    trajectory; it needed as many or fewer steps than LBFGS and far fewer than FIRE on
+    drug-like molecules. Calls on_step for every gradient (see XTBCalculator). Returns
+    (converged, message); running out of steps is converged=False, not an error."""
+    from ase.optimize import BFGS    # imports scipy (~0.5 s): only workers that optimize
+    atoms = Atoms(numbers=np.asarray(numbers), positions=np.asarray(positions, dtype=np.float64))
+    atoms.calc = XTBCalculator(
+        xtb_calculator(method, numbers, positions, charge, multiplicity, options), on_step)
+    optimizer = BFGS(atoms, logfile=None)
+    fmax = XTB_MAX_FORCE * units.Hartree / units.Bohr                # eV/A
+    if optimizer.run(fmax=fmax, steps=max_steps - 1):
+        return True, ""
+    largest = np.linalg.norm(atoms.get_forces(), axis=1).max() * units.Bohr / units.Hartree
+    return False, (f"BFGS: largest atomic force {largest:.1e} Hartree/Bohr, criterion "
+                   f"{XTB_MAX_FORCE:.0e}")
+
+
 def one_line(err, limit=300):
     """An exception as one short line (Psi4's messages span many lines)."""
     text = " ".join(str(err).split())
@@ -129,25 +233,31 @@ def one_line(err, limit=300):
 
 
 # ---------------------------------------------------------------------------------------
-# The worker process: imports Psi4 once, then runs jobs it reads from a pipe
+# The worker process: imports Psi4 (or tblite) once, then runs jobs it reads from a pipe
 # ---------------------------------------------------------------------------------------
 
 def worker_main(job_fd, result_fd):
     """Child side. Reads the settings, then jobs (dicts) until None or the parent is gone;
     sends ('ready', pid), then per job zero or more ('step', energy, gradient, positions)
-    and one ('done', payload) or ('failed', reason)."""
+    and one ('done', payload) or ('failed', reason). An xTB worker never imports Psi4
+    (~1 s); its threads are OMP_NUM_THREADS, set by Psi4Process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to handle
     jobs = multiprocessing.connection.Connection(job_fd, writable=False)
     results = multiprocessing.connection.Connection(result_fd, readable=False)
     settings = jobs.recv()
     scratch = os.path.join(os.getcwd(), "scratch")  # cwd is this worker's own directory
+    xtb = is_xtb(settings["method"])
     try:
-        import psi4
-        psi4.core.be_quiet()
-        psi4.set_memory(settings["memory"])
-        psi4.core.set_num_threads(settings["threads"])
+        if xtb:
+            import tblite.interface  # noqa: F401   fail here, not at the first job
+            psi4 = None
+        else:
+            import psi4
+            psi4.core.be_quiet()
+            psi4.set_memory(settings["memory"])
+            psi4.core.set_num_threads(settings["threads"])
     except Exception as err:
-        results.send(("error", f"cannot start Psi4: {one_line(err)}"))
+        results.send(("error", f"cannot start {'tblite' if xtb else 'Psi4'}: {one_line(err)}"))
         return
     results.send(("ready", os.getpid()))
 
@@ -165,37 +275,58 @@ def worker_main(job_fd, result_fd):
             leave(parent_gone=True)
         if job is None:
             leave(parent_gone=False)
-        os.makedirs(scratch, exist_ok=True)
-        psi4.core.IOManager.shared_object().set_default_path(scratch)
-        psi4.core.clean_options()
-        psi4.set_options({"reference": "rhf" if job["multiplicity"] == 1 else "uhf",
-                          **settings["options"]})
-        args = (psi4, settings["method"], job["numbers"], job["positions"], job["charge"],
-                job["multiplicity"])
-        try:
-            if job["kind"] == "gradient":
-                energy, gradient = psi4_gradient(*args)
-                reply = ("done", {"energy": energy, "gradient": gradient})
-            else:
-                converged, message = psi4_optimize(
-                    *args, settings["max_opt_steps"],
-                    on_step=lambda *step: results.send(("step", *step)))
-                reply = ("done", {"converged": converged, "message": message})
-        except Exception as err:     # SCF not converged, no basis for an element, ...
-            reply = ("failed", one_line(err))
-        finally:
-            psi4.core.clean()
-            psi4.core.clean_variables()
-            shutil.rmtree(scratch, ignore_errors=True)
+        on_step = lambda *step: results.send(("step", *step))   # noqa: E731
+        if xtb:
+            reply = run_xtb_job(settings, job, on_step)
+        else:
+            reply = run_psi4_job(psi4, settings, job, scratch, on_step)
         try:
             results.send(reply)
         except OSError:
             leave(parent_gone=True)
 
 
+def run_psi4_job(psi4, settings, job, scratch, on_step):
+    """One job in this worker's Psi4: ('done', payload) or ('failed', reason)."""
+    os.makedirs(scratch, exist_ok=True)
+    psi4.core.IOManager.shared_object().set_default_path(scratch)
+    psi4.core.clean_options()
+    psi4.set_options({"reference": "rhf" if job["multiplicity"] == 1 else "uhf",
+                      **settings["options"]})
+    args = (psi4, settings["method"], job["numbers"], job["positions"], job["charge"],
+            job["multiplicity"])
+    try:
+        if job["kind"] == "gradient":
+            energy, gradient = psi4_gradient(*args)
+            return ("done", {"energy": energy, "gradient": gradient})
+        converged, message = psi4_optimize(*args, settings["max_opt_steps"], on_step)
+        return ("done", {"converged": converged, "message": message})
+    except Exception as err:     # SCF not converged, no basis for an element, ...
+        return ("failed", one_line(err))
+    finally:
+        psi4.core.clean()
+        psi4.core.clean_variables()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_xtb_job(settings, job, on_step):
+    """One job in tblite: ('done', payload) or ('failed', reason)."""
+    args = (settings["method"], job["numbers"], job["positions"], job["charge"],
+            job["multiplicity"], settings["options"])
+    try:
+        if job["kind"] == "gradient":
+            energy, gradient = xtb_gradient(*args)
+            return ("done", {"energy": energy, "gradient": gradient})
+        converged, message = xtb_optimize(*args, settings["max_opt_steps"], on_step)
+        return ("done", {"converged": converged, "message": message})
+    except Exception as err:     # SCC not converged, a bad spin or element, ...
+        return ("failed", one_line(err))
+
+
 class Psi4Process:
-    """Parent side of one worker: a child Python running this file, in its own directory
-    (Psi4's scratch and the files Psi4 leaves in its working directory), removed on close."""
+    """Parent side of one worker (Psi4 or tblite): a child Python running this file, in its
+    own directory (Psi4's scratch and the files Psi4 leaves in its working directory),
+    removed on close."""
 
     def __init__(self, settings, scratch_root, startup_timeout):
         self.dir = tempfile.mkdtemp(prefix="golf-psi4-", dir=scratch_root)
@@ -267,7 +398,7 @@ class OracleResult:
     reason: str = ""                      # why it failed, or why an optimization stopped
     seconds: float = 0.0                  # wall time of all attempts
     attempts: int = 0
-    # kind "optimize": every step t = 0..T of Psi4's optimizer, step 0 the submitted
+    # kind "optimize": every step t = 0..T of the optimizer, step 0 the submitted
     # conformation. A failed optimization keeps the steps it finished.
     trajectory_positions: np.ndarray | None = None  # [n_steps, n_atoms, 3] Angstrom
     trajectory_energy: np.ndarray | None = None     # [n_steps] Hartree
@@ -350,17 +481,22 @@ def _settle(future, result):
 # ---------------------------------------------------------------------------------------
 
 class LocalOraclePool:
-    """Psi4 jobs on this machine, `n_workers` at a time, `threads` threads each.
+    """Psi4 (or xTB) jobs on this machine, `n_workers` at a time, `threads` threads each.
 
-    timeout: seconds one Psi4 gradient may take (every step of an optimization is one);
+    method: a Psi4 method/basis, or gfn2-xtb / gfn1-xtb (tblite; memory is then unused).
+    timeout: seconds one gradient may take (every step of an optimization is one);
     a worker over it is killed and replaced. retries: extra attempts of a failed job.
-    max_opt_steps: geom_maxiter of an optimization. psi4_options: extra psi4.set_options.
+    max_opt_steps: most gradients of an optimization (Psi4's geom_maxiter); None: 100 for
+    Psi4, 500 for xTB. psi4_options: extra psi4.set_options, or for xTB extra tblite
+    Calculator.set settings ({"max-iter": 5}).
     scratch: where workers make their directories (default $PSI_SCRATCH, else /tmp)."""
 
     def __init__(self, method=DEFAULT_METHOD, n_workers=2, threads=1, memory="2 GB",
-                 timeout=600.0, retries=1, max_opt_steps=100, psi4_options=None,
+                 timeout=600.0, retries=1, max_opt_steps=None, psi4_options=None,
                  scratch=None, startup_timeout=120.0):
-        check_settings(n_workers, threads, timeout, retries, max_opt_steps)
+        if max_opt_steps is None:
+            max_opt_steps = default_max_opt_steps(method)
+        check_settings(n_workers, threads, timeout, retries, max_opt_steps, method)
         self.settings = {"method": method, "threads": int(threads), "memory": memory,
                          "max_opt_steps": int(max_opt_steps), "options": dict(psi4_options or {})}
         self.scratch = scratch or os.environ.get("PSI_SCRATCH") or tempfile.gettempdir()
@@ -391,19 +527,22 @@ class LocalOraclePool:
         return Psi4Process(self.settings, self.scratch, self.startup_timeout)
 
     def _wait_until_ready(self):
-        """Block until every worker imported Psi4; a worker that cannot is one clear error."""
+        """Block until every worker imported Psi4 (or tblite); a worker that cannot is one
+        clear error."""
         for worker in self._workers:
             if not worker.results.poll(max(0.0, worker.deadline - time.monotonic())):
-                raise OracleError(f"a Psi4 worker did not start within "
+                raise OracleError(f"an oracle worker did not start within "
                                   f"{self.startup_timeout:g} s")
             try:
                 message = worker.results.recv()
             except EOFError:
-                raise OracleError(f"a Psi4 worker could not start: {worker.death_reason()}") \
-                    from None
+                raise OracleError(f"an oracle worker could not start: "
+                                  f"{worker.death_reason()}") from None
             if message[0] == "error":
-                raise OracleError(f"{message[1]} (check --psi4_memory / --psi4_threads and "
-                                  "that `python -c 'import psi4'` works)")
+                hint = ("that `python -c 'import tblite.interface'` works (pip install tblite)"
+                        if is_xtb(self.settings["method"]) else "--psi4_memory / "
+                        "--psi4_threads and that `python -c 'import psi4'` works")
+                raise OracleError(f"{message[1]} (check {hint})")
             worker.ready, worker.deadline = True, math.inf
 
     # -- the public API ------------------------------------------------------------------
@@ -493,7 +632,8 @@ class LocalOraclePool:
                 self._attempt_failed(job, f"timeout: no result within {self.timeout:g} s "
                                           "(worker killed)")
             elif time.monotonic() > worker.deadline:      # a replacement that never started
-                self._break(f"a Psi4 worker did not start within {self.startup_timeout:g} s")
+                self._break(f"an oracle worker did not start within "
+                            f"{self.startup_timeout:g} s")
                 self._replace(i)
         self._workers = [w for w in self._workers if w is not None]   # None: pool broken
         return True
@@ -524,7 +664,7 @@ class LocalOraclePool:
         except (EOFError, OSError):                  # the worker process ended
             job, reason = worker.job, worker.death_reason()
             if not worker.ready:                     # a replacement could not start
-                self._break(f"a Psi4 worker could not start: {reason}")
+                self._break(f"an oracle worker could not start: {reason}")
             self._replace(i)
             if job is not None:
                 self._attempt_failed(job, reason)
@@ -554,7 +694,7 @@ class LocalOraclePool:
             try:
                 self._workers[i] = self._new_worker()
             except OSError as err:
-                self._break(f"cannot start a Psi4 worker: {one_line(err)}")
+                self._break(f"cannot start an oracle worker: {one_line(err)}")
 
     def _attempt_failed(self, job, reason):
         job.seconds += time.monotonic() - job.started
@@ -581,24 +721,27 @@ class LocalOraclePool:
 # ---------------------------------------------------------------------------------------
 
 def run_job_in_child_process(message, pool_kwargs):
-    """A Dask task: one job in a one-worker LocalOraclePool (its own Psi4 process, the
-    timeout and the retries), so a segfault or a stuck SCF never kills the Dask worker."""
+    """A Dask task: one job in a one-worker LocalOraclePool (its own Psi4 or tblite process,
+    the timeout and the retries), so a segfault or a stuck SCF never kills the Dask worker."""
     with LocalOraclePool(n_workers=1, **pool_kwargs) as pool:
         return pool.submit_job(message).result()
 
 
 class DaskOraclePool:
-    """Psi4 jobs on a Dask cluster: `dask scheduler` on one machine, and on every machine
-    with this repo and Psi4, from the repo directory, `PYTHONPATH=. dask worker
-    tcp://HOST:8786 --nthreads N` (N jobs at a time, each with `threads` Psi4 threads).
-    Each task starts a Psi4 process (~0.6 s), negligible next to a DFT job. Same
+    """Psi4 (or xTB) jobs on a Dask cluster: `dask scheduler` on one machine, and on every
+    machine with this repo and Psi4 (or tblite), from the repo directory, `PYTHONPATH=.
+    dask worker tcp://HOST:8786 --nthreads N` (N jobs at a time, each with `threads`
+    threads). Each task starts a worker process (~0.6 s), negligible next to a DFT job
+    but ~20 xTB gradients: for xTB, prefer the local pool unless it is optimizations. Same
     arguments and API as LocalOraclePool; scratch is each Dask worker's $PSI_SCRATCH or /tmp."""
 
     def __init__(self, scheduler, method=DEFAULT_METHOD, threads=1, memory="2 GB",
-                 timeout=600.0, retries=1, max_opt_steps=100, psi4_options=None,
+                 timeout=600.0, retries=1, max_opt_steps=None, psi4_options=None,
                  connect_timeout=20.0):
         from dask.distributed import Client
-        check_settings(1, threads, timeout, retries, max_opt_steps)
+        if max_opt_steps is None:
+            max_opt_steps = default_max_opt_steps(method)
+        check_settings(1, threads, timeout, retries, max_opt_steps, method)
         try:
             self.client = Client(scheduler, timeout=f"{connect_timeout}s")
         except (OSError, TimeoutError, ValueError) as err:
@@ -629,7 +772,7 @@ class DaskOraclePool:
         def copy_result(task):        # runs in a Dask thread when the task ends
             try:
                 result = task.result()
-            except BaseException as err:   # cancelled, KilledWorker, no Psi4 on the worker
+            except BaseException as err:   # cancelled, KilledWorker, an import error
                 result = OracleResult(message["conf_id"], False, message["kind"],
                                       reason=f"Dask task failed: {one_line(err)}")
             with self._lock:
@@ -657,7 +800,9 @@ class DaskOraclePool:
 # Command-line flags shared by the stage scripts
 # ---------------------------------------------------------------------------------------
 
-def check_settings(n_workers, threads, timeout, retries, max_opt_steps):
+def check_settings(n_workers, threads, timeout, retries, max_opt_steps, method):
+    if is_xtb(method) and method.strip().lower() not in XTB_METHODS:
+        raise OracleError(f"--oracle_method {method}: tblite has {', '.join(XTB_METHODS)}")
     for name, value, low in (("--n_workers", n_workers, 1), ("--psi4_threads", threads, 1),
                              ("--oracle_retries", retries, 0),
                              ("--max_opt_steps", max_opt_steps, 1)):
@@ -668,31 +813,37 @@ def check_settings(n_workers, threads, timeout, retries, max_opt_steps):
 
 
 def add_oracle_args(parser):
-    """The genuine oracle's flags (Psi4 and the pool)."""
-    group = parser.add_argument_group("genuine oracle (Psi4)")
+    """The genuine oracle's flags (Psi4 or xTB, and the pool)."""
+    group = parser.add_argument_group("genuine oracle (Psi4, or GFN2-xTB in tblite)")
     group.add_argument("--oracle_method", default=DEFAULT_METHOD,
-                       help="Psi4 method/basis (default: %(default)s, the paper's level)")
-    group.add_argument("--psi4_threads", type=int, default=1, help="threads per Psi4 job")
-    group.add_argument("--psi4_memory", default="2 GB", help="memory per Psi4 job")
+                       help="Psi4 method/basis (default: %(default)s, the paper's level), "
+                            "or gfn2-xtb (GFN2-xTB in tblite, ~0.03 s per gradient of a "
+                            "drug-like molecule; also gfn1-xtb)")
+    group.add_argument("--psi4_threads", type=int, default=1,
+                       help="threads per Psi4 or xTB job (OMP_NUM_THREADS)")
+    group.add_argument("--psi4_memory", default="2 GB",
+                       help="memory per Psi4 job (xTB ignores it)")
     group.add_argument("--oracle_timeout", type=float, default=600.0,
-                       help="seconds one Psi4 gradient may take; an optimization's every "
+                       help="seconds one gradient may take; an optimization's every "
                             "step is one (default: %(default)s, as the official code)")
     group.add_argument("--oracle_retries", type=int, default=1,
                        help="extra attempts of a failed job (default: %(default)s)")
     group.add_argument("--n_workers", type=int, default=2,
-                       help="Psi4 jobs at once on this machine (default: %(default)s; use "
+                       help="oracle jobs at once on this machine (default: %(default)s; use "
                             "about cores / --psi4_threads)")
     group.add_argument("--dask_scheduler", default=None,
                        help="tcp://HOST:PORT of a Dask scheduler: run the jobs on its "
                             "workers instead of --n_workers local processes")
-    group.add_argument("--max_opt_steps", type=int, default=100,
-                       help="most steps of a Psi4 optimization (geom_maxiter; Psi4's own "
-                            "default of 50 is short for drug-like molecules from ETKDG)")
+    group.add_argument("--max_opt_steps", type=int, default=None,
+                       help="most steps (gradients) of an optimization (default: 100 for "
+                            "Psi4, as geom_maxiter, whose own 50 is short for drug-like "
+                            "molecules from ETKDG; 500 for xTB, whose Cartesian BFGS takes "
+                            "~100-200)")
     return parser
 
 
 def torch_threads_beside_the_pool(args):
-    """Cores this machine has left for the NNP next to the local Psi4 workers (at least 1):
+    """Cores this machine has left for the NNP next to the local oracle workers (at least 1):
     an oversubscribed torch thread pool runs many times slower, measured here."""
     if args.dask_scheduler:
         return os.cpu_count() or 1
@@ -811,5 +962,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--psi4_worker":
         worker_main(int(sys.argv[2]), int(sys.argv[3]))
     else:
-        sys.exit("oracles.py is a library; its command line only starts the Psi4 worker of "
-                 "an oracle pool")
+        sys.exit("oracles.py is a library; its command line only starts the worker of an "
+                 "oracle pool")

@@ -1,6 +1,8 @@
 """golf.py, Algorithm 1. Control flow with a deterministic fake oracle and a scripted MMFF
 surrogate (which conformation is sent, termination, K stop, U updates, resume); the same
-path with real Psi4 is tests/test_pipeline.py."""
+path with real GFN2-xTB is test_golf_with_real_xtb, and with real Psi4
+tests/test_pipeline.py."""
+import json
 from concurrent.futures import Future
 
 import numpy as np
@@ -123,3 +125,47 @@ def test_resume_keeps_collected_data_and_owed_updates(setup, monkeypatch):
     assert len(data.read_db(str(out / "collected.db"), "total")[0]) == 4
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["trainer"]["step"] == 4 * 2
+
+
+def test_golf_with_real_xtb(tmp_path):
+    """Algorithm 1 end to end with a genuine oracle, GFN2-xTB: D0 labelled by xTB, K = 6
+    conformations added, each with xTB's energy and forces at exactly its positions."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+    rng = np.random.default_rng(0)
+    d0 = []
+    for smiles in ("CO", "CCO", "CC(=O)N"):
+        mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+        AllChem.EmbedMolecule(mol, randomSeed=1)
+        numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
+        for _ in range(2):
+            positions = mol.GetConformer().GetPositions() + rng.normal(scale=0.03,
+                                                                       size=(len(numbers), 3))
+            energy, gradient = oracles.xtb_gradient("gfn2-xtb", numbers, positions, 0, 1, {})
+            d0.append(data.Conformation(numbers, positions, energy,
+                                        -gradient / data.BOHR_TO_ANGSTROM, smiles=smiles))
+    d0_path = write(tmp_path / "d0.db", d0)
+    with oracles.LocalOraclePool("gfn2-xtb", n_workers=1) as pool:
+        atomrefs = oracles.isolated_atom_energies(pool, [1, 6, 7, 8])
+    torch.manual_seed(0)
+    ckpt = tmp_path / "baseline.pt"
+    painn.save_checkpoint(painn.PaiNN(**SMALL, atomrefs=atomrefs), ckpt)
+    out = tmp_path / "golf"
+    golf.main(["--d0", d0_path, "--load_baseline", str(ckpt), "--out_dir", str(out),
+               "--max_oracle_steps", "6", "--utd_ratio", "2", "--timelimit_train", "5",
+               "--n_parallel", "2", "--batch_size", "4", "--checkpoint_every", "1000",
+               "--oracle_method", "gfn2-xtb", "--n_workers", "1"])
+    collected, _ = data.read_db(str(out / "collected.db"), "total")
+    assert len(collected) == 6
+    for conf in collected:
+        energy, gradient = oracles.xtb_gradient("gfn2-xtb", conf.numbers, conf.positions, 0,
+                                                1, {})
+        assert conf.energy == pytest.approx(energy, abs=1e-9)
+        np.testing.assert_allclose(conf.forces, -gradient / data.BOHR_TO_ANGSTROM, atol=1e-8)
+        assert conf.info["trajectory_step"] >= 1
+        assert not any(np.array_equal(conf.positions, c.positions) for c in d0) or \
+            conf.info["trajectory_step"] == 1          # s_0 is sent only on a rise at step 1
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["trainer"]["step"] == 6 * 2
+    log = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert log[-1]["event"] == "done" and log[-1]["n_added"] == 6

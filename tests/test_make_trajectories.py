@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import data
+from data import BOHR_TO_ANGSTROM
 import make_trajectories
 import oracles
 import painn
@@ -227,3 +228,40 @@ def test_atom_count_filter_keeps_molecules_in_range_before_skip_and_max(tmp_path
     assert [name for _, _, name in kept] == ["methane", "broken_ring", None]
     args.max_molecules = 1
     assert make_trajectories.selected(kept, args)[0][2] == "methane"
+
+
+def test_gfn2_xtb_single_points_and_optimizations(smiles_file, tmp_path):
+    """--oracle_method gfn2-xtb in both oracle modes: xTB's labels, atomrefs with Hund's
+    spin, every BFGS step a row, optima under the max-force criterion."""
+    xtb = ["--oracle_method", "gfn2-xtb", "--n_workers", "2"]
+    d0 = str(tmp_path / "d0.db")
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert make_trajectories.main(["--smiles", smiles_file, "--mode", "single_point",
+                                       "--out", d0, *xtb]) == 0
+    db = ase.db.connect(d0)
+    assert db.metadata["method"] == "gfn2-xtb"
+    refs = data.read_atomrefs(db.metadata)
+    assert refs[1] == pytest.approx(-0.393482764, abs=1e-8)      # GFN2-xTB's H atom
+    assert set(refs) == {1, 6, 7, 8} and all(-5 < e < 0 for e in refs.values())
+    confs, _ = data.read_db(d0, require_energy=True, require_forces=True, verbose=False)
+    assert sorted(c.smiles for c in confs) == ["C", "N", "O"]
+    for conf in confs:
+        energy, gradient = oracles.xtb_gradient("gfn2-xtb", conf.numbers, conf.positions, 0,
+                                                1, {})
+        assert conf.energy == pytest.approx(energy, abs=1e-9)
+        np.testing.assert_allclose(conf.forces, -gradient / BOHR_TO_ANGSTROM, atol=1e-8)
+
+    out, optimal = str(tmp_path / "traj.db"), str(tmp_path / "opt.db")
+    assert make_trajectories.main(["--db", d0, "--mode", "optimize", "--out", out,
+                                   "--out_optimal", optimal, *xtb]) == 0
+    optima = {row.conf_id: row for row in rows(optimal)}
+    assert len(optima) == 3 and all(row.converged for row in optima.values())
+    for conf_id, start in optima.items():
+        steps = sorted((row for row in rows(out) if row.conf_id == conf_id),
+                       key=lambda row: row.step)
+        assert [row.step for row in steps] == list(range(start.n_steps)) and len(steps) >= 2
+        energies = [row.data["energy"][0] for row in steps]
+        assert start.data["optimal_energy"][0] == energies[-1] < energies[0]
+        largest_force = np.linalg.norm(steps[-1].data["forces"], axis=1).max()
+        assert largest_force < oracles.XTB_MAX_FORCE / BOHR_TO_ANGSTROM
+        np.testing.assert_array_equal(start.data["optimal_positions"], steps[-1].positions)

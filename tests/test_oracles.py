@@ -316,3 +316,166 @@ def test_isolated_atom_energies_are_the_nabladft_atomrefs():
         refs = oracles.isolated_atom_energies(pool, [1, 8])
     for z in (1, 8):
         assert refs[z] == pytest.approx(painn.NABLADFT_ATOMREFS[z], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# GFN2-xTB in tblite: the same pool, another engine
+# ---------------------------------------------------------------------------------------
+
+XTB = "gfn2-xtb"
+XTB_MAX_FORCE = oracles.XTB_MAX_FORCE / BOHR_TO_ANGSTROM      # Hartree/Angstrom
+
+
+def tblite_direct(conf, uhf=0, method="GFN2-xTB"):
+    """Energy (Hartree) and gradient (Hartree/Bohr) from tblite called here, as its docs do."""
+    from tblite.interface import Calculator
+    calc = Calculator(method, conf.numbers, conf.positions / BOHR_TO_ANGSTROM, 0.0, uhf)
+    calc.set("verbosity", 0)
+    calc.set("accuracy", oracles.XTB_ACCURACY)
+    result = calc.singlepoint()
+    return result.get("energy"), result.get("gradient")
+
+
+@pytest.fixture(scope="module")
+def xtb_pool():
+    with oracles.LocalOraclePool(XTB, n_workers=2, timeout=60, retries=1) as pool:
+        yield pool
+
+
+def test_xtb_energy_and_forces_are_tblites_in_hartree_per_angstrom(xtb_pool):
+    from ase import Atoms
+    from ase.units import Hartree
+    from tblite.ase import TBLite
+    ethanol = embedded("CCO")
+    r = xtb_pool.submit(ethanol, 3).result()
+    assert r.ok and r.conf_id == 3 and r.attempts == 1 and r.forces.shape == (9, 3)
+    energy, gradient = tblite_direct(ethanol)
+    # the same calculation (up to the order of OpenMP sums: the worker runs 1 thread)
+    assert r.energy == pytest.approx(energy, abs=1e-10)
+    np.testing.assert_allclose(r.forces, -gradient / BOHR_TO_ANGSTROM, rtol=0, atol=1e-12)
+    # tblite's own ASE calculator, eV and eV/A: its unit conversions, not ours
+    atoms = Atoms(numbers=ethanol.numbers, positions=ethanol.positions)
+    atoms.calc = TBLite(method="GFN2-xTB", accuracy=oracles.XTB_ACCURACY, verbosity=0)
+    assert r.energy == pytest.approx(atoms.get_potential_energy() / Hartree, abs=1e-8)
+    np.testing.assert_allclose(r.forces, atoms.get_forces() / Hartree, atol=1e-7)
+    assert -11.5 < r.energy < -11.3                         # GFN2-xTB ethanol: ~ -11.39
+    np.testing.assert_allclose(r.forces.sum(axis=0), 0.0, atol=1e-7)   # no net force
+
+
+def test_xtb_forces_are_minus_the_energy_gradient(xtb_pool):
+    """F . d = -dE/dh along random directions d: central differences, h = 1e-3 A."""
+    conf = embedded("CC(=O)N")
+    rng = np.random.default_rng(0)
+    directions = [d / np.linalg.norm(d) for d in rng.normal(size=(3, conf.n_atoms, 3))]
+    h = 1e-3
+    center = xtb_pool.submit(conf, 0)
+    shifted = [[xtb_pool.submit(Conformation(conf.numbers, conf.positions + s * h * d,
+                                             smiles=conf.smiles), 1) for s in (1, -1)]
+               for d in directions]
+    forces = center.result().forces
+    for d, (plus, minus) in zip(directions, shifted):
+        slope = (plus.result().energy - minus.result().energy) / (2 * h)   # Hartree/A
+        assert abs(np.sum(forces * d)) > 1e-3                              # not trivially 0
+        assert np.sum(forces * d) == pytest.approx(-slope, abs=2e-6)
+
+
+def test_xtb_impossible_inputs_come_back_as_failure_records(xtb_pool):
+    doublet_water = xtb_pool.submit(CRAWFORD_WATER, 1, multiplicity=2).result()
+    oganesson = xtb_pool.submit(Conformation(np.array([118]), np.zeros((1, 3))), 2).result()
+    for r in (doublet_water, oganesson):
+        assert not r.ok and r.energy is None and r.attempts == 2 and "TBLiteRuntimeError" in r.reason
+    assert "not compatible" in doublet_water.reason and "Z >86" in oganesson.reason
+    with oracles.LocalOraclePool(XTB, n_workers=1, retries=0,
+                                 psi4_options={"max-iter": 2}) as pool:   # SCC out of cycles
+        r = pool.submit(embedded("CCO"), 0).result()
+    assert not r.ok and "SCF not converged in 2" in r.reason
+    with pytest.raises(oracles.OracleError, match="gfn2-xtb, gfn1-xtb"):
+        oracles.LocalOraclePool("gfn0-xtb", n_workers=1)
+
+
+def test_xtb_timeout_is_a_failure_record_and_is_retried():
+    alkane = embedded("C" * 60)                       # 182 atoms: ~1 s per gradient
+    with oracles.LocalOraclePool(XTB, n_workers=1, timeout=0.2, retries=1) as pool:
+        (pid,) = pool.worker_pids
+        slow, water = pool.submit(alkane, 0), pool.submit(CRAWFORD_WATER, 1)
+        r = slow.result()
+        assert not r.ok and r.reason.startswith("timeout") and r.attempts == 2
+        assert 0.39 < r.seconds < 5 and reaped(pid)
+        assert water.result().ok
+        assert water.result().energy == pytest.approx(tblite_direct(CRAWFORD_WATER)[0], abs=1e-10)
+
+
+def test_xtb_optimization_records_every_step_down_to_the_criterion(xtb_pool):
+    ethanol = embedded("CCO")
+    r = xtb_pool.submit(ethanol, 5, kind="optimize").result()
+    assert r.ok and r.converged and r.kind == "optimize" and r.reason == ""
+    n = r.n_steps
+    assert 5 <= n <= 200
+    assert r.trajectory_positions.shape == (n, 9, 3) and r.trajectory_forces.shape == (n, 9, 3)
+    np.testing.assert_array_equal(r.trajectory_positions[0], ethanol.positions)   # step 0
+    assert r.energy == pytest.approx(tblite_direct(ethanol)[0], abs=1e-10)   # a fresh SCC
+    # every step is a new geometry, and its label is that geometry's (no off-by-one): each
+    # SCC starts from the previous step's density, so equal up to the SCC tolerance
+    assert np.all(np.abs(np.diff(r.trajectory_positions, axis=0)).max(axis=(1, 2)) > 0)
+    for t in (1, n // 2, n - 1):
+        conf = Conformation(ethanol.numbers, r.trajectory_positions[t], smiles="CCO")
+        energy, gradient = tblite_direct(conf)
+        assert r.trajectory_energy[t] == pytest.approx(energy, abs=1e-9)
+        np.testing.assert_allclose(r.trajectory_forces[t], -gradient / BOHR_TO_ANGSTROM,
+                                   atol=1e-6)
+    # down overall (BFGS without line search may go up on a step), to the criterion
+    assert r.optimal_energy < r.energy - 1e-3
+    assert r.optimal_energy < r.trajectory_energy.min() + 1e-6
+    forces = np.linalg.norm(r.trajectory_forces, axis=2).max(axis=1)    # [n] largest atom
+    assert forces[-1] < XTB_MAX_FORCE and np.all(forces[:-1] >= XTB_MAX_FORCE)
+    co = np.linalg.norm(r.optimal_positions[1] - r.optimal_positions[2])    # C-O bond
+    assert co == pytest.approx(1.42, abs=0.03)
+
+
+def test_xtb_optimization_out_of_steps_keeps_them():
+    ethanol = embedded("CCO")
+    with oracles.LocalOraclePool(XTB, n_workers=1, max_opt_steps=3) as pool:
+        r = pool.submit(ethanol, 4, kind="optimize").result()
+    assert r.ok and not r.converged and r.n_steps == 3
+    assert "not converged in 3 steps" in r.reason and "Hartree/Bohr" in r.reason
+    assert r.optimal_energy == r.trajectory_energy[-1] < r.energy
+
+
+def test_xtb_free_atoms_have_hunds_spin():
+    """isolated_atom_energies: each free atom with its unpaired electrons (uhf) as tblite
+    computes it; GFN2-xTB's hydrogen atom is -0.393482764 Hartree."""
+    unpaired = {1: 1, 6: 2, 7: 3, 8: 2, 9: 1, 16: 2, 17: 1, 35: 1}
+    with oracles.LocalOraclePool(XTB, n_workers=1) as pool:
+        refs = oracles.isolated_atom_energies(pool, [35, 1, 6, 7, 8, 9, 16, 17, 1])
+    assert sorted(refs) == sorted(unpaired)
+    for z, uhf in unpaired.items():
+        atom = Conformation(np.array([z]), np.zeros((1, 3)))
+        assert refs[z] == pytest.approx(tblite_direct(atom, uhf)[0], abs=1e-10)
+    oxygen = Conformation(np.array([8]), np.zeros((1, 3)))
+    assert abs(refs[8] - tblite_direct(oxygen, 0)[0]) > 1e-4    # the spin reached tblite
+    assert refs[1] == pytest.approx(-0.393482764, abs=1e-8)
+
+
+def test_gfn1_xtb_is_tblites_gfn1():
+    ethanol = embedded("CCO")
+    with oracles.LocalOraclePool("GFN1-xTB", n_workers=1) as pool:
+        r = pool.submit(ethanol, 0).result()
+    assert r.ok and r.energy == pytest.approx(tblite_direct(ethanol, method="GFN1-xTB")[0],
+                                              abs=1e-10)
+
+
+def test_xtb_dask_pool_gives_the_local_results(xtb_pool):
+    from dask.distributed import LocalCluster
+    ethanol = embedded("CCO")
+    local = [xtb_pool.submit(ethanol, 0).result(),
+             xtb_pool.submit(ethanol, 1, kind="optimize").result()]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, \
+            oracles.DaskOraclePool(cluster.scheduler_address, XTB, timeout=60) as dask_pool:
+        remote = [f.result(timeout=60) for f in (dask_pool.submit(ethanol, 0),
+                                                 dask_pool.submit(ethanol, 1, kind="optimize"))]
+    for a, b in zip(local, remote):
+        assert b.ok and b.conf_id == a.conf_id and b.energy == a.energy
+        np.testing.assert_array_equal(b.forces, a.forces)
+    assert remote[1].converged and remote[1].n_steps == local[1].n_steps
+    np.testing.assert_array_equal(remote[1].trajectory_energy, local[1].trajectory_energy)
