@@ -52,10 +52,13 @@ def main(argv=None):
     for name in args.evals:
         for r in read_jsonl(os.path.join(args.run, name, "per_conformation.jsonl")):
             records[name, r["conf_id"]] = r
-        final_db = os.path.join(args.run, name, "final.db")
-        if os.path.exists(final_db):
-            for c in data.read_db(final_db, "total", verbose=False)[0]:
-                finals[name, int(c.info["conf_id"])] = c.positions
+        try:                                       # none yet while evaluate.py runs
+            final, _ = data.read_db(os.path.join(args.run, name, "final.db"), "total",
+                                    verbose=False)
+        except data.DataError:
+            continue
+        for c in final:
+            finals[name, int(c.info["conf_id"])] = c.positions
     chosen = sorted(confs, key=lambda c: (c.n_atoms, c.info["conf_id"]))[:args.n_molecules]
 
     # xTB energies (Hartree) of every geometry, and the jobs DFT still has to do
