@@ -310,18 +310,13 @@ def evaluate_optimization(args):
         steps_of = nnp_optimize(model, todo, args, set(eval_steps))
 
     with oracles.make_oracle_pool(args) as pool:
-        jobs = {}                       # future -> (conf, t)
+        jobs = {}                       # future -> (conf id, t), not finished yet
         pending = {}                    # conf id -> [conf, positions, nnp, {t: result}]
         bar = tqdm(total=len(todo), desc="oracle at eval steps")
-        for conf, positions, nnp in steps_of:
-            pending[conf_key(conf)] = [conf, positions, nnp, {}]
-            steps_needed = eval_steps + ([0] if conf.energy is None else [])
-            for t in steps_needed:
-                job = data.Conformation(numbers=conf.numbers, positions=positions.get(t, conf.positions),
-                                        smiles=conf.smiles)
-                jobs[pool.submit(job, conf_key(conf) * 1000 + t)] = (conf_key(conf), t)
-        for future in as_completed(jobs):
-            key, t = jobs[future]
+
+        def finish(future):
+            """One oracle result in; a conformation with all its results is written at once."""
+            key, t = jobs.pop(future)
             entry = pending[key]
             entry[3][t] = future.result()
             if not entry[3][t].ok and oracles.is_permanent(entry[3][t].reason):
@@ -342,6 +337,18 @@ def evaluate_optimization(args):
                 data.append_jsonl(records_path, record)     # appended as it finishes
                 del pending[key]
                 bar.update(1)
+
+        for conf, positions, nnp in steps_of:   # a batch of NNP optimizations at a time
+            pending[conf_key(conf)] = [conf, positions, nnp, {}]
+            steps_needed = eval_steps + ([0] if conf.energy is None else [])
+            for t in steps_needed:
+                job = data.Conformation(numbers=conf.numbers, positions=positions.get(t, conf.positions),
+                                        smiles=conf.smiles)
+                jobs[pool.submit(job, conf_key(conf) * 1000 + t)] = (conf_key(conf), t)
+            for future in [f for f in jobs if f.done()]:   # records of earlier batches now:
+                finish(future)                             # a kill loses one batch at most
+        for future in as_completed(list(jobs)):
+            finish(future)
         bar.close()
     return summarize(args, read_records(records_path), {c.id: c for c in confs})
 

@@ -305,3 +305,36 @@ def test_table_task_names_a_missing_summary_in_one_line(tmp_path):
         evaluate.main(["--task", "table", "--summaries", str(tmp_path / "nope" / "summary.json")])
     assert "nope/summary.json: not a readable summary.json" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_records_are_written_while_later_batches_still_optimize(tmp_path, monkeypatch):
+    """A conformation's record is appended as soon as its oracle jobs are done, not after
+    the NNP has optimized every batch: a kill then loses one batch at most (real GFN2-xTB)."""
+    import time
+    import make_trajectories
+    db_path = str(tmp_path / "test.db")
+    db = data.connect_for_writing(db_path)
+    for conf_id, smiles in enumerate(("O", "C", "N")):
+        numbers, (positions,) = make_trajectories.embed(smiles, 1, 7)
+        data.write_conformation(db, data.Conformation(
+            numbers, positions, smiles=smiles, optimal_energy=-10.0,
+            optimal_positions=positions), conf_id=conf_id)
+    records = tmp_path / "eval" / "per_conformation.jsonl"
+    lines_when_asked = []
+    real = evaluate.nnp_optimize
+
+    def watched(model, confs, args, eval_steps):
+        for i, item in enumerate(real(model, confs, args, eval_steps)):
+            lines_when_asked.append(len(records.read_text().splitlines())
+                                    if records.exists() else 0)
+            if i == 1:
+                time.sleep(3)       # conformation 0's xTB jobs (ms each) are done by now
+            yield item
+
+    monkeypatch.setattr(evaluate, "nnp_optimize", watched)
+    evaluate.main(["--checkpoint", "models/official/GOLF-10k.NNP_checkpoint_actor",
+                   "--db", db_path, "--out_dir", str(tmp_path / "eval"), "--batch_size", "1",
+                   "--timelimit_eval", "2", "--eval_steps", "1,2", "--page_conformations", "0",
+                   "--oracle_method", "gfn2-xtb", "--n_workers", "1"])
+    assert lines_when_asked[0] == 0 and lines_when_asked[2] >= 1    # before batch 3 ran
+    assert len(records.read_text().splitlines()) == 3
