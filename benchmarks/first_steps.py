@@ -13,6 +13,7 @@ and the NNP's force error against xTB at s_0 beside the step-1 displacement (Spe
 
     python benchmarks/first_steps.py --checkpoint runs/demo/seed0/baseline/checkpoint.pt \\
         --db runs/demo/data/test.db [--steps 3] [--max_step 0.2] [--max_conformations 60]
+        [--stride 25]     (every 25th row: e.g. D0's own conformations, one per molecule)
 """
 import argparse
 import os
@@ -82,12 +83,13 @@ def main():
     p.add_argument("--db", required=True)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--max_conformations", type=int, default=60)
+    p.add_argument("--stride", type=int, default=1, help="every N-th row of --db")
     p.add_argument("--xtb_method", default="gfn2-xtb")
     optimizers.add_optimizer_args(p)
     args = optimizers.parse_args_with_preset(p)
     torch.manual_seed(0)
     confs, _ = data.read_db(args.db, verbose=False)
-    confs = confs[:args.max_conformations]
+    confs = confs[::args.stride][:args.max_conformations]
     model = painn.load_checkpoint(args.checkpoint, "cpu").eval()
 
     def nnp_energy_and_forces(positions, opt):
