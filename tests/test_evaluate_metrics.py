@@ -352,3 +352,15 @@ def test_claims_pool_seeds_pair_conformations_and_give_each_verdict(tmp_path):
     assert "claim 5. GOLF-K beats f_rdkit: FAILS" in text              # base 5 % < traj 25 %
     assert "claim 2. traj-K improves with K: NOT SHOWN" in text        # golf 55 % vs rdkit 50 %
     assert "claim 1. f_baseline diverges often and rarely succeeds (vs GOLF-K): NOT CHECKED" in text
+
+
+def test_claims_name_a_missing_row_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    path = write_evaluation(tmp_path / "golf", ["success", "diverged"])
+    r = subprocess.run([sys.executable, "evaluate.py", "--task", "table", "--summaries", path,
+                        "--names", "golf", "--claims", "base", "-", "-", "golf", "-",
+                        "--claims_only"], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == "error: --claims: no summary named base among --names"
