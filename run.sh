@@ -79,8 +79,16 @@ laptop)
     ;;
 *) echo "error: unknown preset $preset (demo or laptop)" >&2; exit 2 ;;
 esac
-[ "$oracle" = psi4 ] && echo "note: --oracle psi4 (hf/sto-3g) takes many hours for this" \
-    "preset; the hf/sto-3g numbers of README.md came from the old, smaller presets"
+if [ "$oracle" = psi4 ]; then       # the earlier hf/sto-3g presets' sizes (Psi4: ~1 s to minutes
+    SMILES=(--smiles data/small_molecules.smi)   # a label): small molecules, few conformations
+    N_TRAIN=76; N_VAL=4; VAL_SEL=(--conformers_per_molecule 5)
+    N_TEST=20; TEST_SEL=(--conformers_per_molecule 1)
+    case $preset in
+    demo)   D0_SEL=(--conformer_selection first --conformers_per_molecule 3); K=60 ;;
+    laptop) D0_SEL=(--conformer_selection first --conformers_per_molecule 8); K=400
+            K_BIG=""; MODEL=(--n_atom_basis 128); U=10 ;;   # no traj-8000: days of Psi4
+    esac
+fi
 FT_STEPS=$((K * U))                 # traj-K, traj-20K, f_rdkit: as many updates as GOLF's K * U
 TRAIN=(--batch_size 32              # paper: 64
        --checkpoint_every 250 --resume)
