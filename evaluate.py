@@ -525,6 +525,99 @@ def format_table(rows):
 FIGURES = ("fig1_nnp_error.png", "fig2_pct_violin.png", "fig3_pct_over_steps.png")
 
 
+# ---------------------------------------------------------------------------------------
+# The paper's five claims (--task table --claims), pooled over seeds
+# ---------------------------------------------------------------------------------------
+
+CLAIM_NEAR_POINTS = 10.0   # claim 4's "near": traj-20K ahead by less than this (our choice)
+
+
+def scored_outcomes(summary_path):
+    """{conf_id: (diverged, success of all)} of one evaluation, from the
+    per_conformation.jsonl beside its summary.json; the rows summary.json scored."""
+    summary = json.load(open(summary_path))
+    records = read_records(os.path.join(os.path.dirname(summary_path), "per_conformation.jsonl"))
+    if summary.get("n_unconverged_reference"):    # not scored: see summarize
+        confs, _ = data.read_db(summary["db"], verbose=False)
+        unconverged = {conf_key(c) for c in confs if not bool(c.info.get("converged", True))}
+        records = [r for r in records if r["conf_id"] not in unconverged]
+    out = {}
+    for r in records:
+        e0, e_T, e_opt = r["e0"], r["energy_dft"][-1], r["e_opt"]
+        diverged = e0 is None or e_T is None or e_T > e0
+        out[r["conf_id"]] = (diverged, not diverged and residual_energy(e_T, e_opt) < 1.0)
+    return out
+
+
+def check_claims(named_paths, claim_names, n_resamples=2000, seed=0):
+    """The paper's claims 1-5 as lines of text. claim_names: the rows f_baseline, traj-K,
+    traj-20K, GOLF-K, f_rdkit ('-': absent, its claims are skipped). Rows of one name are
+    seeds of one model; a model's rate is the mean over its seeds and over the conformations
+    every run scored. A 95 % percentile bootstrap resamples those conformations (the same
+    draw for every model and seed), so differences are paired. "A beats B" holds when the
+    interval of A - B is above 0, fails when below, and is not shown when it holds 0."""
+    runs = defaultdict(list)                                # name -> [{conf_id: outcome}]
+    for name, path in named_paths:
+        runs[name].append(scored_outcomes(path))
+    missing = [n for n in claim_names if n != "-" and n not in runs]
+    if missing:
+        raise data.DataError(f"--claims: no summary named {missing[0]} among --names")
+    present = [n for n in claim_names if n != "-"]
+    common = sorted(set.intersection(*(set(o) for n in present for o in runs[n])))
+    if not common:
+        raise data.DataError("--claims: the runs scored no conformation in common")
+    idx = np.random.default_rng(seed).integers(0, len(common), size=(n_resamples, len(common)))
+
+    def rate(name, which):          # which 0: diverged, 1: success; [n_resamples + 1] in %
+        x = np.array([[o[c][which] for c in common] for o in runs[name]], dtype=np.float64)
+        return 100.0 * np.concatenate([[x.mean()], x[:, idx].mean(axis=(0, 2))])
+
+    def show(v, sign="+"):
+        lo, hi = np.percentile(v[1:], [2.5, 97.5])
+        return f"{v[0]:{sign}.1f} [{lo:{sign}.1f}, {hi:{sign}.1f}]", lo, hi
+
+    def beats(a, b, which):          # "a's rate is above b's"
+        text, lo, hi = show(rate(a, which) - rate(b, which))
+        verdict = "holds" if lo > 0 else "fails" if hi < 0 else "not shown"
+        return f"{('pct_div', 'of all')[which]}: {a} - {b} = {text} points", verdict
+
+    def verdict_of(verdicts):
+        return ("HOLDS" if all(v == "holds" for v in verdicts) else
+                "FAILS" if any(v == "fails" for v in verdicts) else "NOT SHOWN")
+
+    base, traj, traj_big, golf, rdkit = claim_names
+    roles = dict(zip(("f_baseline", "traj-K", "traj-20K", "GOLF-K", "f_rdkit"), claim_names))
+    lines = [f"{len(common)} conformations, seeds: "
+             + ", ".join(f"{n} {len(runs[n])}" for n in present)]
+    for name in present:
+        lines.append(f"  {name}: pct_div {show(rate(name, 0), '')[0]} %, "
+                     f"of all {show(rate(name, 1), '')[0]} %")
+    claims = [("1. f_baseline diverges often and rarely succeeds (vs GOLF-K)",
+               ("f_baseline", "GOLF-K"), lambda: [beats(base, golf, 0), beats(golf, base, 1)]),
+              ("2. traj-K improves with K", ("traj-K", "traj-20K"),
+               lambda: [beats(traj_big, traj, 1)]),
+              ("3. GOLF-K beats traj-K at equal K", ("GOLF-K", "traj-K"),
+               lambda: [beats(golf, traj, 1)]),
+              ("4. GOLF-K comes near traj-20K (within "
+               f"{CLAIM_NEAR_POINTS:g} points of all)", ("GOLF-K", "traj-20K"), None),
+              ("5. GOLF-K beats f_rdkit", ("GOLF-K", "f_rdkit"), lambda: [beats(golf, rdkit, 1)])]
+    for title, needs, compare in claims:
+        absent = [r for r in needs if roles[r] == "-"]
+        if absent:
+            lines.append(f"claim {title}: NOT CHECKED (no {' or '.join(absent)} row)")
+            continue
+        if compare is None:          # claim 4: traj-20K - GOLF-K below the margin
+            text, lo, hi = show(rate(traj_big, 1) - rate(golf, 1))
+            v = "holds" if hi < CLAIM_NEAR_POINTS else "fails" if lo > CLAIM_NEAR_POINTS \
+                else "not shown"
+            results = [(f"of all: {traj_big} - {golf} = {text} points", v)]
+        else:
+            results = compare()
+        lines.append(f"claim {title}: {verdict_of([v for _, v in results])}")
+        lines += [f"    {text} ({v})" for text, v in results]
+    return "\n".join(lines)
+
+
 def draw_figures(named_summaries):
     """Figures 1-3 with every model in one picture; named_summaries: (name, summary).
     Returns {file name: matplotlib figure}. Fig. 1: median and p10-p90 band of the NNP's
@@ -666,6 +759,12 @@ def parse_args(argv=None):
     p.add_argument("--summaries", nargs="+", help="--task table: summary.json files")
     p.add_argument("--names", nargs="+", help="--task table: row names")
     p.add_argument("--figures", help="--task table: folder for Figures 1-3 of all the summaries")
+    p.add_argument("--claims", nargs=5, metavar="NAME",
+                   help="--task table: check the paper's claims 1-5 on the rows named f_baseline "
+                        "traj-K traj-20K GOLF-K f_rdkit ('-' if absent); rows of one name are "
+                        "seeds")
+    p.add_argument("--claims_only", action="store_true",
+                   help="--task table --claims: print the claims, not the table")
     optimizers.add_optimizer_args(p)
     oracles.add_oracle_args(p)
     return optimizers.parse_args_with_preset(p, argv)   # --optimizer_preset: Table 6
@@ -686,7 +785,11 @@ def main(argv=None):
                          "evaluate.py --task optimization first")
         names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(p)))
                                for p in args.summaries]
-        print(format_table(list(zip(names, rows))))
+        if not args.claims_only:
+            print(format_table(list(zip(names, rows))))
+        if args.claims:
+            print(check_claims(list(zip(names, args.summaries)), args.claims,
+                               args.n_bootstrap, args.bootstrap_seed))
         if args.figures:
             save_figures(draw_figures(list(zip(names, rows))), args.figures)
             print(f"figures: {', '.join(os.path.join(args.figures, f) for f in FIGURES)}")

@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
 # Command 1 of 2: set up (if needed) and run the whole paper in miniature:
-#   1. make_trajectories.py  D0, a test db with DFT optima, and D_traj-K
-#   2. train_baseline.py     f_baseline on D0, and f_traj-K fine-tuned on D0 + D_traj-K
+#   1. make_trajectories.py  D0 (+ a validation db), a test db of held-out molecules with
+#                            their oracle optima, D_traj-K (and D_traj-20K), D_rdkit
+#   2. train_baseline.py     f_baseline on D0; f_traj-K, f_traj-20K, f_rdkit fine-tuned from it
 #   3. golf.py               f_GOLF-K fine-tuned from f_baseline with the same K
-#   4. evaluate.py           the three NNPs and the RDKit row on two test dbs: Table 2
+#   4. evaluate.py           every NNP and the RDKit row on the held-out molecules: Table 2
 #
-#   ./run.sh                    demo: about 8 minutes on 2 cores (goal: 10)
-#   ./run.sh --preset laptop    a larger run, about 45 minutes on 2 cores
+#   ./run.sh                    demo: GFN2-xTB oracle, one seed, <= 10 min on 2 cores
+#   ./run.sh --preset laptop    Tables 1-2 in miniature, 3 seeds, and the paper's five claims
+#                               checked with 95 % intervals (~1.5-2 h a seed on 2 cores)
+# Flags:
 #   ./run.sh --preset official  the authors' f_baseline and f_GOLF-10k (models/official/) on
 #                               220 drug-like conformations, scored by GFN2-xTB (its own stages)
+#   --oracle xtb|psi4   genuine oracle: GFN2-xTB (tblite, default) or Psi4 hf/sto-3g (slow)
+#   --seeds "0 1 2"     the seeds to run (default: demo 0, laptop 0 1 2), a run dir per seed
+#   --max_step A        also evaluate every NNP with L-BFGS steps capped at A Angstrom per
+#                       atom (NOT the paper's setting; rows marked "cap A" beside the others)
 #
 # Every stage resumes, so a second run reuses what is done. Flags that differ from the
 # paper's defaults are set here, with the paper's value in the comment beside them.
 set -euo pipefail
 cd "$(dirname "$0")"
-preset=demo
-[ "${1:-}" = "--preset" ] && preset="${2:?--preset demo|laptop|official}"
+usage='usage: ./run.sh [--preset demo|laptop|official] [--oracle xtb|psi4] [--seeds "0 1 2"] [--max_step A]'
+preset=demo; oracle=xtb; seeds=""; max_step=""
+while [ $# -gt 0 ]; do
+    case $1 in
+    --preset|--oracle|--seeds|--max_step)
+        [ $# -ge 2 ] || { echo "error: $1 needs a value; $usage" >&2; exit 2; }
+        declare "${1#--}=$2"; shift 2 ;;
+    *) echo "error: unknown argument '$1'; $usage" >&2; exit 2 ;;
+    esac
+done
 ./setup.sh
 PY=.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -47,85 +62,151 @@ if [ "$preset" = official ]; then
     exit 0
 fi
 
-ORACLE=(--oracle_method hf/sto-3g   # paper: wb97x-d/def2-svp (~5 min a job here)
-        --n_workers 2)              # paper: a cluster
+case $oracle in
+xtb)  ORACLE=(--oracle_method gfn2-xtb      # paper: wb97x-d/def2-svp (~5 min a job here)
+              --n_workers 2) ;;             # paper: a cluster
+psi4) ORACLE=(--oracle_method hf/sto-3g --n_workers 2) ;;
+*) echo "error: unknown --oracle $oracle (xtb or psi4)" >&2; exit 2 ;;
+esac
 case $preset in
 demo)
-    N_TRAIN=50; N_TEST=12; CONFS=3  # molecules of data/small_molecules.smi (paper: nablaDFT)
-    K=60                            # paper: 10000 (--max_oracle_steps)
+    # 100 small molecules (<= 8 heavy atoms), lines shuffled once: D0 = lines 1-76,
+    # validation = 77-80, test = 81-100 (held out). 20 ETKDG conformations a molecule.
+    SMILES=(--smiles data/small_molecules.smi)        # paper: nablaDFT, 17-35 atoms
+    D0_SEL=(--conformer_selection first --conformers_per_molecule 20)   # paper: Butina (App. D)
+    N_TRAIN=76; N_VAL=4; VAL_SEL=(--conformers_per_molecule 5)
+    N_TEST=20; TEST_SEL=(--conformers_per_molecule 3)
+    K=100                           # paper: 10000 (--max_oracle_steps)
+    K_BIG=""                        # traj-20K: laptop only
     MODEL=(--n_atom_basis 64)       # paper: 128
-    BASE_STEPS=2000                 # paper: 5e5 (--total_steps)
-    FT_STEPS=$((K * 5))             # traj-K fine-tuning as long as GOLF's K * U
-    GOLF=(--utd_ratio 5             # paper: 50
-          --n_parallel 16           # paper: 120
-          --timelimit_train 50)     # paper: 100
-    EVAL=(--timelimit_eval 50       # paper: 100
-          --eval_steps 1,5,20,50)   # paper: 1,2,3,5,8,13,21,30,50,75,100
+    BASE_STEPS=2000                 # paper: 5e5 (--total_steps); validation error flat
+                                    # from step 1000 on (forces MAE 8.9 -> 8.6 kcal/mol/A)
+    BASE_LR=(--lr 2e-3)             # paper: 1e-4 for 5e5 steps; 2e-3 fits best in a few 1000
+    U=5                             # paper: 50 (--utd_ratio)
+    GOLF=(--n_parallel 16)          # paper: 120
+    EVAL_STEPS=(--eval_steps 1,5,20,50,100)   # paper: 1,2,3,5,8,13,21,30,50,75,100 (Fig. 3);
+                                    # the table is at T = 100 either way
+    [ -z "$seeds" ] && seeds=0
     ;;
 laptop)
-    N_TRAIN=80; N_TEST=20; CONFS=8
-    K=400
-    MODEL=(--n_atom_basis 128)
+    # drug-like molecules of 17-35 atoms (App. D) of data/moses_sample.smi: D0 = the first
+    # 500 (Butina centroids, ~2.9 a molecule), validation = the next 40, test = the next 200
+    # (one ETKDG conformation each, optimized by the oracle).
+    SMILES=(--smiles data/moses_sample.smi --min_atoms 17 --max_atoms 35)
+    D0_SEL=(--conformer_selection butina)
+    N_TRAIN=500; N_VAL=40; VAL_SEL=(--conformer_selection butina)
+    N_TEST=200; TEST_SEL=(--conformers_per_molecule 1)
+    K=500
+    K_BIG=$((20 * K))               # f_traj-20K: the paper's traj-500k against GOLF-10k
+    MODEL=(--n_atom_basis 64)
     BASE_STEPS=6000
-    FT_STEPS=$((K * 10))
-    GOLF=(--utd_ratio 10 --n_parallel 32 --timelimit_train 100)
-    EVAL=(--timelimit_eval 100 --eval_steps 1,2,3,5,8,13,21,30,50,75,100)
+    BASE_LR=(--lr 2e-3)
+    U=5
+    GOLF=(--n_parallel 32)
+    EVAL_STEPS=()
+    [ -z "$seeds" ] && seeds="0 1 2"
     ;;
 *) echo "error: unknown preset $preset (demo, laptop or official)" >&2; exit 2 ;;
 esac
-OUT=runs/$preset
-mkdir -p "$OUT"
+if [ "$oracle" = psi4 ]; then       # the earlier hf/sto-3g presets' sizes (Psi4: ~1 s to minutes
+    SMILES=(--smiles data/small_molecules.smi)   # a label): small molecules, few conformations
+    N_TRAIN=76; N_VAL=4; VAL_SEL=(--conformers_per_molecule 5)
+    N_TEST=20; TEST_SEL=(--conformers_per_molecule 1)
+    case $preset in
+    demo)   D0_SEL=(--conformer_selection first --conformers_per_molecule 3); K=60 ;;
+    laptop) D0_SEL=(--conformer_selection first --conformers_per_molecule 8); K=400
+            K_BIG=""; MODEL=(--n_atom_basis 128); U=10 ;;   # no traj-8000: days of Psi4
+    esac
+fi
+FT_STEPS=$((K * U))                 # traj-K, traj-20K, f_rdkit: as many updates as GOLF's K * U
 TRAIN=(--batch_size 32              # paper: 64
        --checkpoint_every 250 --resume)
-BASE_LR=(--lr 2e-3)                 # paper: 1e-4 for 5e5 steps; 2e-3 fits best in a few 1000
-FT_LR=(--lr 5e-4)                   # paper: 1e-4; traj-K and GOLF fine-tune alike (2e-3 killed
-                                    # one f_traj-400: its forces went to zero)
+FT_LR=(--lr 5e-4)                   # paper: 1e-4; every fine-tuning alike (2e-3 killed one
+                                    # f_traj: its forces went to zero)
+EVAL=(--timelimit_eval 100 "${EVAL_STEPS[@]}"   # paper: T = 100, L-BFGS lr 1, 5 iterations
+      --oracle_retries 0)           # an SCC that fails on atoms an NNP pulled apart fails
+                                    # again (250 cycles each time): diverged either way
+OUT=runs/$preset; [ "$oracle" = xtb ] || OUT=runs/${preset}_$oracle
+DATA=$OUT/data                      # the same for every seed
+mkdir -p "$DATA"
 start=$(date +%s)
+stage() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 
-echo "== 1. make_trajectories.py: D0, test db, D_traj-$K"
-$PY make_trajectories.py --smiles data/small_molecules.smi --max_molecules $N_TRAIN \
-    --conformers_per_molecule $CONFS --mode single_point --out "$OUT/d0.db" "${ORACLE[@]}"
-$PY make_trajectories.py --smiles data/small_molecules.smi --skip_molecules 80 \
-    --max_molecules $N_TEST --mode optimize --out "$OUT/test_traj.db" \
-    --out_optimal "$OUT/test.db" "${ORACLE[@]}"
-$PY make_trajectories.py --smiles data/small_molecules.smi --max_molecules $N_TRAIN \
-    --mode optimize --max_conformations $K --out "$OUT/traj.db" "${ORACLE[@]}"
-# a second test set: new ETKDG conformations (another seed) of N_TEST training molecules.
-# With only 100 small molecules, held-out molecules bring bonds D0 never saw (N-N, O-O,
-# S-S, CF3); this split isolates the distribution shift along the optimization itself.
-$PY make_trajectories.py --smiles data/small_molecules.smi --max_molecules $N_TEST \
-    --seed 7 --mode optimize --out "$OUT/test_seen_traj.db" --out_optimal "$OUT/test_seen.db" \
-    "${ORACLE[@]}"
+stage "1. make_trajectories.py: D0, validation and test dbs, D_rdkit (shared by the seeds)"
+$PY make_trajectories.py "${SMILES[@]}" --max_molecules $N_TRAIN "${D0_SEL[@]}" \
+    --mode single_point --out "$DATA/d0.db" "${ORACLE[@]}"
+$PY make_trajectories.py "${SMILES[@]}" --skip_molecules $N_TRAIN --max_molecules $N_VAL \
+    "${VAL_SEL[@]}" --mode single_point --out "$DATA/val.db" "${ORACLE[@]}"
+$PY make_trajectories.py "${SMILES[@]}" --skip_molecules $((N_TRAIN + N_VAL)) \
+    --max_molecules $N_TEST "${TEST_SEL[@]}" --mode optimize --out "$DATA/test_traj.db" \
+    --out_optimal "$DATA/test.db" "${ORACLE[@]}"
+# D_rdkit (App. D): every D0 conformation minimized by MMFF, labelled by the oracle
+$PY make_trajectories.py --db "$DATA/d0.db" --mode mmff --out "$DATA/rdkit.db" "${ORACLE[@]}"
 
-echo "== 2. train_baseline.py: f_baseline, f_traj-$K"
-$PY train_baseline.py --db "$OUT/d0.db" --out_dir "$OUT/baseline" "${MODEL[@]}" \
-    --total_steps $BASE_STEPS --eval_every 500 "${BASE_LR[@]}" "${TRAIN[@]}"
-$PY train_baseline.py --db "$OUT/d0.db" "$OUT/traj.db" --out_dir "$OUT/traj" \
-    --load_baseline "$OUT/baseline/checkpoint.pt" --total_steps $FT_STEPS --eval_every 500 \
-    "${FT_LR[@]}" "${TRAIN[@]}"
+for seed in $seeds; do
+RUN=$OUT/seed$seed
+mkdir -p "$RUN"
+SEED=(--seed "$seed")
+VAL=(--val_db "$DATA/val.db")
 
-echo "== 3. golf.py: f_GOLF-$K"
-$PY golf.py --d0 "$OUT/d0.db" --load_baseline "$OUT/baseline/checkpoint.pt" \
-    --out_dir "$OUT/golf" --max_oracle_steps $K "${GOLF[@]}" "${FT_LR[@]}" "${TRAIN[@]}" \
-    "${ORACLE[@]}"
-
-echo "== 4. evaluate.py on $OUT/test.db (held-out molecules) and $OUT/test_seen.db"
-for split in test test_seen; do
-    for model in baseline traj golf; do
-        $PY evaluate.py --checkpoint "$OUT/$model/checkpoint.pt" --db "$OUT/$split.db" \
-            --out_dir "$OUT/eval_${split}_$model" "${EVAL[@]}" "${ORACLE[@]}"
-    done
-    $PY evaluate.py --model rdkit --db "$OUT/$split.db" --out_dir "$OUT/eval_${split}_rdkit" \
-        "${EVAL[@]}" "${ORACLE[@]}"
+stage "1. seed $seed: D_traj-$K${K_BIG:+ and D_traj-$K_BIG}: oracle optimizations of D0 rows"
+# the first K steps of oracle optimizations from D0 conformations in a seeded order
+for k in $K $K_BIG; do
+    $PY make_trajectories.py --db "$DATA/d0.db" --shuffle "${SEED[@]}" --mode optimize \
+        --max_conformations "$k" --out "$RUN/traj$k.db" "${ORACLE[@]}"
 done
+
+stage "2. seed $seed: train_baseline.py: f_baseline, f_traj-$K${K_BIG:+, f_traj-$K_BIG}, f_rdkit"
+$PY train_baseline.py --db "$DATA/d0.db" "${VAL[@]}" --out_dir "$RUN/baseline" "${MODEL[@]}" \
+    --total_steps $BASE_STEPS --eval_every 500 "${BASE_LR[@]}" "${TRAIN[@]}" "${SEED[@]}"
+for ft in $K $K_BIG rdkit; do
+    [ $ft = rdkit ] && extra="$DATA/rdkit.db" || extra="$RUN/traj$ft.db"
+    $PY train_baseline.py --db "$DATA/d0.db" "$extra" "${VAL[@]}" --out_dir "$RUN/ft_$ft" \
+        --load_baseline "$RUN/baseline/checkpoint.pt" --total_steps $FT_STEPS \
+        --eval_every 500 "${FT_LR[@]}" "${TRAIN[@]}" "${SEED[@]}"
+done
+
+stage "3. seed $seed: golf.py: f_GOLF-$K"
+$PY golf.py --d0 "$DATA/d0.db" "${VAL[@]}" --load_baseline "$RUN/baseline/checkpoint.pt" \
+    --out_dir "$RUN/golf" --max_oracle_steps $K --utd_ratio $U "${GOLF[@]}" \
+    "${FT_LR[@]}" "${TRAIN[@]}" "${SEED[@]}" "${ORACLE[@]}"
+
+stage "4. seed $seed: evaluate.py on $DATA/test.db (held-out molecules)"
+names=(f_baseline "f_traj-$K") dirs=(baseline "ft_$K")
+[ -n "$K_BIG" ] && names+=("f_traj-$K_BIG") dirs+=("ft_$K_BIG")
+names+=("f_GOLF-$K" f_rdkit) dirs+=(golf ft_rdkit)
+summaries=() table_names=()
+for i in "${!dirs[@]}"; do
+    for cap in "" $max_step; do
+        out=$RUN/eval_${dirs[$i]}${cap:+_cap$cap}
+        $PY evaluate.py --checkpoint "$RUN/${dirs[$i]}/checkpoint.pt" --db "$DATA/test.db" \
+            --out_dir "$out" "${ORACLE[@]}" "${EVAL[@]}" ${cap:+--max_step $cap} \
+            --page_conformations 0
+        summaries+=("$out/summary.json") table_names+=("${names[$i]}${cap:+ cap $cap}")
+    done
+done
+$PY evaluate.py --model rdkit --db "$DATA/test.db" --out_dir "$OUT/eval_rdkit" "${ORACLE[@]}" \
+    "${EVAL[@]}" --page_conformations 0
+summaries+=("$OUT/eval_rdkit/summary.json") table_names+=(RDKit)
 
 echo
-echo "== Results ($preset preset, K = $K, $(( $(date +%s) - start )) s)"
-for split in test test_seen; do
-    [ $split = test ] && echo "$OUT/test.db: held-out molecules (as the paper)" \
-                      || echo "$OUT/test_seen.db: new conformations of training molecules"
-    $PY evaluate.py --task table --names f_baseline "f_traj-$K" "f_GOLF-$K" RDKit \
-        --summaries "$OUT"/eval_${split}_{baseline,traj,golf,rdkit}/summary.json \
-        --figures "$OUT/figures_$split"
+echo "== Results, seed $seed ($preset preset, $oracle, K = $K, $(( $(date +%s) - start )) s):" \
+     "$DATA/test.db, held-out molecules"
+$PY evaluate.py --task table --names "${table_names[@]}" --summaries "${summaries[@]}" \
+    --figures "$RUN/figures"
 done
-echo "plots: $OUT/figures_*/fig*.png (all models), $OUT/eval_*/fig*.png (one each)"
+
+# The paper's claims, with 95 % intervals over test conformations, pooled over the seeds
+claim_names=(f_baseline "f_traj-$K" "${K_BIG:+f_traj-$K_BIG}" "f_GOLF-$K" f_rdkit)
+[ -z "$K_BIG" ] && claim_names[2]=-
+all=() all_names=()
+for seed in $seeds; do
+    for i in "${!dirs[@]}"; do
+        all+=("$OUT/seed$seed/eval_${dirs[$i]}/summary.json") all_names+=("${names[$i]}")
+    done
+done
+echo
+echo "== The paper's claims ($preset preset, seeds: $seeds)"
+$PY evaluate.py --task table --names "${all_names[@]}" --summaries "${all[@]}" \
+    --claims "${claim_names[@]}" --claims_only
+echo "plots: $OUT/seed*/figures/fig*.png (all models), $OUT/seed*/eval_*/fig*.png (one each)"

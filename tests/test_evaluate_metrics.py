@@ -338,3 +338,62 @@ def test_records_are_written_while_later_batches_still_optimize(tmp_path, monkey
                    "--oracle_method", "gfn2-xtb", "--n_workers", "1"])
     assert lines_when_asked[0] == 0 and lines_when_asked[2] >= 1    # before batch 3 ran
     assert len(records.read_text().splitlines()) == 3
+
+
+def write_evaluation(folder, outcomes, e_opt=-1.0):
+    """An evaluation folder with summary.json and per_conformation.jsonl; outcomes: one of
+    'success' (E_T 0.5 kcal/mol above E_opt), 'done' (E_T 5 kcal/mol above, below E_0),
+    'diverged' (E_T above E_0) or 'failed' (no E_T) per conformation."""
+    os.makedirs(folder)
+    e0 = e_opt + 20.0 / data.HARTREE_TO_KCAL
+    e_T = {"success": e_opt + 0.5 / data.HARTREE_TO_KCAL, "done": e_opt + 5 / data.HARTREE_TO_KCAL,
+           "diverged": e0 + 1e-3, "failed": None}
+    with open(os.path.join(folder, "per_conformation.jsonl"), "w") as f:
+        for i, o in reversed(list(enumerate(outcomes))):
+            f.write(json.dumps({"conf_id": i, "e0": e0, "e_opt": e_opt, "steps": [1, 100],
+                                "energy_dft": [e0, e_T[o]]}) + "\n")
+    json.dump({"n_unconverged_reference": 0}, open(os.path.join(folder, "summary.json"), "w"))
+    return os.path.join(folder, "summary.json")
+
+
+def test_claims_pool_seeds_pair_conformations_and_give_each_verdict(tmp_path):
+    n = 40
+    runs = [("base", ["diverged"] * 30 + ["success"] * 2 + ["done"] * 8),      # 75 % / 5 %
+            ("traj", ["diverged"] * 10 + ["success"] * 10 + ["done"] * 20),    # 25 % / 25 %
+            ("golf", ["failed"] * 4 + ["success"] * 24 + ["done"] * 12),       # 10 % / 60 %
+            ("golf", ["failed"] * 4 + ["success"] * 20 + ["done"] * 16),       # seed 2: 50 %
+            ("rdkit", ["done"] * 20 + ["success"] * 20)]                       # 0 % / 50 %
+    paths = [(name, write_evaluation(tmp_path / f"{name}{i}", o)) for i, (name, o)
+             in enumerate(runs)]
+    assert all(len(o) == n for _, o in runs)
+    text = evaluate.check_claims(paths, ["base", "traj", "-", "golf", "rdkit"], 500)
+    lines = text.splitlines()
+    assert lines[0] == "40 conformations, seeds: base 1, traj 1, golf 2, rdkit 1"
+    assert "golf: pct_div 10.0 [" in text and "of all 55.0 [" in text   # mean of two seeds
+    assert "claim 1. f_baseline diverges often and rarely succeeds (vs GOLF-K): HOLDS" in text
+    assert "pct_div: base - golf = +65.0 [" in text
+    assert "claim 2. traj-K improves with K: NOT CHECKED" in text
+    assert "claim 3. GOLF-K beats traj-K at equal K: HOLDS" in text
+    assert "of all: golf - traj = +30.0 [" in text
+    assert "claim 4. GOLF-K comes near traj-20K" in text and "NOT CHECKED" in text
+    # golf 55 % vs rdkit 50 %: paired, the interval holds 0
+    assert "claim 5. GOLF-K beats f_rdkit: NOT SHOWN" in text
+    # the same rows read the other way round: traj-20K far ahead of GOLF fails claim 4,
+    # and rdkit far behind traj fails "rdkit beats traj"
+    text = evaluate.check_claims(paths, ["-", "rdkit", "golf", "base", "traj"], 500)
+    assert "claim 4. GOLF-K comes near traj-20K (within 10 points of all): FAILS" in text
+    assert "claim 5. GOLF-K beats f_rdkit: FAILS" in text              # base 5 % < traj 25 %
+    assert "claim 2. traj-K improves with K: NOT SHOWN" in text        # golf 55 % vs rdkit 50 %
+    assert "claim 1. f_baseline diverges often and rarely succeeds (vs GOLF-K): NOT CHECKED" in text
+
+
+def test_claims_name_a_missing_row_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    path = write_evaluation(tmp_path / "golf", ["success", "diverged"])
+    r = subprocess.run([sys.executable, "evaluate.py", "--task", "table", "--summaries", path,
+                        "--names", "golf", "--claims", "base", "-", "-", "golf", "-",
+                        "--claims_only"], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == "error: --claims: no summary named base among --names"
