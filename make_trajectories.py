@@ -1,8 +1,9 @@
-"""Labelled datasets from the genuine oracle (Psi4): GOLF's D0, D_traj-K, D_rdkit and D-test.
+"""Labelled datasets from the genuine oracle (Psi4 DFT, or GFN2-xTB): GOLF's D0, D_traj-K,
+D_rdkit and D-test.
 
 Tsypin et al. (ICLR 2024) train NNPs on conformations labelled with DFT energies and forces:
     --mode single_point  energy and forces of every conformation           -> D0-type db
-    --mode optimize      a Psi4 optimization of every conformation: every
+    --mode optimize      an oracle optimization of every conformation: every
                          step (D_traj-K: --max_conformations K stops at K rows),
                          and each start with its optimum (--out_optimal)    -> D-test-type db
     --mode mmff          MMFF94-minimize every conformation, then label it  -> D_rdkit db
@@ -31,7 +32,7 @@ Hartree/Angstrom in row.data; keys):
     --out_optimal, optimize: one row per conformation: its start (positions, energy,
         forces) with optimal_energy and optimal_positions (the last step); keys conf_id,
         smiles, name, converged (False: --max_opt_steps ran out), n_steps
-    metadata: method (Psi4 method), mode, seed, conformers_per_molecule, source; atomrefs:
+    metadata: method (--oracle_method), mode, seed, conformers_per_molecule, source; atomrefs:
         energies of the free atoms at the oracle's level (nablaDFT's own values for its
         level, wb97x-d/def2-svp), the per-element references the NNP learns on top of.
 The SMILES is stored as written in the file: the atom order of a row follows it.
