@@ -696,9 +696,9 @@ def save_figures(figs, out_dir):
         plt.close(fig)
 
 
-def plot(summary, records, out_dir):
-    """This run's Figures 1-3 (draw_figures of one model). summary.json holds every
-    plotted number; records are not needed any more."""
+def plot(summary, out_dir):
+    """This run's Figures 1-3 (draw_figures of one model): summary.json holds every
+    plotted number."""
     save_figures(draw_figures([(os.path.basename(os.path.normpath(out_dir)), summary)]), out_dir)
 
 
@@ -820,14 +820,13 @@ def evaluate_task(args):
                                     getattr(torch, args.dtype))
     else:
         summary = evaluate_optimization(args)
-        records = [r for r in read_records(os.path.join(args.out_dir, "per_conformation.jsonl"))
-                   if r["e0"] is not None]
-        plot(summary, records, args.out_dir)
+        plot(summary, args.out_dir)
         print(format_table([(os.path.basename(os.path.normpath(args.out_dir)), summary)]))
         print(f"plots: {args.out_dir}/fig1_nnp_error.png, fig2_pct_violin.png, "
               "fig3_pct_over_steps.png")
         if args.page_conformations > 0:
-            write_page(args, records)
+            records = read_records(os.path.join(args.out_dir, "per_conformation.jsonl"))
+            write_page(args, [r for r in records if r["e0"] is not None])
     path = os.path.join(args.out_dir, "summary.json")
     with open(f"{path}.tmp", "w") as f:        # whole or not at all: a kill keeps the old one
         json.dump(summary, f, indent=1)
