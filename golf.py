@@ -129,14 +129,15 @@ class Golf:
     def sample_start(self):
         """Line 3 / 12: s_0 ~ D (uniform over D0 and the collected conformations; --start_from
         d0: D0 only), with its MMFF surrogate. Index i < len(D0) is a D0 row."""
+        collected = self.buffer.collected if self.args.start_from == "d" else []
         while True:
-            starts = self.d0 + self.buffer.collected if self.args.start_from == "d" else self.d0
-            i = int(self.rng.integers(len(starts)))
+            i = int(self.rng.integers(len(self.d0) + len(collected)))
+            conf = self.d0[i] if i < len(self.d0) else collected[i - len(self.d0)]
             try:
-                return Slot(i, starts[i], oracles.MMFFSurrogate(starts[i]))
+                return Slot(i, conf, oracles.MMFFSurrogate(conf))
             except data.DataError as err:       # no MMFF parameters for this molecule
                 tqdm.write(f"skipping {'D0 row' if i < len(self.d0) else 'collected'} "
-                           f"{starts[i].id} as a start: {err}")
+                           f"{conf.id} as a start: {err}")
 
     def start_trajectories(self):
         self.slots = [self.sample_start() for _ in range(self.args.n_parallel)]
