@@ -559,8 +559,15 @@ def label(args, lines, confs, elements):
 
     # order: every conf_id of this command in the order jobs start (D_traj-K's head)
     if args.smiles and args.conformer_selection == "butina":
-        selection = list(butina_conformations(args, lines))
-        order = [conf_id for conf_id, _ in selection]
+        # a finished run of these lines recorded their centroids' conf_ids: if all are done,
+        # nothing needs embedding and clustering again (minutes for a D0 of 900 molecules)
+        lines_key = [line for line, _, _ in lines]
+        known = (optimal if optimal is not None else out).metadata.get("butina_selection", {})
+        if known.get("lines") == lines_key and set(known.get("conf_ids", [None])) <= done:
+            selection, order = [], list(known["conf_ids"])
+        else:
+            selection = list(butina_conformations(args, lines))
+            order = [conf_id for conf_id, _ in selection]
         pending = [(conf_id, c) for conf_id, c in selection if conf_id not in done]
         total, pending = len(pending), iter(pending)
     elif args.smiles:
@@ -673,6 +680,11 @@ def label(args, lines, confs, elements):
     data.rewrite_sorted(args.out, canonical_key)
     if optimal is not None:
         data.rewrite_sorted(args.out_optimal, canonical_key)
+    if args.smiles and args.conformer_selection == "butina":
+        finished = ase.db.connect(args.out_optimal or args.out, type="db")   # the rewritten db
+        if set(order) <= finished_ids(finished):      # record the selection for a rerun
+            finished.metadata = {**finished.metadata,
+                                 "butina_selection": {"lines": lines_key, "conf_ids": order}}
     print(f"{n_done} conformations finished, {n_rows} rows in {args.out}"
           + (f", starts and optima in {args.out_optimal}" if optimal is not None else ""))
     if reasons:

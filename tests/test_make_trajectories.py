@@ -316,6 +316,30 @@ def test_butina_selection_end_to_end_ids_and_resume(tmp_path, capsys):
     assert run(*argv[:-2], "--butina_threshold", "0.5", "--out", out) == 2   # other clusters
 
 
+def test_butina_rerun_of_a_finished_selection_does_not_embed_again(tmp_path, monkeypatch):
+    """A finished run records its lines and centroid conf_ids in the db's metadata; the same
+    command again has nothing to embed. Other lines (or a db missing a centroid) embed."""
+    smi = tmp_path / "two.smi"
+    smi.write_text("O water\nCCCCO butanol\n")
+    out = str(tmp_path / "d0.db")
+    argv = ("--smiles", str(smi), "--conformer_selection", "butina", "--n_etkdg", "10",
+            "--butina_threshold", "0.3", "--out", out)
+    assert run(*argv) == 0
+    ids = [row.conf_id for row in rows(out)]
+    assert ase.db.connect(out).metadata["butina_selection"] == {"lines": [1, 2], "conf_ids": ids}
+    embedded = []
+    real = make_trajectories.butina_conformations
+    monkeypatch.setattr(make_trajectories, "butina_conformations",
+                        lambda args, lines: embedded.append(len(lines)) or real(args, lines))
+    assert run(*argv) == 0 and embedded == []                  # the same lines: nothing to do
+    assert [row.conf_id for row in rows(out)] == ids
+    db = ase.db.connect(out)
+    db.delete([next(db.select(conf_id=ids[-1])).id])           # a centroid lost: embed again
+    assert run(*argv) == 0 and embedded == [2]
+    assert [row.conf_id for row in rows(out)] == ids
+    assert run(*argv, "--max_molecules", "1") == 0 and embedded == [2, 1]   # other lines
+
+
 def test_same_command_twice_gives_identical_dbs(tmp_path):
     """2 workers, results arriving in any order: the dbs read back identical, and D_traj-K
     (from D0's own rows, shuffled) is the first K steps of the head of that order."""
