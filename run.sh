@@ -39,21 +39,21 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # own checkpoints: no training, only make_trajectories.py and evaluate.py. The genuine
 # oracle is GFN2-xTB, a proxy for the models' wB97X-D/def2-SVP (notes/official.md).
 if [ "$preset" = official ]; then
-    OUT=runs/official
-    mkdir -p "$OUT"
+    OUT=runs/official; TEST=runs/moses_test      # TEST: shared with --preset laptop
+    mkdir -p "$OUT" "$TEST"
     XTB=(--oracle_method gfn2-xtb --n_workers 2)   # paper: wb97x-d/def2-svp on a cluster
     start=$(date +%s)
     echo "== 1. make_trajectories.py: GFN2-xTB optima of 220 ETKDG conformations, 17-35 atoms"
     # one conformation per molecule of data/moses_sample.smi (paper: nablaDFT's D-test)
     $PY make_trajectories.py --smiles data/moses_sample.smi --min_atoms 17 --max_atoms 35 \
-        --max_molecules 220 --mode optimize --max_opt_steps 500 --out "$OUT/test_traj.db" \
-        --out_optimal "$OUT/test.db" "${XTB[@]}"
+        --max_molecules 220 --mode optimize --max_opt_steps 500 --out "$TEST/test_traj.db" \
+        --out_optimal "$TEST/test.db" "${XTB[@]}"
     echo "== 2. evaluate.py: T = 100 steps of L-BFGS (lr 1, max_iter 5, history 100), as the paper"
     $PY evaluate.py --checkpoint models/official/baseline-NNP.NNP_checkpoint_actor \
-        --db "$OUT/test.db" --out_dir "$OUT/eval_baseline" "${XTB[@]}"
+        --db "$TEST/test.db" --out_dir "$OUT/eval_baseline" "${XTB[@]}"
     $PY evaluate.py --checkpoint models/official/GOLF-10k.NNP_checkpoint_actor \
-        --db "$OUT/test.db" --out_dir "$OUT/eval_golf10k" "${XTB[@]}"
-    $PY evaluate.py --model rdkit --db "$OUT/test.db" --out_dir "$OUT/eval_rdkit" "${XTB[@]}"
+        --db "$TEST/test.db" --out_dir "$OUT/eval_golf10k" "${XTB[@]}"
+    $PY evaluate.py --model rdkit --db "$TEST/test.db" --out_dir "$OUT/eval_rdkit" "${XTB[@]}"
     echo
     echo "== Results (official preset, $(( $(date +%s) - start )) s; energies by GFN2-xTB)"
     $PY evaluate.py --task table --names f_baseline f_GOLF-10k RDKit \
@@ -68,14 +68,18 @@ xtb)  ORACLE=(--oracle_method gfn2-xtb      # paper: wb97x-d/def2-svp (~5 min a 
 psi4) ORACLE=(--oracle_method hf/sto-3g --n_workers 2) ;;
 *) echo "error: unknown --oracle $oracle (xtb or psi4)" >&2; exit 2 ;;
 esac
+OUT=runs/$preset; [ "$oracle" = xtb ] || OUT=runs/${preset}_$oracle
+DATA=$OUT/data                      # D0, validation, D_rdkit: the same for every seed
 case $preset in
 demo)
     # 100 small molecules (<= 8 heavy atoms), lines shuffled once: D0 = lines 1-76,
     # validation = 77-80, test = 81-100 (held out). 20 ETKDG conformations a molecule.
     SMILES=(--smiles data/small_molecules.smi)        # paper: nablaDFT, 17-35 atoms
+    TRAIN_SPLIT=(--max_molecules 76)
     D0_SEL=(--conformer_selection first --conformers_per_molecule 20)   # paper: Butina (App. D)
-    N_TRAIN=76; N_VAL=4; VAL_SEL=(--conformers_per_molecule 5)
-    N_TEST=20; TEST_SEL=(--conformers_per_molecule 3)
+    VAL_SPLIT=(--skip_molecules 76 --max_molecules 4); VAL_SEL=(--conformers_per_molecule 5)
+    TEST_SPLIT=(--skip_molecules 80 --max_molecules 20); TEST_SEL=(--conformers_per_molecule 3)
+    TEST=$DATA
     K=100                           # paper: 10000 (--max_oracle_steps)
     K_BIG=""                        # traj-20K: laptop only
     MODEL=(--n_atom_basis 64)       # paper: 128
@@ -89,29 +93,33 @@ demo)
     [ -z "$seeds" ] && seeds=0
     ;;
 laptop)
-    # drug-like molecules of 17-35 atoms (App. D) of data/moses_sample.smi: D0 = the first
-    # 500 (Butina centroids, ~2.9 a molecule), validation = the next 40, test = the next 200
-    # (one ETKDG conformation each, optimized by the oracle).
+    # drug-like molecules of 17-35 atoms (App. D) of data/moses_sample.smi, in file order:
+    # test = the first 220 (one ETKDG conformation each, optimized by the oracle: the
+    # official preset's test set, so the authors' models score on the same conformations),
+    # validation = the next 40, D0 = the next 900 (Butina centroids, ~2.9 a molecule).
     SMILES=(--smiles data/moses_sample.smi --min_atoms 17 --max_atoms 35)
-    D0_SEL=(--conformer_selection butina)
-    N_TRAIN=500; N_VAL=40; VAL_SEL=(--conformer_selection butina)
-    N_TEST=200; TEST_SEL=(--conformers_per_molecule 1)
-    K=500
+    TEST_SPLIT=(--max_molecules 220); TEST_SEL=(--conformers_per_molecule 1)
+    TEST=runs/moses_test
+    VAL_SPLIT=(--skip_molecules 220 --max_molecules 40); VAL_SEL=(--conformer_selection butina)
+    TRAIN_SPLIT=(--skip_molecules 260 --max_molecules 900); D0_SEL=(--conformer_selection butina)
+    K=300
     K_BIG=$((20 * K))               # f_traj-20K: the paper's traj-500k against GOLF-10k
     MODEL=(--n_atom_basis 64)
-    BASE_STEPS=6000
+    BASE_STEPS=8000
     BASE_LR=(--lr 2e-3)
     U=5
     GOLF=(--n_parallel 32)
-    EVAL_STEPS=()
+    EVAL_STEPS=(--eval_steps 1,5,20,50,100)
     [ -z "$seeds" ] && seeds="0 1 2"
     ;;
 *) echo "error: unknown preset $preset (demo, laptop or official)" >&2; exit 2 ;;
 esac
 if [ "$oracle" = psi4 ]; then       # the earlier hf/sto-3g presets' sizes (Psi4: ~1 s to minutes
     SMILES=(--smiles data/small_molecules.smi)   # a label): small molecules, few conformations
-    N_TRAIN=76; N_VAL=4; VAL_SEL=(--conformers_per_molecule 5)
-    N_TEST=20; TEST_SEL=(--conformers_per_molecule 1)
+    TRAIN_SPLIT=(--max_molecules 76); VAL_SPLIT=(--skip_molecules 76 --max_molecules 4)
+    VAL_SEL=(--conformers_per_molecule 5)
+    TEST_SPLIT=(--skip_molecules 80 --max_molecules 20); TEST_SEL=(--conformers_per_molecule 1)
+    TEST=$DATA
     case $preset in
     demo)   D0_SEL=(--conformer_selection first --conformers_per_molecule 3); K=60 ;;
     laptop) D0_SEL=(--conformer_selection first --conformers_per_molecule 8); K=400
@@ -124,30 +132,48 @@ TRAIN=(--batch_size 32              # paper: 64
 FT_LR=(--lr 5e-4)                   # paper: 1e-4; every fine-tuning alike (2e-3 killed one
                                     # f_traj: its forces went to zero)
 EVAL=(--timelimit_eval 100 "${EVAL_STEPS[@]}"   # paper: T = 100, L-BFGS lr 1, 5 iterations
-      --oracle_retries 0)           # an SCC that fails on atoms an NNP pulled apart fails
-                                    # again (250 cycles each time): diverged either way
-OUT=runs/$preset; [ "$oracle" = xtb ] || OUT=runs/${preset}_$oracle
-DATA=$OUT/data                      # the same for every seed
-mkdir -p "$DATA"
+      --oracle_retries 0            # an SCC that fails on atoms an NNP pulled apart fails
+      --page_conformations 0)       # again (250 cycles each time): diverged either way
+VAL=(--val_db "$DATA/val.db")
+mkdir -p "$DATA" "$TEST"
 start=$(date +%s)
 stage() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
+# evaluate NAME CHECKPOINT OUT_DIR: one NNP on the held-out test db (and, with --max_step,
+# once more with capped steps); appends to the table's lists
+summaries=() table_names=()
+evaluate() {
+    for cap in "" $max_step; do
+        $PY evaluate.py --checkpoint "$2" --db "$TEST/test.db" --out_dir "$3${cap:+_cap$cap}" \
+            "${ORACLE[@]}" "${EVAL[@]}" ${cap:+--max_step $cap}
+        summaries+=("$3${cap:+_cap$cap}/summary.json") table_names+=("$1${cap:+ cap $cap}")
+    done
+}
 
 stage "1. make_trajectories.py: D0, validation and test dbs, D_rdkit (shared by the seeds)"
-$PY make_trajectories.py "${SMILES[@]}" --max_molecules $N_TRAIN "${D0_SEL[@]}" \
+$PY make_trajectories.py "${SMILES[@]}" "${TRAIN_SPLIT[@]}" "${D0_SEL[@]}" \
     --mode single_point --out "$DATA/d0.db" "${ORACLE[@]}"
-$PY make_trajectories.py "${SMILES[@]}" --skip_molecules $N_TRAIN --max_molecules $N_VAL \
-    "${VAL_SEL[@]}" --mode single_point --out "$DATA/val.db" "${ORACLE[@]}"
-$PY make_trajectories.py "${SMILES[@]}" --skip_molecules $((N_TRAIN + N_VAL)) \
-    --max_molecules $N_TEST "${TEST_SEL[@]}" --mode optimize --out "$DATA/test_traj.db" \
-    --out_optimal "$DATA/test.db" "${ORACLE[@]}"
+$PY make_trajectories.py "${SMILES[@]}" "${VAL_SPLIT[@]}" "${VAL_SEL[@]}" \
+    --mode single_point --out "$DATA/val.db" "${ORACLE[@]}"
+$PY make_trajectories.py "${SMILES[@]}" "${TEST_SPLIT[@]}" "${TEST_SEL[@]}" --mode optimize \
+    --out "$TEST/test_traj.db" --out_optimal "$TEST/test.db" "${ORACLE[@]}"
 # D_rdkit (App. D): every D0 conformation minimized by MMFF, labelled by the oracle
 $PY make_trajectories.py --db "$DATA/d0.db" --mode mmff --out "$DATA/rdkit.db" "${ORACLE[@]}"
 
+# One f_baseline for every seed, as the paper has one: the seeds vary what starts from it
+stage "2. train_baseline.py: f_baseline on D0 (seed 0, shared by the seeds)"
+$PY train_baseline.py --db "$DATA/d0.db" "${VAL[@]}" --out_dir "$OUT/baseline" "${MODEL[@]}" \
+    --total_steps $BASE_STEPS --eval_every 500 "${BASE_LR[@]}" "${TRAIN[@]}" --seed 0
+stage "4. evaluate.py: f_baseline and RDKit (MMFF) on $TEST/test.db (held-out molecules)"
+evaluate f_baseline "$OUT/baseline/checkpoint.pt" "$OUT/eval_baseline"
+base_summaries=("${summaries[@]}") base_names=("${table_names[@]}")
+$PY evaluate.py --model rdkit --db "$TEST/test.db" --out_dir "$OUT/eval_rdkit" "${ORACLE[@]}" \
+    "${EVAL[@]}"
+
+claim_summaries=() claim_names_all=()
 for seed in $seeds; do
 RUN=$OUT/seed$seed
 mkdir -p "$RUN"
 SEED=(--seed "$seed")
-VAL=(--val_db "$DATA/val.db")
 
 stage "1. seed $seed: D_traj-$K${K_BIG:+ and D_traj-$K_BIG}: oracle optimizations of D0 rows"
 # the first K steps of oracle optimizations from D0 conformations in a seeded order
@@ -156,42 +182,35 @@ for k in $K $K_BIG; do
         --max_conformations "$k" --out "$RUN/traj$k.db" "${ORACLE[@]}"
 done
 
-stage "2. seed $seed: train_baseline.py: f_baseline, f_traj-$K${K_BIG:+, f_traj-$K_BIG}, f_rdkit"
-$PY train_baseline.py --db "$DATA/d0.db" "${VAL[@]}" --out_dir "$RUN/baseline" "${MODEL[@]}" \
-    --total_steps $BASE_STEPS --eval_every 500 "${BASE_LR[@]}" "${TRAIN[@]}" "${SEED[@]}"
+stage "2. seed $seed: train_baseline.py: f_traj-$K${K_BIG:+, f_traj-$K_BIG}, f_rdkit from f_baseline"
 for ft in $K $K_BIG rdkit; do
     [ $ft = rdkit ] && extra="$DATA/rdkit.db" || extra="$RUN/traj$ft.db"
     $PY train_baseline.py --db "$DATA/d0.db" "$extra" "${VAL[@]}" --out_dir "$RUN/ft_$ft" \
-        --load_baseline "$RUN/baseline/checkpoint.pt" --total_steps $FT_STEPS \
+        --load_baseline "$OUT/baseline/checkpoint.pt" --total_steps $FT_STEPS \
         --eval_every 500 "${FT_LR[@]}" "${TRAIN[@]}" "${SEED[@]}"
 done
 
-stage "3. seed $seed: golf.py: f_GOLF-$K"
-$PY golf.py --d0 "$DATA/d0.db" "${VAL[@]}" --load_baseline "$RUN/baseline/checkpoint.pt" \
+stage "3. seed $seed: golf.py: f_GOLF-$K from f_baseline"
+$PY golf.py --d0 "$DATA/d0.db" "${VAL[@]}" --load_baseline "$OUT/baseline/checkpoint.pt" \
     --out_dir "$RUN/golf" --max_oracle_steps $K --utd_ratio $U "${GOLF[@]}" \
     "${FT_LR[@]}" "${TRAIN[@]}" "${SEED[@]}" "${ORACLE[@]}"
 
-stage "4. seed $seed: evaluate.py on $DATA/test.db (held-out molecules)"
-names=(f_baseline "f_traj-$K") dirs=(baseline "ft_$K")
+stage "4. seed $seed: evaluate.py on $TEST/test.db (held-out molecules)"
+names=("f_traj-$K") dirs=("ft_$K")
 [ -n "$K_BIG" ] && names+=("f_traj-$K_BIG") dirs+=("ft_$K_BIG")
 names+=("f_GOLF-$K" f_rdkit) dirs+=(golf ft_rdkit)
-summaries=() table_names=()
+summaries=("${base_summaries[@]}") table_names=("${base_names[@]}")
 for i in "${!dirs[@]}"; do
-    for cap in "" $max_step; do
-        out=$RUN/eval_${dirs[$i]}${cap:+_cap$cap}
-        $PY evaluate.py --checkpoint "$RUN/${dirs[$i]}/checkpoint.pt" --db "$DATA/test.db" \
-            --out_dir "$out" "${ORACLE[@]}" "${EVAL[@]}" ${cap:+--max_step $cap} \
-            --page_conformations 0
-        summaries+=("$out/summary.json") table_names+=("${names[$i]}${cap:+ cap $cap}")
-    done
+    evaluate "${names[$i]}" "$RUN/${dirs[$i]}/checkpoint.pt" "$RUN/eval_${dirs[$i]}"
+    claim_summaries+=("$RUN/eval_${dirs[$i]}/summary.json") claim_names_all+=("${names[$i]}")
 done
-$PY evaluate.py --model rdkit --db "$DATA/test.db" --out_dir "$OUT/eval_rdkit" "${ORACLE[@]}" \
-    "${EVAL[@]}" --page_conformations 0
+# f_baseline is one model: the claims pool it once per seed, like the others
+claim_summaries+=("$OUT/eval_baseline/summary.json") claim_names_all+=(f_baseline)
 summaries+=("$OUT/eval_rdkit/summary.json") table_names+=(RDKit)
 
 echo
 echo "== Results, seed $seed ($preset preset, $oracle, K = $K, $(( $(date +%s) - start )) s):" \
-     "$DATA/test.db, held-out molecules"
+     "$TEST/test.db, held-out molecules"
 $PY evaluate.py --task table --names "${table_names[@]}" --summaries "${summaries[@]}" \
     --figures "$RUN/figures"
 done
@@ -199,14 +218,8 @@ done
 # The paper's claims, with 95 % intervals over test conformations, pooled over the seeds
 claim_names=(f_baseline "f_traj-$K" "${K_BIG:+f_traj-$K_BIG}" "f_GOLF-$K" f_rdkit)
 [ -z "$K_BIG" ] && claim_names[2]=-
-all=() all_names=()
-for seed in $seeds; do
-    for i in "${!dirs[@]}"; do
-        all+=("$OUT/seed$seed/eval_${dirs[$i]}/summary.json") all_names+=("${names[$i]}")
-    done
-done
 echo
 echo "== The paper's claims ($preset preset, seeds: $seeds)"
-$PY evaluate.py --task table --names "${all_names[@]}" --summaries "${all[@]}" \
+$PY evaluate.py --task table --names "${claim_names_all[@]}" --summaries "${claim_summaries[@]}" \
     --claims "${claim_names[@]}" --claims_only
-echo "plots: $OUT/seed*/figures/fig*.png (all models), $OUT/seed*/eval_*/fig*.png (one each)"
+echo "plots: $OUT/seed*/figures/fig*.png (all models), $OUT/*/eval_*/fig*.png (one each)"
