@@ -376,8 +376,11 @@ def test_claims_pool_seeds_pair_conformations_and_give_each_verdict(tmp_path):
     assert "claim 3. GOLF-K beats traj-K at equal K: HOLDS" in text
     assert "of all: golf - traj = +30.0 [" in text
     assert "claim 4. GOLF-K comes near traj-20K" in text and "NOT CHECKED" in text
-    # golf 55 % vs rdkit 50 %: paired, the interval holds 0
+    assert "pct_div: traj - golf = +15.0 [" in text and "(beside the verdict)" in text
+    # golf 55 % vs rdkit 50 %: paired, the interval holds 0. golf diverges more than rdkit
+    # (10 % vs 0 %, every resample), but pct_div is printed beside the verdict, not in it
     assert "claim 5. GOLF-K beats f_rdkit: NOT SHOWN" in text
+    assert "pct_div: rdkit - golf = -10.0 [" in text
     # the same rows read the other way round: traj-20K far ahead of GOLF fails claim 4,
     # and rdkit far behind traj fails "rdkit beats traj"
     text = evaluate.check_claims(paths, ["-", "rdkit", "golf", "base", "traj"], 500)
