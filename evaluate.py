@@ -286,7 +286,9 @@ def evaluate_optimization(args):
     records_path = os.path.join(args.out_dir, "per_conformation.jsonl")
     done = set()
     if os.path.exists(records_path):
-        done = {r["conf_id"] for r in read_records(records_path)}
+        records = read_records(records_path)
+        check_records_match(records, confs, records_path, args.db)
+        done = {r["conf_id"] for r in records}
         data.cut_partial_line(records_path)          # what a kill mid-write left
     todo = [c for c in confs if conf_key(c) not in done
             and bool(c.info.get("converged", True))]     # unconverged E_opt: not scored
@@ -378,6 +380,20 @@ def conformation_record(conf, positions, nnp, results, eval_steps):
             "forces_mse_kcal_mol_A2": forces_mse, "failures": failures,
             **({"mmff_converged": conf.info["mmff_converged"]}        # the RDKit row
                if "mmff_converged" in conf.info else {})}
+
+
+def check_records_match(records, confs, records_path, db_path):
+    """Records name test rows by row id: a record whose row now holds another molecule (the
+    db was remade, reordered or replaced since) must not be resumed or scored."""
+    by_id = {conf_key(c): c for c in confs}
+    for r in records:
+        c = by_id.get(r["conf_id"])
+        if c is None or (c.smiles, c.n_atoms) != (r.get("smiles"), r.get("n_atoms")):
+            now = "no such row" if c is None else f"{c.smiles} ({c.n_atoms} atoms)"
+            raise data.DataError(
+                f"{records_path}: row {r['conf_id']} was {r.get('smiles')} ({r.get('n_atoms')} "
+                f"atoms), but in {db_path} it is {now}: the test db changed since this "
+                "evaluation; evaluate into a new --out_dir")
 
 
 def read_records(path):

@@ -11,7 +11,7 @@ and, at every step t of the NNP run, xTB and MMFF94 label s_{t-1} and s_t. Print
     the two disagree (GOLF sends a conformation when MMFF rises: Algorithm 1, line 7),
 and the NNP's force error against xTB at s_0 beside the step-1 displacement (Spearman).
 
-    python benchmarks/first_steps.py --checkpoint runs/demo/seed0/baseline/checkpoint.pt \\
+    python benchmarks/first_steps.py --checkpoint runs/demo/baseline/checkpoint.pt \\
         --db runs/demo/data/test.db [--steps 3] [--max_step 0.2] [--max_conformations 60]
         [--stride 25]     (every 25th row: e.g. D0's own conformations, one per molecule)
 """

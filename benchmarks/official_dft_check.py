@@ -3,7 +3,7 @@ agree with GFN2-xTB, the preset's proxy oracle, on what the NNP-optimization did
 
 For the --n_molecules smallest test conformations (fewest atoms, then the conf_id key, which
 make_trajectories.py derives from the SMILES line: the db's row ids follow arrival order) of
-runs/official/test.db, Psi4 single points at --method of
+runs/moses_test/test.db, Psi4 single points at --method of
     s_0     the ETKDG start
     s_opt   the GFN2-xTB optimum (test.db's optimal_positions)
     s_T     each model's NNP-optimized conformation (<eval_dir>/final.db)
@@ -39,6 +39,8 @@ def read_jsonl(path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/official")
+    p.add_argument("--test_db", default="runs/moses_test/test.db",
+                   help="the test db the run evaluated (run.sh's official preset)")
     p.add_argument("--n_molecules", type=int, default=3)
     p.add_argument("--evals", nargs="+", default=["eval_baseline", "eval_golf10k"])
     p.add_argument("--method", default="wb97x-d/def2-svp")
@@ -46,7 +48,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="threads per Psi4 job")
     args = p.parse_args(argv)
 
-    confs, _ = data.read_db(os.path.join(args.run, "test.db"), "total", verbose=False)
+    confs, _ = data.read_db(args.test_db, "total", verbose=False)
     records = {}                                   # (eval, test.db row) -> per_conformation record
     finals = {}                                    # (eval, test.db row) -> s_T [n_atoms, 3]
     for name in args.evals:

@@ -27,11 +27,13 @@ import oracles  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/official")
+    p.add_argument("--test_db", default="runs/moses_test/test.db",
+                   help="the test db the run evaluated (run.sh's official preset)")
     p.add_argument("--evals", nargs="+", default=["eval_baseline", "eval_golf10k", "eval_rdkit"])
     p.add_argument("--bond", type=float, default=2.0, help="a longer bond is broken, Angstrom")
     args = p.parse_args(argv)
 
-    confs, _ = data.read_db(os.path.join(args.run, "test.db"), "total", verbose=False)
+    confs, _ = data.read_db(args.test_db, "total", verbose=False)
     by_row = {c.id: c for c in confs}
     bonds = {}                                   # test.db row -> [n_bonds, 2] atom indices
     for c in confs:

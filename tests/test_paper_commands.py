@@ -139,6 +139,32 @@ def test_external_missing_rows_is_one_clear_error(test_db, tmp_path):
     assert not os.path.exists(os.path.join(out_dir, "final.db"))
 
 
+def test_resuming_on_a_reordered_test_db_is_one_clear_error(test_db, tmp_path):
+    """Records name test rows by row id. The same molecules in another row order (a db
+    remade or rewritten since) must not be resumed: the records would be scored against the
+    wrong molecules. The original db resumes with nothing to do."""
+    out_dir = str(tmp_path / "eval")
+    argv = ["--model", "rdkit", "--out_dir", out_dir, "--oracle_method", METHOD,
+            "--n_workers", "2"]
+    evaluate.main([*argv, "--db", test_db])
+    records_path = os.path.join(out_dir, "per_conformation.jsonl")
+    before = open(records_path).read()
+    reordered = str(tmp_path / "reordered.db")
+    db = data.connect_for_writing(reordered)
+    db.metadata = ase.db.connect(test_db).metadata
+    for row in reversed(list(ase.db.connect(test_db).select())):
+        db.write(row.toatoms(), key_value_pairs=dict(row.key_value_pairs), data=dict(row.data))
+    proc = subprocess.run([sys.executable, "evaluate.py", *argv, "--db", reordered], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith(f"error: {records_path}: row 1 was O (3 atoms), but in "
+                               f"{reordered} it is N (4 atoms)")
+    assert "evaluate into a new --out_dir" in lines[0]
+    assert open(records_path).read() == before
+    evaluate.main([*argv, "--db", test_db])
+
+
 # ---------------------------------------------------------------------------------------
 # Table 4's D_LM: molecules of 36-57 atoms
 # ---------------------------------------------------------------------------------------
