@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -144,6 +145,15 @@ def test_max_conformations_caps_the_trajectory_rows(smiles_file, tmp_path):
     assert len(rows(str(tmp_path / "traj_optimal.db"))) == 2     # both optimizations ran
 
 
+def rows_written_so_far(path):
+    """Rows of a db another process is writing; none while it is still creating its tables
+    (ASE makes them in steps: a reader in between gets 'no such table')."""
+    try:
+        return rows(path) if os.path.exists(path) else []
+    except sqlite3.OperationalError:
+        return []
+
+
 def test_kill_9_loses_no_finished_result(tmp_path):
     """kill -9 the script once its first result is written; a rerun finishes the rest."""
     smi = tmp_path / "four.smi"
@@ -155,7 +165,7 @@ def test_kill_9_loses_no_finished_result(tmp_path):
                                stderr=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 60
-        while time.monotonic() < end and not (os.path.exists(out) and rows(out)):
+        while time.monotonic() < end and not rows_written_so_far(out):
             time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
