@@ -8,7 +8,8 @@
 #
 #   ./run.sh                    demo: GFN2-xTB oracle, one seed, <= 10 min on 2 cores
 #   ./run.sh --preset laptop    Tables 1-2 in miniature, 3 seeds, and the paper's five claims
-#                               checked with 95 % intervals (~1.5-2 h a seed on 2 cores)
+#                               checked with 95 % intervals (2 cores: ~80 min once for the
+#                               test db, data and f_baseline, then ~55 min a seed)
 # Flags:
 #   ./run.sh --preset official  the authors' f_baseline and f_GOLF-10k (models/official/) on
 #                               220 drug-like conformations, scored by GFN2-xTB (its own stages)
