@@ -19,7 +19,6 @@ Every finished single point is appended to <run>/dft_check.jsonl, and a rerun sk
         [--evals eval_baseline eval_golf10k] [--method wb97x-d/def2-svp] [--n_workers 2]
 """
 import argparse
-import json
 import os
 import sys
 
@@ -30,10 +29,8 @@ import oracles  # noqa: E402
 
 
 def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """data.read_jsonl, or no records before the file exists (the cache's first run)."""
+    return data.read_jsonl(path) if os.path.exists(path) else []
 
 
 def main(argv=None):
@@ -93,8 +90,7 @@ def main(argv=None):
                 print(f"  conformation {c.id} {which}: {result.energy} Hartree "
                       f"({result.seconds:.0f} s) {result.reason}", flush=True)
                 cache[c.id, which] = row
-                with open(cache_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                data.append_jsonl(cache_path, row)
 
     kcal = data.HARTREE_TO_KCAL
     print(f"\nE - E(s_0), kcal/mol: GFN2-xTB against {args.method}")

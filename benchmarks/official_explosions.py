@@ -12,7 +12,6 @@ huge step even on a good model. Per evaluation directory, over its conformations
         [--evals eval_baseline eval_golf10k eval_rdkit]
 """
 import argparse
-import json
 import os
 import sys
 
@@ -44,8 +43,7 @@ def main(argv=None):
           f"{'xTB failed':>10} {'at s_T':>6} {'E_T>E_1':>8} {'E_T>E_0':>8}")
     for name in args.evals:
         path = os.path.join(args.run, name)
-        with open(os.path.join(path, "per_conformation.jsonl")) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        records = data.read_jsonl(os.path.join(path, "per_conformation.jsonl"))
         finals, _ = data.read_db(os.path.join(path, "final.db"), "total", verbose=False)
         final_by_row = {int(c.info["conf_id"]): c.positions for c in finals}
         broken, moved, failed, failed_T, above_1, above_0 = [], [], 0, 0, 0, 0
