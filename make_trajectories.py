@@ -563,7 +563,7 @@ def label(args, lines, confs, elements):
         # nothing needs embedding and clustering again (minutes for a D0 of 900 molecules)
         lines_key = [line for line, _, _ in lines]
         known = (optimal if optimal is not None else out).metadata.get("butina_selection", {})
-        if known.get("lines") == lines_key and set(known.get("conf_ids", [None])) <= done:
+        if known.get("lines") == lines_key and set(known["conf_ids"]) <= done:
             selection, order = [], list(known["conf_ids"])
         else:
             selection = list(butina_conformations(args, lines))

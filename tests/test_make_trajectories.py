@@ -306,12 +306,18 @@ def test_butina_keeps_centroids_of_the_fewest_clusters_covering_95_percent():
     assert all(np.array_equal(a, b) for a, b in zip(kept, again))
 
 
-def test_butina_selection_end_to_end_ids_and_resume(tmp_path, capsys):
+def butina_water_butanol(tmp_path):
+    """make_trajectories.py arguments (ending in --out OUT) of App. D's Butina selection of
+    water and butanol, 10 ETKDG conformations each; and OUT."""
     smi = tmp_path / "two.smi"
     smi.write_text("O water\nCCCCO butanol\n")
     out = str(tmp_path / "d0.db")
-    argv = ("--smiles", str(smi), "--conformer_selection", "butina", "--n_etkdg", "10",
-            "--butina_threshold", "0.3", "--out", out)
+    return ("--smiles", str(smi), "--conformer_selection", "butina", "--n_etkdg", "10",
+            "--butina_threshold", "0.3", "--out", out), out
+
+
+def test_butina_selection_end_to_end_ids_and_resume(tmp_path, capsys):
+    argv, out = butina_water_butanol(tmp_path)
     assert run(*argv) == 0
     expected = make_trajectories.butina_centroids("CCCCO", 10, 42 + 2, 0.3, 0.95)[1]
     by_id = {row.conf_id: row for row in rows(out)}
@@ -329,11 +335,7 @@ def test_butina_selection_end_to_end_ids_and_resume(tmp_path, capsys):
 def test_butina_rerun_of_a_finished_selection_does_not_embed_again(tmp_path, monkeypatch):
     """A finished run records its lines and centroid conf_ids in the db's metadata; the same
     command again has nothing to embed. Other lines (or a db missing a centroid) embed."""
-    smi = tmp_path / "two.smi"
-    smi.write_text("O water\nCCCCO butanol\n")
-    out = str(tmp_path / "d0.db")
-    argv = ("--smiles", str(smi), "--conformer_selection", "butina", "--n_etkdg", "10",
-            "--butina_threshold", "0.3", "--out", out)
+    argv, out = butina_water_butanol(tmp_path)
     assert run(*argv) == 0
     ids = [row.conf_id for row in rows(out)]
     assert ase.db.connect(out).metadata["butina_selection"] == {"lines": [1, 2], "conf_ids": ids}
