@@ -592,6 +592,8 @@ def label(args, lines, confs, elements):
     n_done, n_rows = 0, out.count()
     rows_of = collections.Counter(row.get("conf_id") for row in out.select(include_data=False))
     reached = -1                                      # position of the last conf_id taken
+    while reached + 1 < len(order) and order[reached + 1] in done:
+        reached += 1                                  # a resume: the head finished before
 
     def room():
         """Rows --out may still take: None without --max_conformations."""

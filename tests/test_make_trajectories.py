@@ -145,6 +145,21 @@ def test_max_conformations_caps_the_trajectory_rows(smiles_file, tmp_path):
     assert len(rows(str(tmp_path / "traj_optimal.db"))) == 2     # both optimizations ran
 
 
+def test_a_rerun_of_a_finished_d_traj_starts_no_optimization(d0, tmp_path):
+    """D_traj-2 from 3 D0 rows with one worker (two jobs in flight): the first
+    optimization's steps fill it, so the third never starts, on the run or on a rerun."""
+    out, optimal = str(tmp_path / "traj.db"), str(tmp_path / "traj_optimal.db")
+    argv = ["--db", d0[0], "--mode", "optimize", "--max_conformations", "2", "--out", out,
+            "--oracle_method", METHOD, "--n_workers", "1"]
+    assert make_trajectories.main(argv) == 0
+    first = [(row.conf_id, row.positions.tolist()) for row in rows(out)]
+    n_optimized = len(rows(optimal))
+    assert len(first) == 2 and n_optimized == 2
+    assert make_trajectories.main(argv) == 0
+    assert len(rows(optimal)) == n_optimized
+    assert [(row.conf_id, row.positions.tolist()) for row in rows(out)] == first
+
+
 def rows_written_so_far(path):
     """Rows of a db another process is writing; none while it is still creating its tables
     (ASE makes them in steps: a reader in between gets 'no such table')."""
