@@ -6,7 +6,9 @@
 #   3. golf.py               f_GOLF-K fine-tuned from f_baseline with the same K
 #   4. evaluate.py           every NNP and the RDKit row on the held-out molecules: Table 2
 #
-#   ./run.sh                    demo: GFN2-xTB oracle, one seed, <= 10 min on 2 cores
+#   ./run.sh                    demo: GFN2-xTB oracle, one seed, <= 10 min on 2 cores; it
+#                               starts from the laptop preset's f_baseline and 60 of its
+#                               test conformations, shipped (models/laptop/README.md)
 #   ./run.sh --preset laptop    Tables 1-2 in miniature, 3 seeds, and the paper's five claims
 #                               checked with 95 % intervals (2 cores: ~80 min once for the
 #                               test db, data and f_baseline, then ~55 min a seed)
@@ -71,24 +73,31 @@ psi4) ORACLE=(--oracle_method hf/sto-3g --n_workers 2) ;;
 esac
 OUT=runs/$preset; [ "$oracle" = xtb ] || OUT=runs/${preset}_$oracle
 DATA=$OUT/data                      # D0, validation, D_rdkit: the same for every seed
+SHIPPED_TEST="" SHIPPED_BASELINE=""   # made here unless a preset ships them
+F_RDKIT=rdkit                       # f_rdkit (App. D) beside the others
+MODEL=(--n_atom_basis 64)           # paper: 128
+BASE_LR=(--lr 2e-3)                 # paper: 1e-4 for 5e5 steps; 2e-3 fits best in a few 1000
 case $preset in
 demo)
-    # 100 small molecules (<= 8 heavy atoms), lines shuffled once: D0 = lines 1-76,
-    # validation = 77-80, test = 81-100 (held out). 20 ETKDG conformations a molecule.
-    SMILES=(--smiles data/small_molecules.smi)        # paper: nablaDFT, 17-35 atoms
-    TRAIN_SPLIT=(--max_molecules 76)
-    D0_SEL=(--conformer_selection first --conformers_per_molecule 20)   # paper: Butina (App. D)
-    VAL_SPLIT=(--skip_molecules 76 --max_molecules 4); VAL_SEL=(--conformers_per_molecule 5)
-    TEST_SPLIT=(--skip_molecules 80 --max_molecules 20); TEST_SEL=(--conformers_per_molecule 3)
-    TEST=$DATA
+    # The laptop preset's drug-like molecules (17-35 atoms) at a newcomer's scale. Two of its
+    # inputs cost more than the demo's 10 minutes, so they ship, made by the laptop preset:
+    #   models/laptop/f_baseline.pt  its f_baseline: 8000 steps on D0 = 2912 Butina
+    #                                conformations of molecules 261-1160 (30 min here)
+    #   data/moses_test60.db         the first 60 of its 220 held-out conformations, with
+    #                                their xTB optima (runs/moses_test/test.db; ~10 min here)
+    # The demo makes a D0 of molecules 261-400 (a part of the baseline's own D0) for GOLF's
+    # starts and replay and for D_traj, fine-tunes f_traj-K and f_GOLF-K from the shipped
+    # f_baseline, and scores them on the shipped test conformations.
+    SMILES=(--smiles data/moses_sample.smi --min_atoms 17 --max_atoms 35)
+    TRAIN_SPLIT=(--skip_molecules 260 --max_molecules 140); D0_SEL=(--conformer_selection butina)
+    VAL_SPLIT=(--skip_molecules 220 --max_molecules 10); VAL_SEL=(--conformer_selection butina)
+    TEST=$DATA; SHIPPED_TEST=data/moses_test60.db
+    SHIPPED_BASELINE=models/laptop/f_baseline.pt
     K=100                           # paper: 10000 (--max_oracle_steps)
     K_BIG=""                        # traj-20K: laptop only
-    MODEL=(--n_atom_basis 64)       # paper: 128
-    BASE_STEPS=2000                 # paper: 5e5 (--total_steps); validation error flat
-                                    # from step 1000 on (forces MAE 8.9 -> 8.6 kcal/mol/A)
-    BASE_LR=(--lr 2e-3)             # paper: 1e-4 for 5e5 steps; 2e-3 fits best in a few 1000
+    F_RDKIT=""                      # f_rdkit (App. D): laptop only
     U=5                             # paper: 50 (--utd_ratio)
-    GOLF=(--n_parallel 16)          # paper: 120
+    GOLF=(--n_parallel 32)          # paper: 120
     EVAL_STEPS=(--eval_steps 1,5,20,50,100)   # paper: 1,2,3,5,8,13,21,30,50,75,100 (Fig. 3);
                                     # the table is at T = 100 either way
     [ -z "$seeds" ] && seeds=0
@@ -105,9 +114,7 @@ laptop)
     TRAIN_SPLIT=(--skip_molecules 260 --max_molecules 900); D0_SEL=(--conformer_selection butina)
     K=300
     K_BIG=$((20 * K))               # f_traj-20K: the paper's traj-500k against GOLF-10k
-    MODEL=(--n_atom_basis 64)
-    BASE_STEPS=8000
-    BASE_LR=(--lr 2e-3)
+    BASE_STEPS=8000                 # paper: 5e5 (--total_steps)
     U=5
     GOLF=(--n_parallel 32)
     EVAL_STEPS=(--eval_steps 1,5,20,50,100)
@@ -122,7 +129,9 @@ if [ "$oracle" = psi4 ]; then       # the earlier hf/sto-3g presets' sizes (Psi4
     TEST_SPLIT=(--skip_molecules 80 --max_molecules 20); TEST_SEL=(--conformers_per_molecule 1)
     TEST=$DATA
     case $preset in
-    demo)   D0_SEL=(--conformer_selection first --conformers_per_molecule 3); K=60 ;;
+    demo)   D0_SEL=(--conformer_selection first --conformers_per_molecule 3); K=60
+            SHIPPED_TEST="" SHIPPED_BASELINE="" F_RDKIT=rdkit   # all made with Psi4
+            BASE_STEPS=2000; GOLF=(--n_parallel 16) ;;
     laptop) D0_SEL=(--conformer_selection first --conformers_per_molecule 8); K=400
             K_BIG=""; MODEL=(--n_atom_basis 128); U=10 ;;   # no traj-8000: days of Psi4
     esac
@@ -155,17 +164,28 @@ $PY make_trajectories.py "${SMILES[@]}" "${TRAIN_SPLIT[@]}" "${D0_SEL[@]}" \
     --mode single_point --out "$DATA/d0.db" "${ORACLE[@]}"
 $PY make_trajectories.py "${SMILES[@]}" "${VAL_SPLIT[@]}" "${VAL_SEL[@]}" \
     --mode single_point --out "$DATA/val.db" "${ORACLE[@]}"
-$PY make_trajectories.py "${SMILES[@]}" "${TEST_SPLIT[@]}" "${TEST_SEL[@]}" --mode optimize \
-    --out "$TEST/test_traj.db" --out_optimal "$TEST/test.db" "${ORACLE[@]}"
+if [ -n "$SHIPPED_TEST" ]; then    # held-out conformations with their optima, shipped
+    [ -f "$TEST/test.db" ] || cp "$SHIPPED_TEST" "$TEST/test.db"
+else
+    $PY make_trajectories.py "${SMILES[@]}" "${TEST_SPLIT[@]}" "${TEST_SEL[@]}" --mode optimize \
+        --out "$TEST/test_traj.db" --out_optimal "$TEST/test.db" "${ORACLE[@]}"
+fi
 # D_rdkit (App. D): every D0 conformation minimized by MMFF, labelled by the oracle
-$PY make_trajectories.py --db "$DATA/d0.db" --mode mmff --out "$DATA/rdkit.db" "${ORACLE[@]}"
+[ -z "$F_RDKIT" ] || \
+    $PY make_trajectories.py --db "$DATA/d0.db" --mode mmff --out "$DATA/rdkit.db" "${ORACLE[@]}"
 
 # One f_baseline for every seed, as the paper has one: the seeds vary what starts from it
-stage "2. train_baseline.py: f_baseline on D0 (seed 0, shared by the seeds)"
-$PY train_baseline.py --db "$DATA/d0.db" "${VAL[@]}" --out_dir "$OUT/baseline" "${MODEL[@]}" \
-    --total_steps $BASE_STEPS --eval_every 500 "${BASE_LR[@]}" "${TRAIN[@]}" --seed 0
+BASELINE=$OUT/baseline/checkpoint.pt
+if [ -n "$SHIPPED_BASELINE" ]; then
+    BASELINE=$SHIPPED_BASELINE
+    stage "2. f_baseline: $BASELINE (shipped; made by ./run.sh --preset laptop)"
+else
+    stage "2. train_baseline.py: f_baseline on D0 (seed 0, shared by the seeds)"
+    $PY train_baseline.py --db "$DATA/d0.db" "${VAL[@]}" --out_dir "$OUT/baseline" "${MODEL[@]}" \
+        --total_steps $BASE_STEPS --eval_every 500 "${BASE_LR[@]}" "${TRAIN[@]}" --seed 0
+fi
 stage "4. evaluate.py: f_baseline and RDKit (MMFF) on $TEST/test.db (held-out molecules)"
-evaluate f_baseline "$OUT/baseline/checkpoint.pt" "$OUT/eval_baseline"
+evaluate f_baseline "$BASELINE" "$OUT/eval_baseline"
 base_summaries=("${summaries[@]}") base_names=("${table_names[@]}")
 $PY evaluate.py --model rdkit --db "$TEST/test.db" --out_dir "$OUT/eval_rdkit" "${ORACLE[@]}" \
     "${EVAL[@]}"
@@ -183,23 +203,24 @@ for k in $K $K_BIG; do
         --max_conformations "$k" --out "$RUN/traj$k.db" "${ORACLE[@]}"
 done
 
-stage "2. seed $seed: train_baseline.py: f_traj-$K${K_BIG:+, f_traj-$K_BIG}, f_rdkit from f_baseline"
-for ft in $K $K_BIG rdkit; do
+stage "2. seed $seed: train_baseline.py: f_traj-$K${K_BIG:+, f_traj-$K_BIG}${F_RDKIT:+, f_rdkit} from f_baseline"
+for ft in $K $K_BIG $F_RDKIT; do
     [ $ft = rdkit ] && extra="$DATA/rdkit.db" || extra="$RUN/traj$ft.db"
     $PY train_baseline.py --db "$DATA/d0.db" "$extra" "${VAL[@]}" --out_dir "$RUN/ft_$ft" \
-        --load_baseline "$OUT/baseline/checkpoint.pt" --total_steps $FT_STEPS \
+        --load_baseline "$BASELINE" --total_steps $FT_STEPS \
         --eval_every 500 "${FT_LR[@]}" "${TRAIN[@]}" "${SEED[@]}"
 done
 
 stage "3. seed $seed: golf.py: f_GOLF-$K from f_baseline"
-$PY golf.py --d0 "$DATA/d0.db" "${VAL[@]}" --load_baseline "$OUT/baseline/checkpoint.pt" \
+$PY golf.py --d0 "$DATA/d0.db" "${VAL[@]}" --load_baseline "$BASELINE" \
     --out_dir "$RUN/golf" --max_oracle_steps $K --utd_ratio $U "${GOLF[@]}" \
     "${FT_LR[@]}" "${TRAIN[@]}" "${SEED[@]}" "${ORACLE[@]}"
 
 stage "4. seed $seed: evaluate.py on $TEST/test.db (held-out molecules)"
 names=("f_traj-$K") dirs=("ft_$K")
 [ -n "$K_BIG" ] && names+=("f_traj-$K_BIG") dirs+=("ft_$K_BIG")
-names+=("f_GOLF-$K" f_rdkit) dirs+=(golf ft_rdkit)
+names+=("f_GOLF-$K") dirs+=(golf)
+[ -n "$F_RDKIT" ] && names+=(f_rdkit) dirs+=(ft_rdkit)
 summaries=("${base_summaries[@]}") table_names=("${base_names[@]}")
 for i in "${!dirs[@]}"; do
     evaluate "${names[$i]}" "$RUN/${dirs[$i]}/checkpoint.pt" "$RUN/eval_${dirs[$i]}"
@@ -217,8 +238,9 @@ $PY evaluate.py --task table --names "${table_names[@]}" --summaries "${summarie
 done
 
 # The paper's claims, with 95 % intervals over test conformations, pooled over the seeds
-claim_names=(f_baseline "f_traj-$K" "${K_BIG:+f_traj-$K_BIG}" "f_GOLF-$K" f_rdkit)
+claim_names=(f_baseline "f_traj-$K" "${K_BIG:+f_traj-$K_BIG}" "f_GOLF-$K" "${F_RDKIT:+f_rdkit}")
 [ -z "$K_BIG" ] && claim_names[2]=-
+[ -z "$F_RDKIT" ] && claim_names[4]=-
 echo
 echo "== The paper's claims ($preset preset, seeds: $seeds)"
 $PY evaluate.py --task table --names "${claim_names_all[@]}" --summaries "${claim_summaries[@]}" \
