@@ -675,8 +675,9 @@ def draw_figures(named_summaries):
     figs["fig1_nnp_error.png"] = fig
 
     fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(named_summaries)), 4))
-    values = [(k, name, s["pct_T_values"]) for k, (name, s) in enumerate(named_summaries)
-              if s.get("pct_T_values")]      # [(colour, name, pct_T of each kept conformation)]
+    values = [(k, name, [v for v in s.get("pct_T_values") or [] if np.isfinite(v)])
+              for k, (name, s) in enumerate(named_summaries)]   # (colour, name, pct_T [kept])
+    values = [v for v in values if v[2]]     # pct_T is +-inf for a start at its optimum (Eq. 4)
     if values:
         parts = ax.violinplot([v for _, _, v in values], showmeans=True, showextrema=False,
                               quantiles=[[0.1, 0.9]] * len(values))

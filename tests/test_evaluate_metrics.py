@@ -290,6 +290,12 @@ def test_figures_put_every_model_in_one_picture(tmp_path):
     assert len(figs["fig3_pct_over_steps.png"].axes[0].lines) == 0
     assert len(figs["fig3_pct_over_steps.png"].axes[1].lines) == 1
     evaluate.save_figures(figs, str(tmp_path / "lost"))
+    # a start at its optimum has pct_T = +-inf (Eq. 4 divides by E_0 - E_opt = 0): not drawn
+    inf = float("inf")
+    at_opt = {**s, "pct_T_values": [inf, inf]}     # both ended below E_opt = E_0
+    fig2 = evaluate.draw_figures([("at_opt", at_opt), ("golf", s)])["fig2_pct_violin.png"]
+    assert len(fig2.axes[0].collections) == 1 + 1 + 1     # golf's violin, the mean, p10/p90
+    assert [t.get_text() for t in fig2.axes[0].get_xticklabels()] == ["golf"]
     # the table task draws them from summary.json files
     paths = []
     for name, summary in (("golf", s), ("rdkit", rdkit)):
