@@ -293,9 +293,9 @@ def evaluate_optimization(args):
     todo = [c for c in confs if conf_key(c) not in done
             and bool(c.info.get("converged", True))]     # unconverged E_opt: not scored
     print(f"{len(confs)} test conformations, {len(done)} done before, {len(todo)} to evaluate")
-    if len(todo) <= args.batch_size and not args.dask_scheduler:
-        # one NNP batch: its oracle jobs start after it, never beside it, so it takes every core
-        torch.set_num_threads(os.cpu_count() or 1)
+    # one NNP batch: its oracle jobs start after it, never beside it, so it takes every core
+    torch.set_num_threads(oracles.torch_threads_beside_the_pool(
+        args, pool_idle=len(todo) <= args.batch_size))
     final_db = data.connect_for_writing(os.path.join(args.out_dir, "final.db"))
 
     if args.model == "rdkit":

@@ -115,7 +115,6 @@ class Golf:
         self.trainer = Trainer(model, args, args.total_steps)
         self.buffer = data.ReplayBuffer(d0, args.initial_conf_pct, rng)
         self.updates_owed = 0        # U per added conformation, paid as training steps
-        self.threads_beside_pool = oracles.torch_threads_beside_the_pool(args)
         self.failures_in_a_row = collections.Counter()   # reason -> count, since the last addition
         self.last_progress = time.perf_counter()
         self.in_flight = {}          # future -> (slot's D0 index, the conformation sent)
@@ -265,14 +264,15 @@ class Golf:
         """Line 10: pay owed updates, each on a minibatch with a D0 share."""
         n = self.updates_owed if max_updates is None else min(self.updates_owed, max_updates)
         # no oracle job in flight (always so here, unless --pipelined): torch takes every core
-        torch.set_num_threads(self.threads_beside_pool if self.in_flight else os.cpu_count() or 1)
+        torch.set_num_threads(oracles.torch_threads_beside_the_pool(self.args,
+                                                                    pool_idle=not self.in_flight))
         for _ in range(n):
             loss = self.trainer.update(self.buffer.sample_batch(self.args.batch_size,
                                                                 self.args.device, self.dtype))
             self.updates_owed -= 1
             if self.trainer.step % self.args.checkpoint_every == 0:
                 self.save()
-        torch.set_num_threads(self.threads_beside_pool)
+        torch.set_num_threads(oracles.torch_threads_beside_the_pool(self.args))
         if n:
             self.stats["loss"] = float(loss)     # read once: it waits for the device
         self.bar.set_postfix(added=self.stats["n_added"], jobs=len(self.in_flight),

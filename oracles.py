@@ -866,10 +866,11 @@ def add_oracle_args(parser):
     return parser
 
 
-def torch_threads_beside_the_pool(args):
+def torch_threads_beside_the_pool(args, pool_idle=False):
     """Cores this machine has left for the NNP next to the local oracle workers (at least 1):
-    an oversubscribed torch thread pool runs many times slower, measured here."""
-    if args.dask_scheduler:
+    an oversubscribed torch thread pool runs many times slower, measured here. Every core
+    when the workers run elsewhere (Dask) or no job can run beside the NNP (pool_idle)."""
+    if args.dask_scheduler or pool_idle:
         return os.cpu_count() or 1
     return max(1, (os.cpu_count() or 1) - args.n_workers * args.psi4_threads)
 
