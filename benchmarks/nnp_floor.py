@@ -119,4 +119,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as err:        # a missing or malformed db: one line, no traceback
+        sys.exit(f"error: {err}")
