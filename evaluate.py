@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import data
 import optimizers
+import oracle_pool
 import oracles
 import painn
 import report
@@ -294,7 +295,7 @@ def evaluate_optimization(args):
             and bool(c.info.get("converged", True))]     # unconverged E_opt: not scored
     print(f"{len(confs)} test conformations, {len(done)} done before, {len(todo)} to evaluate")
     # one NNP batch: its oracle jobs start after it, never beside it, so it takes every core
-    torch.set_num_threads(oracles.torch_threads_beside_the_pool(
+    torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(
         args, pool_idle=len(todo) <= args.batch_size))
     final_db = data.connect_for_writing(os.path.join(args.out_dir, "final.db"))
 
@@ -314,7 +315,7 @@ def evaluate_optimization(args):
             model.compile_network()
         steps_of = nnp_optimize(model, todo, args, set(eval_steps))
 
-    with oracles.make_oracle_pool(args) as pool:
+    with oracle_pool.make_oracle_pool(args) as pool:
         jobs = {}                       # future -> (conf id, t), not finished yet
         pending = {}                    # conf id -> [conf, positions, nnp, {t: result}]
         bar = tqdm(total=len(todo), desc="oracle at eval steps")
@@ -324,7 +325,7 @@ def evaluate_optimization(args):
             key, t = jobs.pop(future)
             entry = pending[key]
             entry[3][t] = future.result()
-            if not entry[3][t].ok and oracles.is_permanent(entry[3][t].reason):
+            if not entry[3][t].ok and oracle_pool.is_permanent(entry[3][t].reason):
                 raise oracles.OracleError(
                     f"the oracle cannot label conformation {key} of {args.db} "
                     f"({entry[3][t].reason[:200]}); it will fail again: check --oracle_method "
@@ -832,14 +833,14 @@ def main(argv=None):
         sys.exit("error: --model external needs --positions: a db of the method's final "
                  "conformations, key conf_id = the test row id in --db")
     if args.dask_scheduler and args.task == "optimization":   # fail fast, before any output
-        oracles.check_dask_scheduler(args.dask_scheduler)
+        oracle_pool.check_dask_scheduler(args.dask_scheduler)
     os.makedirs(args.out_dir, exist_ok=True)
     with data.output_lock(args.out_dir):                    # one writer per out_dir
         evaluate_task(args)
 
 
 def evaluate_task(args):
-    torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
+    torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
     if args.task == "prediction":
         confs, _ = data.read_db(args.db, args.energy_kind, require_energy=True, require_forces=True)
         model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))

@@ -81,6 +81,7 @@ from rdkit.ML.Cluster import Butina
 from tqdm import tqdm
 
 import data
+import oracle_pool
 import oracles
 from data import Conformation
 
@@ -431,7 +432,7 @@ def atomrefs_for(args, elements):
                 return refs
     print(f"atomrefs: energies of the free atoms {sorted(elements)} with {args.oracle_method}")
     try:
-        with oracles.make_oracle_pool(args) as pool:
+        with oracle_pool.make_oracle_pool(args) as pool:
             return oracles.isolated_atom_energies(pool, elements)
     except oracles.OracleError as err:   # not fatal: a rerun fills them in
         print(f"warning: no atomrefs in the metadata ({err}); rerun to compute them, or "
@@ -534,7 +535,7 @@ def make(args):
             raise data.DataError(f"{path} is a directory; --out and --out_optimal name db "
                                  f"files (e.g. {os.path.join(path, 'd0.db')})")
     if args.dask_scheduler:      # fail fast, before any output exists
-        oracles.check_dask_scheduler(args.dask_scheduler)
+        oracle_pool.check_dask_scheduler(args.dask_scheduler)
     with ExitStack() as locks:   # one writer per output, for the whole run
         for path in filter(None, (args.out, args.out_optimal)):
             locks.enter_context(data.output_lock(path))
@@ -650,7 +651,7 @@ def label(args, lines, confs, elements):
                         continue
                     conf = dataclasses.replace(conf, positions=positions)
                 if pool is None:   # started by the first job: a rerun with nothing to do
-                    pool = stack.enter_context(oracles.make_oracle_pool(args))  # starts none
+                    pool = stack.enter_context(oracle_pool.make_oracle_pool(args))  # starts none
                     window = 2 * pool.n_parallel
                 in_flight[pool.submit(conf, conf_id, kind=kind)] = (conf_id, conf)
             if not in_flight:
@@ -690,11 +691,11 @@ def label(args, lines, confs, elements):
     print(f"{n_done} conformations finished, {n_rows} rows in {args.out}"
           + (f", starts and optima in {args.out_optimal}" if optimal is not None else ""))
     if reasons:
-        n_permanent = sum(n for reason, n in reasons.items() if oracles.is_permanent(reason))
+        n_permanent = sum(n for reason, n in reasons.items() if oracle_pool.is_permanent(reason))
         print(f"{sum(reasons.values())} failed (logged in {failures_path}):")
         for reason, count in reasons.most_common():
             print(f"  {count} x {reason}" + ("  [will repeat: not retried]"
-                                              if oracles.is_permanent(reason) else ""))
+                                              if oracle_pool.is_permanent(reason) else ""))
         if n_permanent:
             print(f"{n_permanent} will fail again with these flags: check --oracle_method "
                   "(method and basis) and the elements of the input")

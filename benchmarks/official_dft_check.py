@@ -25,7 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-import oracles  # noqa: E402
+import oracle_pool  # noqa: E402
 
 
 def read_jsonl(path):
@@ -77,7 +77,7 @@ def main(argv=None):
           f"({[c.n_atoms for c in chosen]} atoms); {len(todo)} {args.method} single points to do")
 
     if todo:
-        with oracles.LocalOraclePool(args.method, n_workers=args.n_workers,
+        with oracle_pool.LocalOraclePool(args.method, n_workers=args.n_workers,
                                      threads=args.threads, timeout=3600.0) as pool:
             futures = [(g, pool.submit(data.Conformation(numbers=g[0].numbers, positions=g[2],
                                                          smiles=g[0].smiles), g[0].id))

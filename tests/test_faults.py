@@ -379,7 +379,7 @@ def test_a_torn_last_line_is_dropped_and_cut_before_the_next_append(tmp_path, ca
 
 
 def test_permanent_failures_are_told_from_transient_ones():
-    import oracles
+    import oracle_pool
     # reasons as Psi4, the pool and RDKit word them (see test_oracles.py for the real calls)
     for reason in ("BasisSetNotFound: BasisSet::construct: Unable to find a basis set for "
                    "atom 1 for key BASIS among: Shell Entries: ['I']",
@@ -387,13 +387,13 @@ def test_permanent_failures_are_told_from_transient_ones():
                    "'dertype' (auto) are not available.",
                    "MMFF: row 3: MMFF94 has no atom types for [Se]",
                    "RuntimeError: unsupported element Z=92"):
-        assert oracles.is_permanent(reason), reason
+        assert oracle_pool.is_permanent(reason), reason
     for reason in ("timeout: no result within 600 s (worker killed)",
                    "SCFConvergenceError: Could not converge SCF iterations in 100 iterations.",
                    "ValidationError: Following atoms are too close: [(1, 2, 0.0349)]",
                    "worker died with signal 9 (SIGKILL)", "pool closed before the job finished",
                    "Dask task failed: KilledWorker", ""):
-        assert not oracles.is_permanent(reason), reason
+        assert not oracle_pool.is_permanent(reason), reason
 
 
 def test_anything_but_a_checkpoint_is_one_clear_error(tmp_path):

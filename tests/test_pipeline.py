@@ -50,8 +50,8 @@ def test_golf_with_real_psi4(stages):
     collected, _ = data.read_db(str(out / "collected.db"), "total")
     assert len(collected) == 10
     # every added conformation carries the genuine oracle's label: check one against Psi4
-    import oracles
-    with oracles.LocalOraclePool(method="hf/sto-3g", n_workers=1) as pool:
+    import oracle_pool
+    with oracle_pool.LocalOraclePool(method="hf/sto-3g", n_workers=1) as pool:
         again = pool.submit(collected[0], 0).result()
     assert again.ok and again.energy == pytest.approx(collected[0].energy, abs=1e-6)
     np.testing.assert_allclose(again.forces, collected[0].forces, atol=1e-5)
