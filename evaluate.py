@@ -42,6 +42,7 @@ import oracle_pool
 import oracles
 import painn
 import report
+import safe_io
 from train_baseline import add_compile_arg, prediction_errors
 
 EVAL_STEPS = "1,2,3,5,8,13,21,30,50,75,100"
@@ -290,7 +291,7 @@ def evaluate_optimization(args):
         records = read_records(records_path)
         check_records_match(records, confs, records_path, args.db)
         done = {r["conf_id"] for r in records}
-        data.cut_partial_line(records_path)          # what a kill mid-write left
+        safe_io.cut_partial_line(records_path)          # what a kill mid-write left
     todo = [c for c in confs if conf_key(c) not in done
             and bool(c.info.get("converged", True))]     # unconverged E_opt: not scored
     print(f"{len(confs)} test conformations, {len(done)} done before, {len(todo)} to evaluate")
@@ -340,7 +341,7 @@ def evaluate_optimization(args):
                 with final_db:
                     final_db.delete([row.id for row in final_db.select(conf_id=key)])
                     data.write_conformation(final_db, final, conf_id=key)
-                data.append_jsonl(records_path, record)     # appended as it finishes
+                safe_io.append_jsonl(records_path, record)     # appended as it finishes
                 del pending[key]
                 bar.update(1)
 
@@ -402,7 +403,7 @@ def check_records_match(records, confs, records_path, db_path):
 
 def read_records(path):
     """The per-conformation records (a partial last line of a killed run is dropped)."""
-    return data.read_jsonl(path)
+    return safe_io.read_jsonl(path)
 
 
 def summarize(args, records, confs_by_id):
@@ -835,7 +836,7 @@ def main(argv=None):
     if args.dask_scheduler and args.task == "optimization":   # fail fast, before any output
         oracle_pool.check_dask_scheduler(args.dask_scheduler)
     os.makedirs(args.out_dir, exist_ok=True)
-    with data.output_lock(args.out_dir):                    # one writer per out_dir
+    with safe_io.output_lock(args.out_dir):                    # one writer per out_dir
         evaluate_task(args)
 
 
@@ -858,9 +859,8 @@ def evaluate_task(args):
             records = read_records(os.path.join(args.out_dir, "per_conformation.jsonl"))
             write_page(args, [r for r in records if r["e0"] is not None])
     path = os.path.join(args.out_dir, "summary.json")
-    with open(f"{path}.tmp", "w") as f:        # whole or not at all: a kill keeps the old one
+    with safe_io.atomic_write(path) as tmp, open(tmp, "w") as f:   # a kill keeps the old one
         json.dump(summary, f, indent=1)
-    os.replace(f"{path}.tmp", path)
     print(f"wrote {args.out_dir}/summary.json")
 
 

@@ -44,6 +44,7 @@ import optimizers
 import oracle_pool
 import oracles
 import painn
+import safe_io
 from train_baseline import (Trainer, add_model_args, add_training_args, prediction_errors,
                             rng_state, set_rng_state)
 
@@ -333,7 +334,7 @@ class Golf:
         record = {**record, **self.stats, "updates": self.trainer.step, "lr": self.trainer.lr,
                   "in_flight": len(self.in_flight), "elapsed_seconds": elapsed,
                   "wait_share": self.stats["wait_seconds"] / max(elapsed, 1e-9)}
-        data.append_jsonl(os.path.join(self.args.out_dir, "metrics.jsonl"), record)
+        safe_io.append_jsonl(os.path.join(self.args.out_dir, "metrics.jsonl"), record)
         if record["event"] != "progress":
             tqdm.write(json.dumps(record))
 
@@ -390,7 +391,7 @@ def main(argv=None):
     torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
     if args.compile:
         model.compile_network()
-    with data.output_lock(args.out_dir), oracle_pool.make_oracle_pool(args) as pool:
+    with safe_io.output_lock(args.out_dir), oracle_pool.make_oracle_pool(args) as pool:
         golf = Golf(args, d0, model, pool, rng)
         if args.resume:
             golf.resume()

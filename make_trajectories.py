@@ -83,6 +83,7 @@ from tqdm import tqdm
 import data
 import oracle_pool
 import oracles
+import safe_io
 from data import Conformation
 
 OWN_KEYS = ("conf_id", "step", "converged", "n_steps")   # keys this script sets itself
@@ -405,7 +406,7 @@ def log_failure(path, conf, conf_id, mode, reason, result=None):
               "attempts": result.attempts if result else 0,
               "steps": result.n_steps if result else 0,
               "time": datetime.datetime.now().isoformat(timespec="seconds")}
-    data.append_jsonl(path, record)
+    safe_io.append_jsonl(path, record)
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,7 +539,7 @@ def make(args):
         oracle_pool.check_dask_scheduler(args.dask_scheduler)
     with ExitStack() as locks:   # one writer per output, for the whole run
         for path in filter(None, (args.out, args.out_optimal)):
-            locks.enter_context(data.output_lock(path))
+            locks.enter_context(safe_io.output_lock(path))
         return label(args, lines if args.smiles else None, None if args.smiles else confs,
                      elements)
 

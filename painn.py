@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import safe_io
+
 MAX_Z = 100  # size of the element embedding (atomic numbers 0..99)
 MAX_GROUP_PAIRS = 8192  # atom pairs per pass of the network, see group_molecules
 EVALUATIONS = ("auto", "groups", "one_pass")  # PaiNN.evaluation, see PaiNN.forward
@@ -347,16 +349,11 @@ def model_state(model):
             "state_dict": model.state_dict()}
 
 
-def save_atomic(obj, path):
-    """torch.save to path via a temporary file and rename, so a kill never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(model, path, **extra):
-    """Our checkpoint: model state (+ anything in `extra`, e.g. optimizer state), atomically."""
-    save_atomic({"model": model_state(model), **extra}, path)
+    """Our checkpoint: model state (+ anything in `extra`, e.g. optimizer state), written
+    whole or not at all (safe_io.atomic_write: a kill never leaves half a file)."""
+    with safe_io.atomic_write(path) as tmp:
+        torch.save({"model": model_state(model), **extra}, tmp)
 
 
 OFFICIAL_PREFIX = "model.representation."

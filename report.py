@@ -22,6 +22,7 @@ from rdkit import Chem
 
 import data
 import oracles
+import safe_io
 
 THREEDMOL_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                             "third_party", "3dmol", "3Dmol-min.js")
@@ -138,7 +139,5 @@ var ROWS = {rows_json};
 </script>
 </body></html>
 """
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with safe_io.atomic_write(path) as tmp, open(tmp, "w") as f:
         f.write(page)
-    os.replace(tmp, path)

@@ -26,11 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import oracle_pool  # noqa: E402
+import safe_io  # noqa: E402
 
 
 def read_jsonl(path):
-    """data.read_jsonl, or no records before the file exists (the cache's first run)."""
-    return data.read_jsonl(path) if os.path.exists(path) else []
+    """safe_io.read_jsonl, or no records before the file exists (the cache's first run)."""
+    return safe_io.read_jsonl(path) if os.path.exists(path) else []
 
 
 def main(argv=None):
@@ -90,7 +91,7 @@ def main(argv=None):
                 print(f"  conformation {c.id} {which}: {result.energy} Hartree "
                       f"({result.seconds:.0f} s) {result.reason}", flush=True)
                 cache[c.id, which] = row
-                data.append_jsonl(cache_path, row)
+                safe_io.append_jsonl(cache_path, row)
 
     kcal = data.HARTREE_TO_KCAL
     print(f"\nE - E(s_0), kcal/mol: GFN2-xTB against {args.method}")
