@@ -34,7 +34,6 @@ from concurrent.futures import as_completed
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import data
 import optimizers
@@ -302,7 +301,7 @@ def evaluate_optimization(args):
 
     if args.model == "rdkit":
         steps_of = []
-        for c in tqdm(todo, desc="MMFF minimization"):
+        for c in safe_io.progress(todo, desc="MMFF minimization"):
             positions, converged = oracles.mmff_minimize_checked(c, args.mmff_max_iters)
             c = dataclasses.replace(c, info={**c.info, "mmff_converged": converged})
             steps_of.append((c, {eval_steps[-1]: positions}, {}))
@@ -319,7 +318,7 @@ def evaluate_optimization(args):
     with oracle_pool.make_oracle_pool(args) as pool:
         jobs = {}                       # future -> (conf id, t), not finished yet
         pending = {}                    # conf id -> [conf, positions, nnp, {t: result}]
-        bar = tqdm(total=len(todo), desc="oracle at eval steps")
+        bar = safe_io.progress(total=len(todo), desc="oracle at eval steps")
 
         def finish(future):
             """One oracle result in; a conformation with all its results is written at once."""

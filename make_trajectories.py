@@ -273,8 +273,8 @@ def smiles_conformations(args, lines, done, warn):
 
 def butina_conformations(args, lines):
     """(conf_id, Conformation) of App. D's Butina centroids of every line."""
-    for line_number, smiles, name in tqdm(lines, desc="ETKDG + Butina", unit="mol",
-                                          dynamic_ncols=True):
+    for line_number, smiles, name in safe_io.progress(lines, desc="ETKDG + Butina",
+                                                      unit="mol", dynamic_ncols=True):
         numbers, centroids, n_embedded = butina_centroids(
             smiles, args.n_etkdg, args.seed + line_number, args.butina_threshold,
             args.butina_coverage)
@@ -479,7 +479,8 @@ def make_spice(args):
                                          f"({db.metadata.get(key)}); write to a new file")
             done = {row.get("conf_id") // 1000 for row in db.select(include_data=False)}
             n_rows = 0
-            for molecule in tqdm(molecules_of, desc=split, unit="mol", dynamic_ncols=True):
+            for molecule in safe_io.progress(molecules_of, desc=split, unit="mol",
+                                             dynamic_ncols=True):
                 confs = data.read_spice_conformations(f, molecule)
                 high = [c.energy for c in confs if c.info["energy_level"] == "high"]
                 low = [c.energy for c in confs if c.info["energy_level"] == "low"]
@@ -587,7 +588,7 @@ def label(args, lines, confs, elements):
     position = {conf_id: i for i, conf_id in enumerate(order)}
     print(f"{args.mode} with {args.oracle_method}: {total} conformations to do, "
           f"{len(done)} already finished in {args.out_optimal or args.out}")
-    bar = tqdm(total=total, unit="conf", desc=args.mode, dynamic_ncols=True)
+    bar = safe_io.progress(total=total, unit="conf", desc=args.mode, dynamic_ncols=True)
 
     kind = "optimize" if args.mode == "optimize" else "gradient"
     reasons = collections.Counter()                   # failure reason -> count

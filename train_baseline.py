@@ -278,7 +278,8 @@ def fit(args, rng, train, val, atomrefs):
         tqdm.write(f"step {trainer.step}: val energy MAE {errors['energy_mae_kcal_mol']:.3f} "
                    f"kcal/mol, forces MAE {errors['forces_mae_kcal_mol_A']:.3f} kcal/mol/A")
 
-    bar = tqdm(total=args.total_steps, initial=trainer.step, desc="train", dynamic_ncols=True)
+    bar = safe_io.progress(total=args.total_steps, initial=trainer.step, desc="train",
+                           dynamic_ncols=True)
     while trainer.step < args.total_steps:
         loss = trainer.update(train_tensors.gather(sampler.next_indices()))
         bar.update(1)
