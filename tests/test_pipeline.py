@@ -14,6 +14,7 @@ import evaluate
 import golf
 import make_trajectories
 import painn
+import report
 import train_baseline
 
 ORACLE = ["--oracle_method", "hf/sto-3g", "--n_workers", "2"]
@@ -127,7 +128,7 @@ def test_evaluate_end_to_end(stages):
     # Table 2 and Figures 1-3 of both rows
     evaluate.main(["--task", "table", "--summaries", str(out / "summary.json"),
                    str(root / "eval_rdkit" / "summary.json"), "--figures", str(root / "figs")])
-    assert all(os.path.getsize(root / "figs" / name) > 0 for name in evaluate.FIGURES)
+    assert all(os.path.getsize(root / "figs" / name) > 0 for name in report.FIGURES)
     evaluate.main(["--task", "prediction", "--checkpoint", str(root / "baseline" / "checkpoint.pt"),
                    "--db", test, "--out_dir", str(root / "pred")])
     pred = json.load(open(root / "pred" / "summary.json"))
