@@ -54,7 +54,7 @@ XTB_ACCURACY = 0.1
 XTB_MAX_FORCE = 3e-4            # Hartree/Bohr
 # Most gradients of an optimization (--max_opt_steps): optking works in internal
 # coordinates (its own limit is 50 steps), ASE's BFGS in Cartesian ones, and took 95-320
-# steps on molecules of 30-40 atoms from ETKDG (notes/xtb.md).
+# steps on molecules of 30-40 atoms from ETKDG (docs/oracles.md).
 DEFAULT_MAX_OPT_STEPS = {"psi4": 100, "xtb": 500}
 
 

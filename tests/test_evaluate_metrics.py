@@ -85,7 +85,7 @@ def test_table_formatting():
 
 
 # ---------------------------------------------------------------------------------------
-# Sec. 6 per-step curves, no E_0, unconverged references, bootstrap intervals (issue 11)
+# Sec. 6 per-step curves, no E_0, unconverged references, bootstrap intervals
 # ---------------------------------------------------------------------------------------
 
 def test_per_step_leaves_out_what_diverged_at_T_at_every_step():
