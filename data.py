@@ -20,7 +20,6 @@ conformations kept as device tensors for training (ConformationTensors), a train
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,26 +208,24 @@ def write_conformation(db, conf, **key_value_pairs):
 
 def rewrite_sorted(path, sort_key):
     """Rewrite an ASE db with its rows in the order of sort_key(row), atomically (a new db
-    beside it, then os.replace): the same rows give the same db whatever order they were
-    written in. Atoms, key-value pairs, data and metadata are copied; ASE's own ctime and
-    user columns get the rewrite's. Nothing is done if the rows are already in order with
-    ids 1..n. Returns True if the db was rewritten."""
+    beside it replaces it: safe_io.atomic_write): the same rows give the same db whatever
+    order they were written in. Atoms, key-value pairs, data and metadata are copied; ASE's
+    own ctime and user columns get the rewrite's. Nothing is done if the rows are already
+    in order with ids 1..n. Returns True if the db was rewritten."""
     import ase.db
+    import safe_io     # here, not at the top: safe_io imports this module (DataError)
     db = ase.db.connect(path, type="db")
     rows = list(db.select())
     ordered = sorted(rows, key=sort_key)                   # sorted() is stable
     if [row.id for row in ordered] == list(range(1, len(rows) + 1)):
         return False
-    tmp = path + ".sorting"
-    if os.path.exists(tmp):
-        os.remove(tmp)                                     # left by a killed rewrite
-    new = ase.db.connect(tmp, type="db", append=False)
-    new.metadata = db.metadata
-    with new:                                              # one transaction
-        for row in ordered:
-            new.write(row.toatoms(), key_value_pairs=dict(row.key_value_pairs),
-                      data=dict(row.get("data") or {}))
-    os.replace(tmp, path)
+    with safe_io.atomic_write(path) as tmp:
+        new = ase.db.connect(tmp, type="db", append=False)
+        new.metadata = db.metadata
+        with new:                                          # one transaction
+            for row in ordered:
+                new.write(row.toatoms(), key_value_pairs=dict(row.key_value_pairs),
+                          data=dict(row.get("data") or {}))
     return True
 
 
@@ -606,100 +603,3 @@ def spice_test_conformations(confs, rng, per_molecule=None):
         k = min(k, per_molecule // 2)
     pick = lambda cs: [cs[i] for i in sorted(rng.choice(len(cs), k, replace=False))]  # noqa
     return pick(high) + pick(low)
-
-
-# ---------------------------------------------------------------------------------------
-# Reliability: one writer per output, crash-safe JSON lines
-# ---------------------------------------------------------------------------------------
-
-@contextmanager
-def output_lock(path):
-    """Hold an advisory lock (flock) on an output for the whole run, so that two processes
-    never write one output. `path` is a directory (lock file path/.writer.lock) or a file
-    (lock file path.writer.lock). A second process gets a DataError naming the process
-    that holds it.
-    The kernel drops the lock when its holder dies, kill -9 included."""
-    import fcntl
-    import sys
-    lock_path = os.path.join(path, ".writer.lock") if os.path.isdir(path) \
-        else f"{path}.writer.lock"             # not path.lock: ase.db locks that one itself
-    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise DataError(f"{path} is being written by another process (PID {holder}); "
-                            "wait for it to end, or write to another output") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        # ase.db's own lock, <db>.lock, is a file created exclusively for each write: a kill
-        # -9 in the middle of a write leaves it behind, and the next writer would wait for
-        # it forever. Holding this lock, no other writer exists: such a file is stale.
-        dbs = [path] if not os.path.isdir(path) else \
-            [os.path.join(path, name) for name in os.listdir(path) if name.endswith(".db")]
-        for db in dbs:
-            if os.path.exists(f"{db}.lock"):
-                os.remove(f"{db}.lock")
-                print(f"removed {db}.lock, a lock a killed run left behind", file=sys.stderr)
-        yield
-    finally:
-        os.close(fd)          # releases the lock; the file stays (deleting it would race)
-
-
-def _split_tail(text):
-    """(complete lines, partial last line or '') of a JSON-lines text."""
-    head, sep, tail = text.rpartition("\n")
-    return (head + sep, tail)
-
-
-def read_jsonl(path):
-    """The records of a JSON-lines file. A partial last line (a kill mid-write) is dropped
-    with a warning; a bad line anywhere else is a DataError naming it."""
-    import json
-    import sys
-    with open(path, errors="replace") as f:
-        complete, tail = _split_tail(f.read())
-    records = []
-    for number, line in enumerate(complete.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}, line {number}: not JSON; fix or remove the "
-                                "line") from None
-    if tail.strip():
-        try:
-            records.append(json.loads(tail))          # complete, only its newline missing
-        except json.JSONDecodeError:
-            print(f"warning: {path}: dropped a partial last line (a write was "
-                  "interrupted)", file=sys.stderr)
-    return records
-
-
-def cut_partial_line(path):
-    """Cut a partial last line (a kill mid-write) off a JSON-lines file that this process
-    writes (under its output_lock); a whole record that only lacks its newline gets one."""
-    import json
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        text = f.read()
-        if not text or text.endswith(b"\n"):
-            return
-        cut = text.rfind(b"\n") + 1                  # end of the last complete line
-        try:
-            json.loads(text[cut:])
-            f.write(b"\n")
-        except ValueError:
-            f.truncate(cut)
-
-
-def append_jsonl(path, record):
-    """Append one record as one line in one write, after cutting off a partial last line
-    that a kill left, so that it never glues onto the new record."""
-    import json
-    cut_partial_line(path)
-    with open(path, "ab") as f:
-        f.write((json.dumps(record) + "\n").encode())

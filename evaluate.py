@@ -34,13 +34,14 @@ from concurrent.futures import as_completed
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import data
 import optimizers
+import oracle_pool
 import oracles
 import painn
 import report
+import safe_io
 from train_baseline import add_compile_arg, prediction_errors
 
 EVAL_STEPS = "1,2,3,5,8,13,21,30,50,75,100"
@@ -289,18 +290,18 @@ def evaluate_optimization(args):
         records = read_records(records_path)
         check_records_match(records, confs, records_path, args.db)
         done = {r["conf_id"] for r in records}
-        data.cut_partial_line(records_path)          # what a kill mid-write left
+        safe_io.cut_partial_line(records_path)          # what a kill mid-write left
     todo = [c for c in confs if conf_key(c) not in done
             and bool(c.info.get("converged", True))]     # unconverged E_opt: not scored
     print(f"{len(confs)} test conformations, {len(done)} done before, {len(todo)} to evaluate")
     # one NNP batch: its oracle jobs start after it, never beside it, so it takes every core
-    torch.set_num_threads(oracles.torch_threads_beside_the_pool(
+    torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(
         args, pool_idle=len(todo) <= args.batch_size))
     final_db = data.connect_for_writing(os.path.join(args.out_dir, "final.db"))
 
     if args.model == "rdkit":
         steps_of = []
-        for c in tqdm(todo, desc="MMFF minimization"):
+        for c in safe_io.progress(todo, desc="MMFF minimization"):
             positions, converged = oracles.mmff_minimize_checked(c, args.mmff_max_iters)
             c = dataclasses.replace(c, info={**c.info, "mmff_converged": converged})
             steps_of.append((c, {eval_steps[-1]: positions}, {}))
@@ -314,17 +315,17 @@ def evaluate_optimization(args):
             model.compile_network()
         steps_of = nnp_optimize(model, todo, args, set(eval_steps))
 
-    with oracles.make_oracle_pool(args) as pool:
+    with oracle_pool.make_oracle_pool(args) as pool:
         jobs = {}                       # future -> (conf id, t), not finished yet
         pending = {}                    # conf id -> [conf, positions, nnp, {t: result}]
-        bar = tqdm(total=len(todo), desc="oracle at eval steps")
+        bar = safe_io.progress(total=len(todo), desc="oracle at eval steps")
 
         def finish(future):
             """One oracle result in; a conformation with all its results is written at once."""
             key, t = jobs.pop(future)
             entry = pending[key]
             entry[3][t] = future.result()
-            if not entry[3][t].ok and oracles.is_permanent(entry[3][t].reason):
+            if not entry[3][t].ok and oracle_pool.is_permanent(entry[3][t].reason):
                 raise oracles.OracleError(
                     f"the oracle cannot label conformation {key} of {args.db} "
                     f"({entry[3][t].reason[:200]}); it will fail again: check --oracle_method "
@@ -339,7 +340,7 @@ def evaluate_optimization(args):
                 with final_db:
                     final_db.delete([row.id for row in final_db.select(conf_id=key)])
                     data.write_conformation(final_db, final, conf_id=key)
-                data.append_jsonl(records_path, record)     # appended as it finishes
+                safe_io.append_jsonl(records_path, record)     # appended as it finishes
                 del pending[key]
                 bar.update(1)
 
@@ -401,7 +402,7 @@ def check_records_match(records, confs, records_path, db_path):
 
 def read_records(path):
     """The per-conformation records (a partial last line of a killed run is dropped)."""
-    return data.read_jsonl(path)
+    return safe_io.read_jsonl(path)
 
 
 def summarize(args, records, confs_by_id):
@@ -498,58 +499,8 @@ def cov_mat(args, records, confs_by_id):
 
 
 # ---------------------------------------------------------------------------------------
-# Output: table and plots
+# Per-conformation outcomes, for the paper's claims (report.check_claims)
 # ---------------------------------------------------------------------------------------
-
-TABLE_COLUMNS = [("pct_mean", "pct_T (%)"), ("pct_std", "std"), ("pct_div", "pct_div (%)"),
-                 ("n_failed_oracle_T", "no SCF (n)"), ("e_res_mean_kcal_mol", "E_res (kcal/mol)"),
-                 ("pct_success", "pct_success (%)"), ("pct_success_all", "of all (%)"),
-                 ("cov", "COV (%)"), ("mat", "MAT (A)"), ("n_conformations", "n"),
-                 ("n_unconverged_reference", "unconv. ref (n)")]
-
-
-def format_table(rows):
-    """rows: (name, summary) -> a text table like the paper's Table 2; a cell with a 95 %
-    bootstrap interval reads `value [lo, hi]`. Counts that are not columns follow as notes."""
-    def number(key, v):
-        return ("-" if v is None or (isinstance(v, float) and np.isnan(v))
-                else f"{v:.0f}" if key.startswith("n_") else f"{v:.2f}")
-    header = ["model"] + [title for _, title in TABLE_COLUMNS]
-    lines = [header]
-    notes = []
-    for name, s in rows:
-        cells = [name]
-        for key, _ in TABLE_COLUMNS:
-            cell = number(key, s.get(key))
-            if s.get(f"{key}_ci95") and cell != "-":
-                lo, hi = s[f"{key}_ci95"]
-                cell += f" [{number(key, lo)}, {number(key, hi)}]"
-            cells.append(cell)
-        lines.append(cells)
-        if s.get("n_no_e0"):
-            notes.append(f"{name}: {s['n_no_e0']} conformations without E_0 (oracle failed at "
-                         "s_0) count as diverged")
-        if s.get("n_mmff_unconverged"):
-            notes.append(f"{name}: {s['n_mmff_unconverged']} of {s['n_conformations']} MMFF "
-                         f"minimizations did not converge in {s.get('mmff_max_iters')} iterations")
-    boot = next((s["bootstrap"] for _, s in rows if s.get("bootstrap")), None)
-    if boot:
-        notes.append(f"[lo, hi]: 95 % {boot['method']}, {boot['n_resamples']} resamples, "
-                     f"seed {boot['seed']}")
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
-                     + notes)
-
-
-FIGURES = ("fig1_nnp_error.png", "fig2_pct_violin.png", "fig3_pct_over_steps.png")
-
-
-# ---------------------------------------------------------------------------------------
-# The paper's five claims (--task table --claims), pooled over seeds
-# ---------------------------------------------------------------------------------------
-
-CLAIM_NEAR_POINTS = 10.0   # claim 4's "near": traj-20K ahead by less than this (our choice)
-
 
 def scored_outcomes(summary_path):
     """{conf_id: (diverged, success of all)} of one evaluation, from the
@@ -566,169 +517,6 @@ def scored_outcomes(summary_path):
         diverged = e0 is None or e_T is None or e_T > e0
         out[r["conf_id"]] = (diverged, not diverged and residual_energy(e_T, e_opt) < 1.0)
     return out
-
-
-def check_claims(named_paths, claim_names, n_resamples=2000, seed=0):
-    """The paper's claims 1-5 as lines of text. claim_names: the rows f_baseline, traj-K,
-    traj-20K, GOLF-K, f_rdkit ('-': absent, its claims are skipped). Rows of one name are
-    seeds of one model; a model's rate is the mean over its seeds and over the conformations
-    every run scored. A 95 % percentile bootstrap resamples those conformations (the same
-    draw for every model and seed), so differences are paired. "A beats B" holds when the
-    interval of A - B is above 0, fails when below, and is not shown when it holds 0.
-    Claims 2-5 are decided on "of all"; the pct_div difference is printed beside them (a
-    positive number: the first model diverges less), not part of the verdict."""
-    runs = defaultdict(list)                                # name -> [{conf_id: outcome}]
-    for name, path in named_paths:
-        runs[name].append(scored_outcomes(path))
-    missing = [n for n in claim_names if n != "-" and n not in runs]
-    if missing:
-        raise data.DataError(f"--claims: no summary named {missing[0]} among --names")
-    present = [n for n in claim_names if n != "-"]
-    common = sorted(set.intersection(*(set(o) for n in present for o in runs[n])))
-    if not common:
-        raise data.DataError("--claims: the runs scored no conformation in common")
-    idx = np.random.default_rng(seed).integers(0, len(common), size=(n_resamples, len(common)))
-
-    def rate(name, which):          # which 0: diverged, 1: success; [n_resamples + 1] in %
-        x = np.array([[o[c][which] for c in common] for o in runs[name]], dtype=np.float64)
-        return 100.0 * np.concatenate([[x.mean()], x[:, idx].mean(axis=(0, 2))])
-
-    def show(v, sign="+"):
-        lo, hi = np.percentile(v[1:], [2.5, 97.5])
-        return f"{v[0]:{sign}.1f} [{lo:{sign}.1f}, {hi:{sign}.1f}]", lo, hi
-
-    def beats(a, b, which):          # "a's rate is above b's"
-        text, lo, hi = show(rate(a, which) - rate(b, which))
-        verdict = "holds" if lo > 0 else "fails" if hi < 0 else "not shown"
-        return f"{('pct_div', 'of all')[which]}: {a} - {b} = {text} points", verdict
-
-    def beside(a, b):                # pct_div of b minus a's: printed, not in the verdict
-        text, _, _ = show(rate(b, 0) - rate(a, 0))
-        return f"pct_div: {b} - {a} = {text} points", "beside the verdict"
-
-    def verdict_of(verdicts):
-        return ("HOLDS" if all(v == "holds" for v in verdicts) else
-                "FAILS" if any(v == "fails" for v in verdicts) else "NOT SHOWN")
-
-    base, traj, traj_big, golf, rdkit = claim_names
-    roles = dict(zip(("f_baseline", "traj-K", "traj-20K", "GOLF-K", "f_rdkit"), claim_names))
-    lines = [f"{len(common)} conformations, seeds: "
-             + ", ".join(f"{n} {len(runs[n])}" for n in present)]
-    for name in present:
-        lines.append(f"  {name}: pct_div {show(rate(name, 0), '')[0]} %, "
-                     f"of all {show(rate(name, 1), '')[0]} %")
-    claims = [("1. f_baseline diverges often and rarely succeeds (vs GOLF-K)",
-               ("f_baseline", "GOLF-K"), lambda: [beats(base, golf, 0), beats(golf, base, 1)]),
-              ("2. traj-K improves with K", ("traj-K", "traj-20K"),
-               lambda: [beats(traj_big, traj, 1), beside(traj_big, traj)]),
-              ("3. GOLF-K beats traj-K at equal K", ("GOLF-K", "traj-K"),
-               lambda: [beats(golf, traj, 1), beside(golf, traj)]),
-              ("4. GOLF-K comes near traj-20K (within "
-               f"{CLAIM_NEAR_POINTS:g} points of all)", ("GOLF-K", "traj-20K"), None),
-              ("5. GOLF-K beats f_rdkit", ("GOLF-K", "f_rdkit"),
-               lambda: [beats(golf, rdkit, 1), beside(golf, rdkit)])]
-    for title, needs, compare in claims:
-        absent = [r for r in needs if roles[r] == "-"]
-        if absent:
-            lines.append(f"claim {title}: NOT CHECKED (no {' or '.join(absent)} row)")
-            continue
-        if compare is None:          # claim 4: traj-20K - GOLF-K below the margin
-            text, lo, hi = show(rate(traj_big, 1) - rate(golf, 1))
-            v = "holds" if hi < CLAIM_NEAR_POINTS else "fails" if lo > CLAIM_NEAR_POINTS \
-                else "not shown"
-            results = [(f"of all: {traj_big} - {golf} = {text} points", v),
-                       beside(golf, traj_big)]
-        else:
-            results = compare()
-        lines.append(f"claim {title}: "
-                     f"{verdict_of([v for _, v in results if v != 'beside the verdict'])}")
-        lines += [f"    {text} ({v})" for text, v in results]
-    return "\n".join(lines)
-
-
-def draw_figures(named_summaries):
-    """Figures 1-3 with every model in one picture; named_summaries: (name, summary).
-    Returns {file name: matplotlib figure}. Fig. 1: median and p10-p90 band of the NNP's
-    energy and forces MSE against the oracle along the optimization (models without NNP
-    energies, as the RDKit row, are left out); Fig. 2: violins of pct_T over the
-    non-diverged conformations, with mean and p10/p90 marks; Fig. 3: mean pct_t with its
-    p10-p90 band (over the conformations not diverged at T), and pct_div_t."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    figs = {}
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in ((axes[0], "energy_mse_kcal_mol2_per_step", "energy MSE, (kcal/mol)^2"),
-                           (axes[1], "forces_mse_kcal_mol_A2_per_step",
-                            "forces MSE, (kcal/mol/A)^2")):
-        for k, (name, s) in enumerate(named_summaries):
-            pts = [(t, x) for t, x in zip(s["steps"], s.get(key, []))
-                   if x["mean"] is not None and x.get("p50") is not None]
-            if pts:
-                t, x = zip(*pts)
-                ax.plot(t, [v["p50"] for v in x], marker="o", color=f"C{k}", label=name)
-                ax.fill_between(t, [v["p10"] for v in x], [v["p90"] for v in x],
-                                color=f"C{k}", alpha=0.25)
-        ax.set(xscale="log", yscale="log", xlabel="step t", ylabel=label)
-    fig.suptitle("Figure 1: NNP error along the optimization (median, p10-p90)")
-    if axes[0].lines:
-        axes[0].legend(fontsize="small")
-    figs["fig1_nnp_error.png"] = fig
-
-    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(named_summaries)), 4))
-    values = [(k, name, [v for v in s.get("pct_T_values") or [] if np.isfinite(v)])
-              for k, (name, s) in enumerate(named_summaries)]   # (colour, name, pct_T [kept])
-    values = [v for v in values if v[2]]     # pct_T is +-inf for a start at its optimum (Eq. 4)
-    if values:
-        parts = ax.violinplot([v for _, _, v in values], showmeans=True, showextrema=False,
-                              quantiles=[[0.1, 0.9]] * len(values))
-        for body, (k, _, _) in zip(parts["bodies"], values):
-            body.set_facecolor(f"C{k}")
-        parts["cmeans"].set(color="k", linestyle="-")          # the mean
-        parts["cquantiles"].set(color="k", linestyle="--")     # p10 and p90
-    ax.set_xticks(range(1, len(values) + 1), [name for _, name, _ in values])
-    ax.set_ylabel("pct(s_T), %")
-    ax.set_title("Figure 2: optimization percentage\n(mean; p10, p90)")
-    figs["fig2_pct_violin.png"] = fig
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for k, (name, s) in enumerate(named_summaries):
-        # the steps with a pct_t (NaN where every conformation diverged at T)
-        ok = [i for i, m in enumerate(s["pct_mean_per_step"]) if m is not None and np.isfinite(m)]
-        if ok:
-            a1.plot([s["steps"][i] for i in ok], [s["pct_mean_per_step"][i] for i in ok],
-                    marker="o", color=f"C{k}", label=name)
-        if ok and "pct_p10_per_step" in s:
-            a1.fill_between([s["steps"][i] for i in ok], [s["pct_p10_per_step"][i] for i in ok],
-                            [s["pct_p90_per_step"][i] for i in ok], color=f"C{k}", alpha=0.25)
-        a2.plot(s["steps"], s["pct_div_per_step"], marker="o", color=f"C{k}", label=name)
-    a1.set(xscale="log", xlabel="step t", ylabel="pct_t, %",
-           title="Figure 3: pct_t (mean, p10-p90)")
-    a2.set(xscale="log", xlabel="step t", ylabel="pct_div_t, %", title="diverged at t")
-    a2.legend(fontsize="small")
-    for ax in (*fig.axes, *figs["fig1_nnp_error.png"].axes):   # steps as plain numbers
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    figs["fig3_pct_over_steps.png"] = fig
-    for fig in figs.values():
-        fig.tight_layout()
-    return figs
-
-
-def save_figures(figs, out_dir):
-    import matplotlib.pyplot as plt
-    os.makedirs(out_dir, exist_ok=True)
-    for name, fig in figs.items():
-        fig.savefig(os.path.join(out_dir, name), dpi=100)
-        plt.close(fig)
-
-
-def plot(summary, out_dir):
-    """This run's Figures 1-3 (draw_figures of one model): summary.json holds every
-    plotted number."""
-    save_figures(draw_figures([(os.path.basename(os.path.normpath(out_dir)), summary)]), out_dir)
 
 
 def write_page(args, records):
@@ -815,13 +603,14 @@ def main(argv=None):
         names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(p)))
                                for p in args.summaries]
         if not args.claims_only:
-            print(format_table(list(zip(names, rows))))
+            print(report.format_table(list(zip(names, rows))))
         if args.claims:
-            print(check_claims(list(zip(names, args.summaries)), args.claims,
-                               args.n_bootstrap, args.bootstrap_seed))
+            outcomes = [(name, scored_outcomes(path)) for name, path in zip(names, args.summaries)]
+            print(report.check_claims(outcomes, args.claims, args.n_bootstrap,
+                                      args.bootstrap_seed))
         if args.figures:
-            save_figures(draw_figures(list(zip(names, rows))), args.figures)
-            print(f"figures: {', '.join(os.path.join(args.figures, f) for f in FIGURES)}")
+            report.save_figures(report.draw_figures(list(zip(names, rows))), args.figures)
+            print(f"figures: {', '.join(os.path.join(args.figures, f) for f in report.FIGURES)}")
         return
     for flag in ("db", "out_dir"):
         if not getattr(args, flag):
@@ -832,14 +621,14 @@ def main(argv=None):
         sys.exit("error: --model external needs --positions: a db of the method's final "
                  "conformations, key conf_id = the test row id in --db")
     if args.dask_scheduler and args.task == "optimization":   # fail fast, before any output
-        oracles.check_dask_scheduler(args.dask_scheduler)
+        oracle_pool.check_dask_scheduler(args.dask_scheduler)
     os.makedirs(args.out_dir, exist_ok=True)
-    with data.output_lock(args.out_dir):                    # one writer per out_dir
+    with safe_io.output_lock(args.out_dir):                    # one writer per out_dir
         evaluate_task(args)
 
 
 def evaluate_task(args):
-    torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
+    torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
     if args.task == "prediction":
         confs, _ = data.read_db(args.db, args.energy_kind, require_energy=True, require_forces=True)
         model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
@@ -849,17 +638,16 @@ def evaluate_task(args):
                                     getattr(torch, args.dtype))
     else:
         summary = evaluate_optimization(args)
-        plot(summary, args.out_dir)
-        print(format_table([(os.path.basename(os.path.normpath(args.out_dir)), summary)]))
+        report.plot(summary, args.out_dir)
+        print(report.format_table([(os.path.basename(os.path.normpath(args.out_dir)), summary)]))
         print(f"plots: {args.out_dir}/fig1_nnp_error.png, fig2_pct_violin.png, "
               "fig3_pct_over_steps.png")
         if args.page_conformations > 0:
             records = read_records(os.path.join(args.out_dir, "per_conformation.jsonl"))
             write_page(args, [r for r in records if r["e0"] is not None])
     path = os.path.join(args.out_dir, "summary.json")
-    with open(f"{path}.tmp", "w") as f:        # whole or not at all: a kill keeps the old one
+    with safe_io.atomic_write(path) as tmp, open(tmp, "w") as f:   # a kill keeps the old one
         json.dump(summary, f, indent=1)
-    os.replace(f"{path}.tmp", path)
     print(f"wrote {args.out_dir}/summary.json")
 
 

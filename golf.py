@@ -41,8 +41,10 @@ from tqdm import tqdm
 
 import data
 import optimizers
+import oracle_pool
 import oracles
 import painn
+import safe_io
 from train_baseline import (Trainer, add_model_args, add_training_args, prediction_errors,
                             rng_state, set_rng_state)
 
@@ -264,7 +266,7 @@ class Golf:
         """Line 10: pay owed updates, each on a minibatch with a D0 share."""
         n = self.updates_owed if max_updates is None else min(self.updates_owed, max_updates)
         # no oracle job in flight (always so here, unless --pipelined): torch takes every core
-        torch.set_num_threads(oracles.torch_threads_beside_the_pool(self.args,
+        torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(self.args,
                                                                     pool_idle=not self.in_flight))
         for _ in range(n):
             loss = self.trainer.update(self.buffer.sample_batch(self.args.batch_size,
@@ -272,7 +274,7 @@ class Golf:
             self.updates_owed -= 1
             if self.trainer.step % self.args.checkpoint_every == 0:
                 self.save()
-        torch.set_num_threads(oracles.torch_threads_beside_the_pool(self.args))
+        torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(self.args))
         if n:
             self.stats["loss"] = float(loss)     # read once: it waits for the device
         self.bar.set_postfix(added=self.stats["n_added"], jobs=len(self.in_flight),
@@ -288,7 +290,7 @@ class Golf:
             reasons = "; ".join(f"{n} x {r}" for r, n in self.failures_in_a_row.most_common(3))
             why = f"the genuine oracle failed {n_failed} times in a row" if limit and \
                 n_failed >= limit else f"nothing was added for {idle:.0f} s"
-            permanent = any(oracles.is_permanent(r) for r in self.failures_in_a_row)
+            permanent = any(oracle_pool.is_permanent(r) for r in self.failures_in_a_row)
             hint = ("check --oracle_method (method and basis) and the elements of --d0"
                     if permanent else "check --oracle_timeout, --psi4_memory, the Psi4 or "
                     "Dask workers, and the MMFF rejections (--surrogate_energy_threshold)")
@@ -332,7 +334,7 @@ class Golf:
         record = {**record, **self.stats, "updates": self.trainer.step, "lr": self.trainer.lr,
                   "in_flight": len(self.in_flight), "elapsed_seconds": elapsed,
                   "wait_share": self.stats["wait_seconds"] / max(elapsed, 1e-9)}
-        data.append_jsonl(os.path.join(self.args.out_dir, "metrics.jsonl"), record)
+        safe_io.append_jsonl(os.path.join(self.args.out_dir, "metrics.jsonl"), record)
         if record["event"] != "progress":
             tqdm.write(json.dumps(record))
 
@@ -381,15 +383,15 @@ def main(argv=None):
                        require_forces=True)[0] if args.val_db else []
     model = painn.load_checkpoint(args.load_baseline).to(args.device, getattr(torch, args.dtype))
     if args.dask_scheduler:      # fail fast, before any output exists
-        oracles.check_dask_scheduler(args.dask_scheduler)
+        oracle_pool.check_dask_scheduler(args.dask_scheduler)
     os.makedirs(args.out_dir, exist_ok=True)
     if not args.resume and (os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")) or
                             os.path.exists(os.path.join(args.out_dir, "collected.db"))):
         sys.exit(f"error: {args.out_dir} holds a GOLF run; pass --resume to continue it")
-    torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
+    torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
     if args.compile:
         model.compile_network()
-    with data.output_lock(args.out_dir), oracles.make_oracle_pool(args) as pool:
+    with safe_io.output_lock(args.out_dir), oracle_pool.make_oracle_pool(args) as pool:
         golf = Golf(args, d0, model, pool, rng)
         if args.resume:
             golf.resume()

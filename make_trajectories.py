@@ -81,7 +81,9 @@ from rdkit.ML.Cluster import Butina
 from tqdm import tqdm
 
 import data
+import oracle_pool
 import oracles
+import safe_io
 from data import Conformation
 
 OWN_KEYS = ("conf_id", "step", "converged", "n_steps")   # keys this script sets itself
@@ -271,8 +273,8 @@ def smiles_conformations(args, lines, done, warn):
 
 def butina_conformations(args, lines):
     """(conf_id, Conformation) of App. D's Butina centroids of every line."""
-    for line_number, smiles, name in tqdm(lines, desc="ETKDG + Butina", unit="mol",
-                                          dynamic_ncols=True):
+    for line_number, smiles, name in safe_io.progress(lines, desc="ETKDG + Butina",
+                                                      unit="mol", dynamic_ncols=True):
         numbers, centroids, n_embedded = butina_centroids(
             smiles, args.n_etkdg, args.seed + line_number, args.butina_threshold,
             args.butina_coverage)
@@ -404,7 +406,7 @@ def log_failure(path, conf, conf_id, mode, reason, result=None):
               "attempts": result.attempts if result else 0,
               "steps": result.n_steps if result else 0,
               "time": datetime.datetime.now().isoformat(timespec="seconds")}
-    data.append_jsonl(path, record)
+    safe_io.append_jsonl(path, record)
 
 
 # ---------------------------------------------------------------------------------------
@@ -431,7 +433,7 @@ def atomrefs_for(args, elements):
                 return refs
     print(f"atomrefs: energies of the free atoms {sorted(elements)} with {args.oracle_method}")
     try:
-        with oracles.make_oracle_pool(args) as pool:
+        with oracle_pool.make_oracle_pool(args) as pool:
             return oracles.isolated_atom_energies(pool, elements)
     except oracles.OracleError as err:   # not fatal: a rerun fills them in
         print(f"warning: no atomrefs in the metadata ({err}); rerun to compute them, or "
@@ -477,7 +479,8 @@ def make_spice(args):
                                          f"({db.metadata.get(key)}); write to a new file")
             done = {row.get("conf_id") // 1000 for row in db.select(include_data=False)}
             n_rows = 0
-            for molecule in tqdm(molecules_of, desc=split, unit="mol", dynamic_ncols=True):
+            for molecule in safe_io.progress(molecules_of, desc=split, unit="mol",
+                                             dynamic_ncols=True):
                 confs = data.read_spice_conformations(f, molecule)
                 high = [c.energy for c in confs if c.info["energy_level"] == "high"]
                 low = [c.energy for c in confs if c.info["energy_level"] == "low"]
@@ -534,10 +537,10 @@ def make(args):
             raise data.DataError(f"{path} is a directory; --out and --out_optimal name db "
                                  f"files (e.g. {os.path.join(path, 'd0.db')})")
     if args.dask_scheduler:      # fail fast, before any output exists
-        oracles.check_dask_scheduler(args.dask_scheduler)
+        oracle_pool.check_dask_scheduler(args.dask_scheduler)
     with ExitStack() as locks:   # one writer per output, for the whole run
         for path in filter(None, (args.out, args.out_optimal)):
-            locks.enter_context(data.output_lock(path))
+            locks.enter_context(safe_io.output_lock(path))
         return label(args, lines if args.smiles else None, None if args.smiles else confs,
                      elements)
 
@@ -548,159 +551,212 @@ def label(args, lines, confs, elements):
     atomrefs = atomrefs_for(args, elements)
     out = open_output(args.out, args, atomrefs)
     optimal = open_output(args.out_optimal, args, atomrefs) if args.mode == "optimize" else None
-    failures_path = args.out + ".failures.jsonl"
     done = finished_ids(optimal if optimal is not None else out)
 
-    # what to do: a lazy stream of (conf_id, conformation), and how many (for the bar)
-    def warn(message, n_skipped=0):
+    def warn(message, n_skipped=0):     # a conformation ETKDG could not embed
         bar.total -= n_skipped
         bar.refresh()
         tqdm.write(message, file=sys.stderr)
 
-    # order: every conf_id of this command in the order jobs start (D_traj-K's head)
+    # order: every conf_id of this command in the order jobs start (D_traj-K's head);
+    # pending: a lazy stream of the (conf_id, conformation) not finished before
+    order, pending, total = conformations_in_order(args, lines, confs, done,
+                                                   optimal if optimal is not None else out, warn)
+    print(f"{args.mode} with {args.oracle_method}: {total} conformations to do, "
+          f"{len(done)} already finished in {args.out_optimal or args.out}")
+    bar = safe_io.progress(total=total, unit="conf", desc=args.mode, dynamic_ncols=True)
+    tally = Tally(args, out, order, done, bar)
+    kind = "optimize" if args.mode == "optimize" else "gradient"
+
+    with ExitStack() as stack:
+        stack.callback(bar.close)
+        pool, in_flight = None, tally.in_flight       # in_flight: future -> (conf_id, conf)
+        while True:
+            # keep every worker busy: about two jobs per worker in flight, and none that
+            # --max_conformations K leaves no room for (Tally.full)
+            window = 2 * pool.n_parallel if pool is not None else 1
+            while len(in_flight) < window and not tally.full():
+                conf_id, conf = next(pending, (None, None))
+                if conf is None:
+                    tally.reached = len(order)
+                    break
+                tally.reached = tally.position[conf_id]
+                if args.mode == "mmff":               # D_rdkit: the MMFF minimum is labelled
+                    conf = mmff_minimum(args, conf, conf_id, tally)
+                    if conf is None:
+                        continue
+                if pool is None:   # started by the first job: a rerun with nothing to do
+                    pool = stack.enter_context(oracle_pool.make_oracle_pool(args))  # starts none
+                    window = 2 * pool.n_parallel
+                in_flight[pool.submit(conf, conf_id, kind=kind)] = (conf_id, conf)
+            if not in_flight:
+                break
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in finished:                   # each written the moment it arrives
+                conf_id, conf = in_flight.pop(future)
+                tally.record(conf, conf_id, future.result(), out, optimal)
+
+    canonical_outputs(args, out, optimal, tally)
     if args.smiles and args.conformer_selection == "butina":
-        # a finished run of these lines recorded their centroids' conf_ids: if all are done,
-        # nothing needs embedding and clustering again (minutes for a D0 of 900 molecules)
+        remember_butina_selection(args, lines, order)
+    return final_report(args, tally, optimal is not None)
+
+
+# ---------------------------------------------------------------------------------------
+# label's helpers: what to do, bookkeeping, and the outputs' final form
+# ---------------------------------------------------------------------------------------
+
+def conformations_in_order(args, lines, confs, done, db, warn):
+    """(order, pending, total): every conf_id of this command in the order its jobs start,
+    a lazy stream of the (conf_id, Conformation) not in `done`, and how many those are."""
+    if args.smiles and args.conformer_selection == "butina":
+        # a finished run of these lines recorded their centroids' conf_ids in `db`: if all
+        # are done, nothing needs embedding and clustering again (minutes for a D0 of 900
+        # molecules)
+        known = db.metadata.get("butina_selection", {})
         lines_key = [line for line, _, _ in lines]
-        known = (optimal if optimal is not None else out).metadata.get("butina_selection", {})
         if known.get("lines") == lines_key and set(known["conf_ids"]) <= done:
             selection, order = [], list(known["conf_ids"])
         else:
             selection = list(butina_conformations(args, lines))
             order = [conf_id for conf_id, _ in selection]
         pending = [(conf_id, c) for conf_id, c in selection if conf_id not in done]
-        total, pending = len(pending), iter(pending)
-    elif args.smiles:
+        return order, iter(pending), len(pending)
+    if args.smiles:
         n = args.conformers_per_molecule
         order = [(line - 1) * n + k for line, _, _ in lines for k in range(n)]
         total = sum(conf_id not in done for conf_id in order)
-        pending = smiles_conformations(args, lines, done, warn)
-    else:
-        if args.shuffle:
-            confs = [confs[i] for i in np.random.default_rng(args.seed).permutation(len(confs))]
-        order = [c.id for c in confs]
-        confs = [c for c in confs if c.id not in done]
-        total = len(confs)
-        pending = ((c.id, c) for c in confs)
-    position = {conf_id: i for i, conf_id in enumerate(order)}
-    print(f"{args.mode} with {args.oracle_method}: {total} conformations to do, "
-          f"{len(done)} already finished in {args.out_optimal or args.out}")
-    bar = tqdm(total=total, unit="conf", desc=args.mode, dynamic_ncols=True)
+        return order, smiles_conformations(args, lines, done, warn), total
+    if args.shuffle:
+        confs = [confs[i] for i in np.random.default_rng(args.seed).permutation(len(confs))]
+    order = [c.id for c in confs]
+    confs = [c for c in confs if c.id not in done]
+    return order, ((c.id, c) for c in confs), len(confs)
 
-    kind = "optimize" if args.mode == "optimize" else "gradient"
-    reasons = collections.Counter()                   # failure reason -> count
-    n_done, n_rows = 0, out.count()
-    rows_of = collections.Counter(row.get("conf_id") for row in out.select(include_data=False))
-    reached = -1                                      # position of the last conf_id taken
-    while reached + 1 < len(order) and order[reached + 1] in done:
-        reached += 1                                  # a resume: the head finished before
 
-    def room():
+class Tally:
+    """label's bookkeeping: rows per conf_id in --out, failures by reason, the jobs in
+    flight, and how far down `order` jobs were taken (D_traj-K is its head)."""
+
+    def __init__(self, args, out, order, done, bar):
+        self.args, self.bar, self.order = args, bar, order
+        self.position = {conf_id: i for i, conf_id in enumerate(order)}
+        self.failures_path = args.out + ".failures.jsonl"
+        self.reasons = collections.Counter()          # failure reason -> count
+        self.n_done, self.n_rows = 0, out.count()
+        self.rows_of = collections.Counter(row.get("conf_id")
+                                           for row in out.select(include_data=False))
+        self.in_flight = {}                           # future -> (conf_id, conf)
+        self.reached = -1                             # position of the last conf_id taken
+        while self.reached + 1 < len(order) and order[self.reached + 1] in done:
+            self.reached += 1                         # a resume: the head finished before
+
+    def room(self):
         """Rows --out may still take: None without --max_conformations."""
-        return None if args.max_conformations is None else args.max_conformations - n_rows
+        k = self.args.max_conformations
+        return None if k is None else k - self.n_rows
 
-    def head_rows():
+    def head_rows(self):
         """Rows of --out from the head of `order` whose jobs are all over (taken from
         pending, not in flight): D_traj-K is the first K of them, whatever arrives when."""
-        running = {conf_id for conf_id, _ in in_flight.values()}
+        running = {conf_id for conf_id, _ in self.in_flight.values()}
         n = 0
-        for i, conf_id in enumerate(order):
-            if i > reached or conf_id in running:
+        for i, conf_id in enumerate(self.order):
+            if i > self.reached or conf_id in running:
                 break
-            n += rows_of[conf_id]
+            n += self.rows_of[conf_id]
         return n
 
-    def failed(conf, conf_id, reason, result=None):
-        log_failure(failures_path, conf, conf_id, args.mode, reason, result)
-        reasons[reason[:100]] += 1
-        bar.set_postfix(failed=sum(reasons.values()), refresh=False)
+    def full(self):
+        """No job may start: with --max_conformations K, in single_point and mmff modes (one
+        row per job) the jobs in flight fill the room left; in optimize mode the finished
+        head of `order` holds K steps. Optimizations running then still finish: their optima
+        go to --out_optimal, their steps to --out until the cut at the end."""
+        if self.args.max_conformations is None:
+            return False
+        if self.args.mode == "optimize":
+            return self.head_rows() >= self.args.max_conformations
+        return self.room() <= len(self.in_flight)
 
-    with ExitStack() as stack:
-        stack.callback(bar.close)
-        pool, in_flight = None, {}                    # in_flight: future -> (conf_id, conf)
-        while True:
-            # keep every worker busy: about two jobs per worker in flight. With
-            # --max_conformations K: in single_point and mmff modes (one row per job) no
-            # job beyond K rows; in optimize mode none once the finished head of `order`
-            # holds K steps. Optimizations running then still finish: their optima go to
-            # --out_optimal, their steps to --out until the cut at the end.
-            window = 2 * pool.n_parallel if pool is not None else 1
-            while len(in_flight) < window:
-                if args.max_conformations is not None and (
-                        head_rows() >= args.max_conformations if args.mode == "optimize"
-                        else room() <= len(in_flight)):
-                    break
-                conf_id, conf = next(pending, (None, None))
-                if conf is None:
-                    reached = len(order)
-                    break
-                reached = position[conf_id]
-                if args.mode == "mmff":
-                    try:
-                        positions, converged = oracles.mmff_minimize_checked(
-                            conf, args.mmff_max_iters)
-                    except data.DataError as err:
-                        failed(conf, conf_id, f"MMFF: {err}")
-                        bar.update(1)
-                        continue
-                    if not converged:
-                        failed(conf, conf_id, f"MMFF did not converge in {args.mmff_max_iters} "
-                                              "iterations (--mmff_max_iters)")
-                        bar.update(1)
-                        continue
-                    conf = dataclasses.replace(conf, positions=positions)
-                if pool is None:   # started by the first job: a rerun with nothing to do
-                    pool = stack.enter_context(oracles.make_oracle_pool(args))  # starts none
-                    window = 2 * pool.n_parallel
-                in_flight[pool.submit(conf, conf_id, kind=kind)] = (conf_id, conf)
-            if not in_flight:
-                break
-            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in finished:
-                conf_id, conf = in_flight.pop(future)
-                result = future.result()
-                added = write_result(args, out, optimal, conf, conf_id, result,
-                                     None if args.mode == "optimize" else room())
-                n_rows += added
-                rows_of[conf_id] += added
-                if result.ok:
-                    n_done += 1
-                else:
-                    failed(conf, conf_id, result.reason, result)
-                bar.update(1)
+    def record(self, conf, conf_id, result, out, optimal):
+        """One oracle result: written to the outputs, counted, a failure logged."""
+        added = write_result(self.args, out, optimal, conf, conf_id, result,
+                             None if self.args.mode == "optimize" else self.room())
+        self.n_rows += added
+        self.rows_of[conf_id] += added
+        if result.ok:
+            self.n_done += 1
+        else:
+            self.failed(conf, conf_id, result.reason, result)
+        self.bar.update(1)
 
-    # canonical dbs: D_traj-K cut at exactly K rows of the head of `order`, then every db
-    # sorted by (conf_id, step), whatever order the results arrived in
+    def failed(self, conf, conf_id, reason, result=None):
+        log_failure(self.failures_path, conf, conf_id, self.args.mode, reason, result)
+        self.reasons[reason[:100]] += 1
+        self.bar.set_postfix(failed=sum(self.reasons.values()), refresh=False)
+
+
+def mmff_minimum(args, conf, conf_id, tally):
+    """--mode mmff: conf at its MMFF94 minimum, or None (logged as a failure) if RDKit has
+    no MMFF types for it or the minimization does not converge in --mmff_max_iters."""
+    try:
+        positions, converged = oracles.mmff_minimize_checked(conf, args.mmff_max_iters)
+    except data.DataError as err:
+        tally.failed(conf, conf_id, f"MMFF: {err}")
+        tally.bar.update(1)
+        return None
+    if not converged:
+        tally.failed(conf, conf_id, f"MMFF did not converge in {args.mmff_max_iters} "
+                                    "iterations (--mmff_max_iters)")
+        tally.bar.update(1)
+        return None
+    return dataclasses.replace(conf, positions=positions)
+
+
+def canonical_outputs(args, out, optimal, tally):
+    """D_traj-K cut at exactly K rows of the head of `order`, then every output db sorted
+    by (conf_id, step), whatever order the results arrived in."""
     if args.mode == "optimize" and args.max_conformations is not None:
+        end = len(tally.order)
         rows = sorted(out.select(include_data=False),
-                      key=lambda row: (position.get(row.get("conf_id"), len(order)),
+                      key=lambda row: (tally.position.get(row.get("conf_id"), end),
                                        row.get("step", 0), row.id))
         extra = [row.id for row in rows[args.max_conformations:]]
         if extra:
             out.delete(extra)
-        n_rows = len(rows) - len(extra)
+        tally.n_rows = len(rows) - len(extra)
     data.rewrite_sorted(args.out, canonical_key)
     if optimal is not None:
         data.rewrite_sorted(args.out_optimal, canonical_key)
-    if args.smiles and args.conformer_selection == "butina":
-        finished = ase.db.connect(args.out_optimal or args.out, type="db")   # the rewritten db
-        if set(order) <= finished_ids(finished):      # record the selection for a rerun
-            finished.metadata = {**finished.metadata,
-                                 "butina_selection": {"lines": lines_key, "conf_ids": order}}
-    print(f"{n_done} conformations finished, {n_rows} rows in {args.out}"
-          + (f", starts and optima in {args.out_optimal}" if optimal is not None else ""))
+
+
+def remember_butina_selection(args, lines, order):
+    """Once every centroid of these lines is finished, record their conf_ids in the
+    (rewritten) output, so that a rerun need not embed and cluster them again."""
+    finished = ase.db.connect(args.out_optimal or args.out, type="db")
+    if set(order) <= finished_ids(finished):
+        lines_key = [line for line, _, _ in lines]
+        finished.metadata = {**finished.metadata,
+                             "butina_selection": {"lines": lines_key, "conf_ids": order}}
+
+
+def final_report(args, tally, with_optimal):
+    """What was labelled and why the rest failed; the exit status (1: nothing labelled)."""
+    print(f"{tally.n_done} conformations finished, {tally.n_rows} rows in {args.out}"
+          + (f", starts and optima in {args.out_optimal}" if with_optimal else ""))
+    reasons = tally.reasons
     if reasons:
-        n_permanent = sum(n for reason, n in reasons.items() if oracles.is_permanent(reason))
-        print(f"{sum(reasons.values())} failed (logged in {failures_path}):")
+        n_permanent = sum(n for reason, n in reasons.items() if oracle_pool.is_permanent(reason))
+        print(f"{sum(reasons.values())} failed (logged in {tally.failures_path}):")
         for reason, count in reasons.most_common():
             print(f"  {count} x {reason}" + ("  [will repeat: not retried]"
-                                              if oracles.is_permanent(reason) else ""))
+                                              if oracle_pool.is_permanent(reason) else ""))
         if n_permanent:
             print(f"{n_permanent} will fail again with these flags: check --oracle_method "
                   "(method and basis) and the elements of the input")
         if n_permanent < sum(reasons.values()):
             print("rerun the same command to retry the others")
-    if reasons and n_done == 0:
+    if reasons and tally.n_done == 0:
         print(f"error: every one of the {sum(reasons.values())} conformations failed; "
               "nothing was labelled (the reasons are above)", file=sys.stderr)
         return 1

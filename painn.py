@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import safe_io
+
 MAX_Z = 100  # size of the element embedding (atomic numbers 0..99)
 MAX_GROUP_PAIRS = 8192  # atom pairs per pass of the network, see group_molecules
 EVALUATIONS = ("auto", "groups", "one_pass")  # PaiNN.evaluation, see PaiNN.forward
@@ -129,17 +131,29 @@ class MLP(nn.Sequential):
 
 
 # ---------------------------------------------------------------------------------------
-# The two PaiNN blocks. Features: scalars q [n_atoms, F], vectors mu [3, n_atoms, F].
-# The vectors are stored component first (schnetpack: [n_atoms, 3, F]), so that sums over
-# the x, y, z components, here and in the backward pass, add up contiguous blocks.
+# The two PaiNN blocks. Features of atom i: scalars s_i (here q [n_atoms, F]) and vectors
+# v_i (here mu [3, n_atoms, F]: F vectors of 3 components). The vectors are stored component
+# first (schnetpack: [n_atoms, 3, F]), so that sums over the x, y, z components, here and in
+# the backward pass, add up contiguous blocks. "o" is the elementwise product over the F
+# features; r_ij = x_j - x_i points from atom i to its neighbour j.
 # ---------------------------------------------------------------------------------------
 
 class Interaction(nn.Module):
-    """Message block (PaiNN Eq. 7-8): atom i gathers scalar and vector messages from its
-    neighbours j, built from phi(q_j) and the filter W(r_ij).
+    """Message block (PaiNN Eq. 7-8): atom i gathers from every neighbour j within the cutoff
 
-    Every pair {a, b} is visited once and sends its messages both ways, b -> a and a -> b:
-    W_ab = W_ba (the filter depends on the distance only) and unit_ba = -unit_ab."""
+        Delta s_i = sum_j phi_s(s_j) o W_s(|r_ij|)                                   Eq. 7
+        Delta v_i = sum_j v_j o phi_vv(s_j) o W_vv(|r_ij|)
+                  + sum_j phi_vs(s_j) o W_vs(|r_ij|) r_ij / |r_ij|                    Eq. 8
+
+    and s_i <- s_i + Delta s_i, v_i <- v_i + Delta v_i. phi = [phi_s, phi_vs, phi_vv] is
+    one net of s_j (Linear, SiLU, Linear: F -> F -> 3F); W = [W_s, W_vs, W_vv] [3F] is this
+    block's filter, a linear map of the radial basis of |r_ij| times the cosine cutoff
+    (PaiNN.filters).
+
+    Computed fused: one product phi(s_j) o W(r_ij) for the three, and one index_add for all
+    four sums (Delta s, and Delta v's x, y, z). Every pair {a, b} is visited once and sends
+    its messages both ways, b -> a and a -> b: W_ab = W_ba (the filter depends on the
+    distance only) and r_ba / |r_ba| = -r_ab / |r_ab|."""
 
     def __init__(self, n_features):
         super().__init__()
@@ -147,39 +161,50 @@ class Interaction(nn.Module):
         self.interatomic_context_net = MLP(n_features, n_features, 3 * n_features)  # phi
 
     def forward(self, q, mu, filters, unit, src, dst):
-        # q [n_atoms, F]; mu [3, n_atoms, F]; filters [n_half, 3F], one row per pair {a, b};
-        # src = (b, a) and dst = (a, b) [2 * n_half]: the two directions of every pair;
-        # unit [3, 2, n_half, 1]: unit vector from dst to src.
+        # q [n_atoms, F]; mu [3, n_atoms, F]; filters [n_half, 3F]: W of every pair {a, b};
+        # src = (b, a) and dst = (a, b) [2 * n_half]: j and i of the two directions of every
+        # pair; unit [3, 2, n_half, 1]: r_ij / |r_ij| of each direction.
         # (index_select rather than phi[src]: on CPU its backward, index_add, is several
         # times faster than indexing's, index_put with accumulate.)
         n_half, n_features = filters.shape[0], self.n_features
-        phi_j = self.interatomic_context_net(q).index_select(0, src)      # [2 * n_half, 3F]
-        x = filters * phi_j.view(2, n_half, 3 * n_features)               # [2, n_half, 3F]
-        dq, dmu_r, dmu_mu = torch.split(x, n_features, dim=-1)            # 3 x [2, n_half, F]
-        mu_j = mu.index_select(1, src).view(3, 2, n_half, n_features)
-        dmu = torch.addcmul(dmu_mu * mu_j, dmu_r, unit)                   # [3, 2, n_half, F]
-        messages = torch.cat([dq[None], dmu]).flatten(1, 2)               # [4, 2 * n_half, F]
-        update = q.new_zeros(4, q.shape[0], n_features).index_add(1, dst, messages)
-        return q + update[0], mu + update[1:]                             # sums over j
+        phi_j = self.interatomic_context_net(q).index_select(0, src)      # phi(s_j) [2 n_half, 3F]
+        x = filters * phi_j.view(2, n_half, 3 * n_features)               # phi o W [2, n_half, 3F]
+        # phi_s o W_s, phi_vs o W_vs, phi_vv o W_vv: 3 x [2, n_half, F]
+        dq, dmu_r, dmu_mu = torch.split(x, n_features, dim=-1)
+        mu_j = mu.index_select(1, src).view(3, 2, n_half, n_features)     # v_j [3, 2, n_half, F]
+        # Eq. 8's terms: v_j o phi_vv o W_vv + phi_vs o W_vs r_ij / |r_ij|   [3, 2, n_half, F]
+        dmu = torch.addcmul(dmu_mu * mu_j, dmu_r, unit)
+        messages = torch.cat([dq[None], dmu]).flatten(1, 2)               # [4, 2 n_half, F]
+        update = q.new_zeros(4, q.shape[0], n_features).index_add(1, dst, messages)  # sum_j
+        return q + update[0], mu + update[1:]                             # Eq. 7, Eq. 8
 
 
 class Mixing(nn.Module):
-    """Update block (PaiNN Eq. 9-11): mixes each atom's scalar and vector channels."""
+    """Update block (PaiNN Eq. 9-11): each atom mixes its own scalar and vector channels,
+
+        U v_i, V v_i = two linear maps of the F vector channels (no bias: equivariant)
+        [a_ss, a_vv, a_sv] = a(s_i, |V v_i|)   one net (Linear, SiLU, Linear: 2F -> F -> 3F)
+        Delta v_i = a_vv o U v_i
+        Delta s_i = a_ss + a_sv o <U v_i, V v_i>      (<,>: scalar product of 3-vectors)
+
+    and s_i <- s_i + Delta s_i, v_i <- v_i + Delta v_i. |V v_i| = sqrt(sum_xyz (V v_i)^2 +
+    epsilon): the epsilon keeps the gradient finite at v_i = 0, where every block starts."""
 
     def __init__(self, n_features, epsilon=1e-8):
         super().__init__()
         self.n_features = n_features
         self.epsilon = epsilon
-        self.mu_channel_mix = nn.Linear(n_features, 2 * n_features, bias=False)  # U, V
+        self.mu_channel_mix = nn.Linear(n_features, 2 * n_features, bias=False)  # V, U
         self.intraatomic_context_net = MLP(2 * n_features, n_features, 3 * n_features)  # a
 
     def forward(self, q, mu):
-        mu_v, mu_w = torch.split(self.mu_channel_mix(mu), self.n_features, dim=-1)  # [3,n,F]
-        norm_v = torch.sqrt(torch.sum(mu_v ** 2, dim=0) + self.epsilon)   # ||V mu|| [n, F]
+        # q [n_atoms, F]; mu [3, n_atoms, F]
+        mu_v, mu_w = torch.split(self.mu_channel_mix(mu), self.n_features, dim=-1)  # V v, U v
+        norm_v = torch.sqrt(torch.sum(mu_v ** 2, dim=0) + self.epsilon)   # |V v| [n, F]
         a = self.intraatomic_context_net(torch.cat([q, norm_v], dim=-1))  # [n, 3F]
-        a_ss, a_vv, a_sv = torch.split(a, self.n_features, dim=-1)
-        q = q + a_ss + a_sv * torch.sum(mu_v * mu_w, dim=0)               # <V mu, U mu>
-        mu = mu + a_vv * mu_w
+        a_ss, a_vv, a_sv = torch.split(a, self.n_features, dim=-1)        # 3 x [n, F]
+        q = q + a_ss + a_sv * torch.sum(mu_v * mu_w, dim=0)               # Delta s: <V v, U v>
+        mu = mu + a_vv * mu_w                                             # Delta v = a_vv U v
         return q, mu
 
 
@@ -215,83 +240,6 @@ class PaiNN(nn.Module):
                     nn.init.zeros_(layer.bias)
         self.set_atomrefs(atomrefs)
 
-    def set_atomrefs(self, atomrefs):
-        """Per-element reference energies (Hartree): a dict {z: E} or a length-MAX_Z list.
-        Kept in float64 outside the parameters, so `.float()` never rounds them."""
-        refs = [0.0] * MAX_Z
-        if isinstance(atomrefs, dict):
-            for z, e in atomrefs.items():
-                refs[int(z)] = float(e)
-        elif atomrefs is not None:
-            refs[:len(atomrefs)] = [float(e) for e in atomrefs]
-        self.atomrefs = refs
-        self._atomrefs_tensor = {}
-
-    def reference_energy(self, z, batch, n_molecules):
-        """sum_i ref[z_i] per molecule, float64 [n_molecules]."""
-        if z.device not in self._atomrefs_tensor:
-            self._atomrefs_tensor[z.device] = torch.tensor(self.atomrefs, dtype=torch.float64,
-                                                           device=z.device)
-        refs = self._atomrefs_tensor[z.device][z]
-        return refs.new_zeros(n_molecules).index_add(0, batch, refs)
-
-    def filters(self, d):
-        """W(d) = filter_net(rbf(d)) * f_c(d) for all blocks, d [n] -> [n, n_interactions*3F].
-
-        The cutoff multiplies the (n_rbf + 1)-wide input instead of the wide output:
-        (rbf W^T + b) f_c = [rbf f_c, f_c] [W, b]^T, one matrix product. (Scaling the rows
-        of the wide output, and its gradient, is a slow broadcast on CPU: ~7x a plain
-        elementwise product in float32.)"""
-        fc = cosine_cutoff(d, self.cutoff)[:, None]                       # [n, 1]
-        rbf = torch.cat([bessel_rbf(d, self.rbf_frequencies), torch.ones_like(fc)], dim=1)
-        weight = torch.cat([self.filter_net.weight, self.filter_net.bias[:, None]], dim=1)
-        return (rbf * fc) @ weight.T                                      # [n, n_int*3F]
-
-    def atomic_energies(self, z, positions, batch, n_molecules, compiled=False):
-        """The network's energy contribution of every atom, [n_atoms] (Hartree). compiled:
-        use the torch.compile'd network if compile_network() made one."""
-        # pairs (i, j) and (j, i) share distance and filter: keep each pair {a, b} once
-        a, b = neighbor_pairs(positions, batch, n_molecules, self.cutoff, half=True)  # [n_half]
-        use_compiled = compiled and self.compiled_network is not None and (
-            positions.device.type != "cpu" or torch.get_num_threads() == 1)
-        network = self.compiled_network if use_compiled else self.network
-        return network(z, positions, a, b)
-
-    def compile_network(self):
-        """torch.compile the network (dynamic shapes: every batch has its own atom and pair
-        counts) for the calls without a graph of the forces: NNP-optimization and
-        validation. Training steps stay eager: torch.compile's autograd has no double
-        backward, which a loss on forces needs (Eq. 2). On CPU the compiled network is used
-        with one torch thread only: with 2 threads torch 2.13's CPU code for it gave wrong
-        forces or crashed (tests/test_painn.py), so more threads run eagerly."""
-        self.compiled_network = torch.compile(self.network, dynamic=True)
-        return self
-
-    def network(self, z, positions, a, b):
-        """Atomic energies [n_atoms] from the pairs {a, b} (a < b) within the cutoff: the
-        part with static control flow, which torch.compile can take whole (compile_network)."""
-        r_ab = positions.index_select(0, b) - positions.index_select(0, a)  # [n_half, 3]
-        d_ab = torch.linalg.vector_norm(r_ab, dim=1)                      # [n_half]
-        unit_ab = r_ab / d_ab[:, None]
-        filters = torch.split(self.filters(d_ab), 3 * self.n_features, dim=-1)
-        # messages go both ways: to a from b along unit_ab, to b from a along -unit_ab
-        src, dst = torch.cat([b, a]), torch.cat([a, b])                   # [2 * n_half]
-        unit = torch.stack([unit_ab.T, -unit_ab.T], dim=1)[..., None]     # [3, 2, n_half, 1]
-
-        q = self.embedding(z)                                             # [n_atoms, F]
-        mu = q.new_zeros(3, q.shape[0], self.n_features)                  # [3, n_atoms, F]
-        for interaction, mixing, w in zip(self.interactions, self.mixing, filters):
-            q, mu = interaction(q, mu, w, unit, src, dst)
-            q, mu = mixing(q, mu)
-        return self.energy_head(q).squeeze(-1)                            # [n_atoms]
-
-    def evaluation_mode(self, device):
-        """How a call is evaluated: "groups" of molecules (CPU: see group_molecules) or the
-        whole batch in "one_pass" (GPU: fewer, bigger kernels, no sync per group)."""
-        if self.evaluation == "auto":
-            return "groups" if torch.device(device).type == "cpu" else "one_pass"
-        return self.evaluation
-
     def forward(self, z, positions, batch, n_molecules=None, create_graph=None):
         """Energies [n_molecules] (float64, Hartree) and forces [n_atoms, 3] = -dE/dX.
 
@@ -325,16 +273,93 @@ class PaiNN(nn.Module):
 
     def energy_and_forces_net(self, z, positions, batch, n_molecules, create_graph):
         """One pass of the network (its own autograd graph): the network's energies
-        [n_molecules] (model dtype, no references) and forces [n_atoms, 3]."""
+        [n_molecules] (model dtype, no references) and forces [n_atoms, 3] = -dE/dX (Eq. 1).
+        Without create_graph, the torch.compile'd network runs if compile_network() made
+        one (on CPU with one torch thread only)."""
         with torch.enable_grad():
             pos = positions
             if not pos.requires_grad:
                 pos = pos.detach().requires_grad_(True)
-            atomic = self.atomic_energies(z, pos, batch, n_molecules,
-                                          compiled=not create_graph)          # [n_atoms]
-            energy = atomic.new_zeros(n_molecules).index_add(0, batch, atomic)
+            # pairs (i, j) and (j, i) share distance and filter: keep each pair {a, b} once
+            a, b = neighbor_pairs(pos, batch, n_molecules, self.cutoff, half=True)  # [n_half]
+            use_compiled = not create_graph and self.compiled_network is not None and (
+                pos.device.type != "cpu" or torch.get_num_threads() == 1)
+            network = self.compiled_network if use_compiled else self.network
+            atomic = network(z, pos, a, b)                                # E_i [n_atoms]
+            energy = atomic.new_zeros(n_molecules).index_add(0, batch, atomic)  # sum_i E_i
             grad, = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
         return energy, -grad
+
+    def network(self, z, positions, a, b):
+        """Atomic energies E_i [n_atoms] from the pairs {a, b} (a < b) within the cutoff: the
+        part with static control flow, which torch.compile can take whole (compile_network).
+        s_i = embedding(z_i), v_i = 0; n_interactions times a message block (Eq. 7-8) and
+        an update block (Eq. 9-11); E_i = energy_head(s_i) (F -> F/2 -> 1)."""
+        r_ab = positions.index_select(0, b) - positions.index_select(0, a)  # [n_half, 3]
+        d_ab = torch.linalg.vector_norm(r_ab, dim=1)                      # [n_half]
+        unit_ab = r_ab / d_ab[:, None]
+        filters = torch.split(self.filters(d_ab), 3 * self.n_features, dim=-1)
+        # messages go both ways: to a from b along unit_ab, to b from a along -unit_ab
+        src, dst = torch.cat([b, a]), torch.cat([a, b])                   # [2 * n_half]
+        unit = torch.stack([unit_ab.T, -unit_ab.T], dim=1)[..., None]     # [3, 2, n_half, 1]
+
+        q = self.embedding(z)                                             # s [n_atoms, F]
+        mu = q.new_zeros(3, q.shape[0], self.n_features)                  # v [3, n_atoms, F]
+        for interaction, mixing, w in zip(self.interactions, self.mixing, filters):
+            q, mu = interaction(q, mu, w, unit, src, dst)
+            q, mu = mixing(q, mu)
+        return self.energy_head(q).squeeze(-1)                            # [n_atoms]
+
+    def filters(self, d):
+        """The filters W(|r_ij|) of all blocks: W(d) = filter_net(rbf(d)) f_c(d), the Bessel
+        radial basis sin(n pi d / r_c) / d (n = 1..n_rbf) through one linear layer, times
+        the cosine cutoff f_c; d [n] -> [n, n_interactions * 3F].
+
+        The cutoff multiplies the (n_rbf + 1)-wide input instead of the wide output:
+        (rbf W^T + b) f_c = [rbf f_c, f_c] [W, b]^T, one matrix product. (Scaling the rows
+        of the wide output, and its gradient, is a slow broadcast on CPU: ~7x a plain
+        elementwise product in float32.)"""
+        fc = cosine_cutoff(d, self.cutoff)[:, None]                       # [n, 1]
+        rbf = torch.cat([bessel_rbf(d, self.rbf_frequencies), torch.ones_like(fc)], dim=1)
+        weight = torch.cat([self.filter_net.weight, self.filter_net.bias[:, None]], dim=1)
+        return (rbf * fc) @ weight.T                                      # [n, n_int*3F]
+
+    def reference_energy(self, z, batch, n_molecules):
+        """sum_i ref[z_i] per molecule, float64 [n_molecules]."""
+        if z.device not in self._atomrefs_tensor:
+            self._atomrefs_tensor[z.device] = torch.tensor(self.atomrefs, dtype=torch.float64,
+                                                           device=z.device)
+        refs = self._atomrefs_tensor[z.device][z]
+        return refs.new_zeros(n_molecules).index_add(0, batch, refs)
+
+    def set_atomrefs(self, atomrefs):
+        """Per-element reference energies (Hartree): a dict {z: E} or a length-MAX_Z list.
+        Kept in float64 outside the parameters, so `.float()` never rounds them."""
+        refs = [0.0] * MAX_Z
+        if isinstance(atomrefs, dict):
+            for z, e in atomrefs.items():
+                refs[int(z)] = float(e)
+        elif atomrefs is not None:
+            refs[:len(atomrefs)] = [float(e) for e in atomrefs]
+        self.atomrefs = refs
+        self._atomrefs_tensor = {}
+
+    def evaluation_mode(self, device):
+        """How a call is evaluated: "groups" of molecules (CPU: see group_molecules) or the
+        whole batch in "one_pass" (GPU: fewer, bigger kernels, no sync per group)."""
+        if self.evaluation == "auto":
+            return "groups" if torch.device(device).type == "cpu" else "one_pass"
+        return self.evaluation
+
+    def compile_network(self):
+        """torch.compile the network (dynamic shapes: every batch has its own atom and pair
+        counts) for the calls without a graph of the forces: NNP-optimization and
+        validation. Training steps stay eager: torch.compile's autograd has no double
+        backward, which a loss on forces needs (Eq. 2). On CPU the compiled network is used
+        with one torch thread only: with 2 threads torch 2.13's CPU code for it gave wrong
+        forces or crashed (tests/test_painn.py), so more threads run eagerly."""
+        self.compiled_network = torch.compile(self.network, dynamic=True)
+        return self
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,16 +372,11 @@ def model_state(model):
             "state_dict": model.state_dict()}
 
 
-def save_atomic(obj, path):
-    """torch.save to path via a temporary file and rename, so a kill never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(model, path, **extra):
-    """Our checkpoint: model state (+ anything in `extra`, e.g. optimizer state), atomically."""
-    save_atomic({"model": model_state(model), **extra}, path)
+    """Our checkpoint: model state (+ anything in `extra`, e.g. optimizer state), written
+    whole or not at all (safe_io.atomic_write: a kill never leaves half a file)."""
+    with safe_io.atomic_write(path) as tmp:
+        torch.save({"model": model_state(model), **extra}, tmp)
 
 
 OFFICIAL_PREFIX = "model.representation."

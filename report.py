@@ -1,27 +1,266 @@
-"""conformations.html: test conformations side by side in 3D, as the paper's Appendix H.
+"""What evaluate.py measured, as the paper shows it: Table 2, the claims, Figures 1-3, and
+the 3D page of Appendix H. Every number comes from summary.json and per_conformation.jsonl
+(evaluate.py's docstring defines them); nothing here scores anything.
 
-    rows = [conformation_row(conf, final_positions, e0, e_T, rmsd, "NNP-optimized s_T"), ...]
-    write_conformations_page("runs/eval_golf/conformations.html", rows, title)
+    format_table([(name, summary), ...])          Table 2 as text: a row per model, cells
+                                                  `value [lo, hi]` with 95 % intervals
+    check_claims([(name, outcomes), ...], names)  the paper's claims 1-5, paired bootstrap
+                                                  over test conformations, pooled over seeds
+    draw_figures([(name, summary), ...])          Figures 1-3 with every model; save_figures
+    plot(summary, out_dir)                        one run's Figures 1-3
+    write_conformations_page(path, rows, title)   conformations.html, rows of conformation_row
 
-One row per test conformation, three panels: the initial conformation s_0, the
-NNP-optimized s_T and the DFT optimum s_opt, each with its DFT energy relative to the
-optimum (kcal/mol) and its RMSD to the optimum. s_0 and s_T are rotated onto s_opt (Kabsch,
-all atoms), and the three panels of a row turn together. evaluate.py writes the page after
-every optimization evaluation (--page_conformations).
+`evaluate.py --task table --summaries ... [--claims ...] [--figures DIR]` prints the table
+and the claims and saves the figures of many runs; `evaluate.py --task optimization` writes
+one run's figures and page.
 
-The page is one self-contained file: 3Dmol.js 2.5.5 (BSD-3-Clause, third_party/3dmol/) is
-inlined, the molecules are embedded as SDF text (bonds and bond orders from the SMILES),
-so it opens offline from disk, with no server.
+conformations.html: one row per test conformation, three panels: the initial conformation
+s_0, the NNP-optimized s_T and the DFT optimum s_opt, each with its DFT energy relative to
+the optimum (kcal/mol) and its RMSD to the optimum. s_0 and s_T are rotated onto s_opt
+(Kabsch, all atoms), and the three panels of a row turn together. The page is one
+self-contained file: 3Dmol.js 2.5.5 (BSD-3-Clause, third_party/3dmol/) is inlined, the
+molecules are embedded as SDF text (bonds and bond orders from the SMILES), so it opens
+offline from disk, with no server.
 """
 import html
 import json
 import os
+from collections import defaultdict
 
 import numpy as np
 from rdkit import Chem
 
 import data
 import oracles
+import safe_io
+
+
+# ---------------------------------------------------------------------------------------
+# Table 2: one row per model
+# ---------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = [("pct_mean", "pct_T (%)"), ("pct_std", "std"), ("pct_div", "pct_div (%)"),
+                 ("n_failed_oracle_T", "no SCF (n)"), ("e_res_mean_kcal_mol", "E_res (kcal/mol)"),
+                 ("pct_success", "pct_success (%)"), ("pct_success_all", "of all (%)"),
+                 ("cov", "COV (%)"), ("mat", "MAT (A)"), ("n_conformations", "n"),
+                 ("n_unconverged_reference", "unconv. ref (n)")]
+
+
+def format_table(rows):
+    """rows: (name, summary) -> a text table like the paper's Table 2; a cell with a 95 %
+    bootstrap interval reads `value [lo, hi]`. Counts that are not columns follow as notes."""
+    def number(key, v):
+        return ("-" if v is None or (isinstance(v, float) and np.isnan(v))
+                else f"{v:.0f}" if key.startswith("n_") else f"{v:.2f}")
+    header = ["model"] + [title for _, title in TABLE_COLUMNS]
+    lines = [header]
+    notes = []
+    for name, s in rows:
+        cells = [name]
+        for key, _ in TABLE_COLUMNS:
+            cell = number(key, s.get(key))
+            if s.get(f"{key}_ci95") and cell != "-":
+                lo, hi = s[f"{key}_ci95"]
+                cell += f" [{number(key, lo)}, {number(key, hi)}]"
+            cells.append(cell)
+        lines.append(cells)
+        if s.get("n_no_e0"):
+            notes.append(f"{name}: {s['n_no_e0']} conformations without E_0 (oracle failed at "
+                         "s_0) count as diverged")
+        if s.get("n_mmff_unconverged"):
+            notes.append(f"{name}: {s['n_mmff_unconverged']} of {s['n_conformations']} MMFF "
+                         f"minimizations did not converge in {s.get('mmff_max_iters')} iterations")
+    boot = next((s["bootstrap"] for _, s in rows if s.get("bootstrap")), None)
+    if boot:
+        notes.append(f"[lo, hi]: 95 % {boot['method']}, {boot['n_resamples']} resamples, "
+                     f"seed {boot['seed']}")
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
+                     + notes)
+
+
+# ---------------------------------------------------------------------------------------
+# The paper's five claims (--task table --claims), pooled over seeds
+# ---------------------------------------------------------------------------------------
+
+CLAIM_NEAR_POINTS = 10.0   # claim 4's "near": traj-20K ahead by less than this (our choice)
+
+
+def check_claims(named_outcomes, claim_names, n_resamples=2000, seed=0):
+    """The paper's claims 1-5 as lines of text. named_outcomes: (name, {conf_id: (diverged,
+    success of all)}) of every evaluation (evaluate.scored_outcomes). claim_names: the rows
+    f_baseline, traj-K,
+    traj-20K, GOLF-K, f_rdkit ('-': absent, its claims are skipped). Rows of one name are
+    seeds of one model; a model's rate is the mean over its seeds and over the conformations
+    every run scored. A 95 % percentile bootstrap resamples those conformations (the same
+    draw for every model and seed), so differences are paired. "A beats B" holds when the
+    interval of A - B is above 0, fails when below, and is not shown when it holds 0.
+    Claims 2-5 are decided on "of all"; the pct_div difference is printed beside them (a
+    positive number: the first model diverges less), not part of the verdict."""
+    runs = defaultdict(list)                                # name -> [{conf_id: outcome}]
+    for name, outcomes in named_outcomes:
+        runs[name].append(outcomes)
+    missing = [n for n in claim_names if n != "-" and n not in runs]
+    if missing:
+        raise data.DataError(f"--claims: no summary named {missing[0]} among --names")
+    present = [n for n in claim_names if n != "-"]
+    common = sorted(set.intersection(*(set(o) for n in present for o in runs[n])))
+    if not common:
+        raise data.DataError("--claims: the runs scored no conformation in common")
+    idx = np.random.default_rng(seed).integers(0, len(common), size=(n_resamples, len(common)))
+
+    def rate(name, which):          # which 0: diverged, 1: success; [n_resamples + 1] in %
+        x = np.array([[o[c][which] for c in common] for o in runs[name]], dtype=np.float64)
+        return 100.0 * np.concatenate([[x.mean()], x[:, idx].mean(axis=(0, 2))])
+
+    def show(v, sign="+"):
+        lo, hi = np.percentile(v[1:], [2.5, 97.5])
+        return f"{v[0]:{sign}.1f} [{lo:{sign}.1f}, {hi:{sign}.1f}]", lo, hi
+
+    def beats(a, b, which):          # "a's rate is above b's"
+        text, lo, hi = show(rate(a, which) - rate(b, which))
+        verdict = "holds" if lo > 0 else "fails" if hi < 0 else "not shown"
+        return f"{('pct_div', 'of all')[which]}: {a} - {b} = {text} points", verdict
+
+    def beside(a, b):                # pct_div of b minus a's: printed, not in the verdict
+        text, _, _ = show(rate(b, 0) - rate(a, 0))
+        return f"pct_div: {b} - {a} = {text} points", "beside the verdict"
+
+    def verdict_of(verdicts):
+        return ("HOLDS" if all(v == "holds" for v in verdicts) else
+                "FAILS" if any(v == "fails" for v in verdicts) else "NOT SHOWN")
+
+    base, traj, traj_big, golf, rdkit = claim_names
+    roles = dict(zip(("f_baseline", "traj-K", "traj-20K", "GOLF-K", "f_rdkit"), claim_names))
+    lines = [f"{len(common)} conformations, seeds: "
+             + ", ".join(f"{n} {len(runs[n])}" for n in present)]
+    for name in present:
+        lines.append(f"  {name}: pct_div {show(rate(name, 0), '')[0]} %, "
+                     f"of all {show(rate(name, 1), '')[0]} %")
+    claims = [("1. f_baseline diverges often and rarely succeeds (vs GOLF-K)",
+               ("f_baseline", "GOLF-K"), lambda: [beats(base, golf, 0), beats(golf, base, 1)]),
+              ("2. traj-K improves with K", ("traj-K", "traj-20K"),
+               lambda: [beats(traj_big, traj, 1), beside(traj_big, traj)]),
+              ("3. GOLF-K beats traj-K at equal K", ("GOLF-K", "traj-K"),
+               lambda: [beats(golf, traj, 1), beside(golf, traj)]),
+              ("4. GOLF-K comes near traj-20K (within "
+               f"{CLAIM_NEAR_POINTS:g} points of all)", ("GOLF-K", "traj-20K"), None),
+              ("5. GOLF-K beats f_rdkit", ("GOLF-K", "f_rdkit"),
+               lambda: [beats(golf, rdkit, 1), beside(golf, rdkit)])]
+    for title, needs, compare in claims:
+        absent = [r for r in needs if roles[r] == "-"]
+        if absent:
+            lines.append(f"claim {title}: NOT CHECKED (no {' or '.join(absent)} row)")
+            continue
+        if compare is None:          # claim 4: traj-20K - GOLF-K below the margin
+            text, lo, hi = show(rate(traj_big, 1) - rate(golf, 1))
+            v = "holds" if hi < CLAIM_NEAR_POINTS else "fails" if lo > CLAIM_NEAR_POINTS \
+                else "not shown"
+            results = [(f"of all: {traj_big} - {golf} = {text} points", v),
+                       beside(golf, traj_big)]
+        else:
+            results = compare()
+        lines.append(f"claim {title}: "
+                     f"{verdict_of([v for _, v in results if v != 'beside the verdict'])}")
+        lines += [f"    {text} ({v})" for text, v in results]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Figures 1-3
+# ---------------------------------------------------------------------------------------
+
+FIGURES = ("fig1_nnp_error.png", "fig2_pct_violin.png", "fig3_pct_over_steps.png")
+
+
+def draw_figures(named_summaries):
+    """Figures 1-3 with every model in one picture; named_summaries: (name, summary).
+    Returns {file name: matplotlib figure}. Fig. 1: median and p10-p90 band of the NNP's
+    energy and forces MSE against the oracle along the optimization (models without NNP
+    energies, as the RDKit row, are left out); Fig. 2: violins of pct_T over the
+    non-diverged conformations, with mean and p10/p90 marks; Fig. 3: mean pct_t with its
+    p10-p90 band (over the conformations not diverged at T), and pct_div_t."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    figs = {}
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, label in ((axes[0], "energy_mse_kcal_mol2_per_step", "energy MSE, (kcal/mol)^2"),
+                           (axes[1], "forces_mse_kcal_mol_A2_per_step",
+                            "forces MSE, (kcal/mol/A)^2")):
+        for k, (name, s) in enumerate(named_summaries):
+            pts = [(t, x) for t, x in zip(s["steps"], s.get(key, []))
+                   if x["mean"] is not None and x.get("p50") is not None]
+            if pts:
+                t, x = zip(*pts)
+                ax.plot(t, [v["p50"] for v in x], marker="o", color=f"C{k}", label=name)
+                ax.fill_between(t, [v["p10"] for v in x], [v["p90"] for v in x],
+                                color=f"C{k}", alpha=0.25)
+        ax.set(xscale="log", yscale="log", xlabel="step t", ylabel=label)
+    fig.suptitle("Figure 1: NNP error along the optimization (median, p10-p90)")
+    if axes[0].lines:
+        axes[0].legend(fontsize="small")
+    figs["fig1_nnp_error.png"] = fig
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(named_summaries)), 4))
+    values = [(k, name, [v for v in s.get("pct_T_values") or [] if np.isfinite(v)])
+              for k, (name, s) in enumerate(named_summaries)]   # (colour, name, pct_T [kept])
+    values = [v for v in values if v[2]]     # pct_T is +-inf for a start at its optimum (Eq. 4)
+    if values:
+        parts = ax.violinplot([v for _, _, v in values], showmeans=True, showextrema=False,
+                              quantiles=[[0.1, 0.9]] * len(values))
+        for body, (k, _, _) in zip(parts["bodies"], values):
+            body.set_facecolor(f"C{k}")
+        parts["cmeans"].set(color="k", linestyle="-")          # the mean
+        parts["cquantiles"].set(color="k", linestyle="--")     # p10 and p90
+    ax.set_xticks(range(1, len(values) + 1), [name for _, name, _ in values])
+    ax.set_ylabel("pct(s_T), %")
+    ax.set_title("Figure 2: optimization percentage\n(mean; p10, p90)")
+    figs["fig2_pct_violin.png"] = fig
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for k, (name, s) in enumerate(named_summaries):
+        # the steps with a pct_t (NaN where every conformation diverged at T)
+        ok = [i for i, m in enumerate(s["pct_mean_per_step"]) if m is not None and np.isfinite(m)]
+        if ok:
+            a1.plot([s["steps"][i] for i in ok], [s["pct_mean_per_step"][i] for i in ok],
+                    marker="o", color=f"C{k}", label=name)
+        if ok and "pct_p10_per_step" in s:
+            a1.fill_between([s["steps"][i] for i in ok], [s["pct_p10_per_step"][i] for i in ok],
+                            [s["pct_p90_per_step"][i] for i in ok], color=f"C{k}", alpha=0.25)
+        a2.plot(s["steps"], s["pct_div_per_step"], marker="o", color=f"C{k}", label=name)
+    a1.set(xscale="log", xlabel="step t", ylabel="pct_t, %",
+           title="Figure 3: pct_t (mean, p10-p90)")
+    a2.set(xscale="log", xlabel="step t", ylabel="pct_div_t, %", title="diverged at t")
+    a2.legend(fontsize="small")
+    for ax in (*fig.axes, *figs["fig1_nnp_error.png"].axes):   # steps as plain numbers
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    figs["fig3_pct_over_steps.png"] = fig
+    for fig in figs.values():
+        fig.tight_layout()
+    return figs
+
+
+def save_figures(figs, out_dir):
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    for name, fig in figs.items():
+        fig.savefig(os.path.join(out_dir, name), dpi=100)
+        plt.close(fig)
+
+
+def plot(summary, out_dir):
+    """This run's Figures 1-3 (draw_figures of one model): summary.json holds every
+    plotted number."""
+    save_figures(draw_figures([(os.path.basename(os.path.normpath(out_dir)), summary)]), out_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# conformations.html (Appendix H): test conformations side by side in 3D
+# ---------------------------------------------------------------------------------------
 
 THREEDMOL_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                             "third_party", "3dmol", "3Dmol-min.js")
@@ -138,7 +377,5 @@ var ROWS = {rows_json};
 </script>
 </body></html>
 """
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with safe_io.atomic_write(path) as tmp, open(tmp, "w") as f:
         f.write(page)
-    os.replace(tmp, path)

@@ -40,7 +40,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 # The paper's central comparison (Table 2: f_baseline against f_GOLF-10k) with the authors'
 # own checkpoints: no training, only make_trajectories.py and evaluate.py. The genuine
-# oracle is GFN2-xTB, a proxy for the models' wB97X-D/def2-SVP (notes/official.md).
+# oracle is GFN2-xTB, a proxy for the models' wB97X-D/def2-SVP (docs/results.md).
 if [ "$preset" = official ]; then
     OUT=runs/official; TEST=runs/moses_test      # TEST: shared with --preset laptop
     mkdir -p "$OUT" "$TEST"

@@ -18,7 +18,6 @@ at --clip_value (Table 5). golf.py trains with the same `Trainer`.
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 import data
 import painn
+import safe_io
 
 
 def add_model_args(parser):
@@ -201,7 +201,7 @@ def read_training_dbs(paths, energy_kind):
 
 
 def log_metrics(path, record):
-    data.append_jsonl(path, record)
+    safe_io.append_jsonl(path, record)
 
 
 def parse_args(argv=None):
@@ -229,7 +229,7 @@ def main(argv=None):
         train, val = data.split_by_molecule(confs, args.val_fraction, seed=args.seed)
     print(f"{len(train)} training and {len(val)} validation conformations")
     os.makedirs(args.out_dir, exist_ok=True)
-    with data.output_lock(args.out_dir):         # one writer per out_dir
+    with safe_io.output_lock(args.out_dir):         # one writer per out_dir
         fit(args, rng, train, val, atomrefs)
 
 
@@ -254,12 +254,12 @@ def fit(args, rng, train, val, atomrefs):
     elif os.path.exists(ckpt_path):
         sys.exit(f"error: {ckpt_path} exists; pass --resume to continue it or choose another --out_dir")
     if os.path.exists(metrics_path):
-        # records a killed run logged after its checkpoint come again now: drop them (and a
-        # torn last line), so that a killed and resumed run logs what an uninterrupted one does
-        kept = [r for r in data.read_jsonl(metrics_path) if r["step"] <= trainer.step]
-        with open(f"{metrics_path}.tmp", "w") as f:
+        # records a killed run logged after its checkpoint will be logged again from it: drop
+        # them (and a torn last line), so that a killed and resumed run logs what an
+        # uninterrupted one does
+        kept = [r for r in safe_io.read_jsonl(metrics_path) if r["step"] <= trainer.step]
+        with safe_io.atomic_write(metrics_path) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(f"{metrics_path}.tmp", metrics_path)
     if trainer.step >= args.total_steps:
         print(f"already trained for --total_steps {args.total_steps}: nothing to do")
         return
@@ -278,7 +278,8 @@ def fit(args, rng, train, val, atomrefs):
         tqdm.write(f"step {trainer.step}: val energy MAE {errors['energy_mae_kcal_mol']:.3f} "
                    f"kcal/mol, forces MAE {errors['forces_mae_kcal_mol_A']:.3f} kcal/mol/A")
 
-    bar = tqdm(total=args.total_steps, initial=trainer.step, desc="train", dynamic_ncols=True)
+    bar = safe_io.progress(total=args.total_steps, initial=trainer.step, desc="train",
+                           dynamic_ncols=True)
     while trainer.step < args.total_steps:
         loss = trainer.update(train_tensors.gather(sampler.next_indices()))
         bar.update(1)

@@ -1,12 +1,12 @@
-"""Every GPU measurement of issue 13 in one call, printed as one markdown table.
+"""The GPU measurements of docs/gpu.md in one call, printed as one markdown table.
 
     .venv/bin/python benchmarks/gpu.py                        # on the GPU (--device cuda)
     .venv/bin/python benchmarks/gpu.py --device cpu --small   # a quick run of every branch
 
-Rows (ours vs the reference, ratio = reference time / ours, and the issue's goal):
+Rows (ours vs the reference, ratio = reference time / ours, and the goal on an H100):
   * PaiNN energy + forces, 64 and 1024 molecules of 30-40 atoms: ours (evaluation "auto":
     one pass on a GPU) vs schnetpack 2.1.1 with the same weights; also ours in molecule
-    groups (the CPU mode, as shipped before) and ours with --compile (compile_network);
+    groups (the CPU mode) and ours with --compile (compile_network);
   * PaiNN training step (forces in the loss, backward through them), 64 and 256 molecules;
   * the training loop of train_baseline.py, batch 64: steps/s with minibatches gathered from
     data.ConformationTensors on the device vs collated from Conformations every step;

@@ -25,12 +25,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-import oracles  # noqa: E402
+import oracle_pool  # noqa: E402
+import safe_io  # noqa: E402
 
 
 def read_jsonl(path):
-    """data.read_jsonl, or no records before the file exists (the cache's first run)."""
-    return data.read_jsonl(path) if os.path.exists(path) else []
+    """safe_io.read_jsonl, or no records before the file exists (the cache's first run)."""
+    return safe_io.read_jsonl(path) if os.path.exists(path) else []
 
 
 def main(argv=None):
@@ -77,7 +78,7 @@ def main(argv=None):
           f"({[c.n_atoms for c in chosen]} atoms); {len(todo)} {args.method} single points to do")
 
     if todo:
-        with oracles.LocalOraclePool(args.method, n_workers=args.n_workers,
+        with oracle_pool.LocalOraclePool(args.method, n_workers=args.n_workers,
                                      threads=args.threads, timeout=3600.0) as pool:
             futures = [(g, pool.submit(data.Conformation(numbers=g[0].numbers, positions=g[2],
                                                          smiles=g[0].smiles), g[0].id))
@@ -90,7 +91,7 @@ def main(argv=None):
                 print(f"  conformation {c.id} {which}: {result.energy} Hartree "
                       f"({result.seconds:.0f} s) {result.reason}", flush=True)
                 cache[c.id, which] = row
-                data.append_jsonl(cache_path, row)
+                safe_io.append_jsonl(cache_path, row)
 
     kcal = data.HARTREE_TO_KCAL
     print(f"\nE - E(s_0), kcal/mol: GFN2-xTB against {args.method}")

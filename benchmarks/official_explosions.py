@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import oracles  # noqa: E402
+import safe_io  # noqa: E402
 
 
 def main(argv=None):
@@ -43,7 +44,7 @@ def main(argv=None):
           f"{'xTB failed':>10} {'at s_T':>6} {'E_T>E_1':>8} {'E_T>E_0':>8}")
     for name in args.evals:
         path = os.path.join(args.run, name)
-        records = data.read_jsonl(os.path.join(path, "per_conformation.jsonl"))
+        records = safe_io.read_jsonl(os.path.join(path, "per_conformation.jsonl"))
         finals, _ = data.read_db(os.path.join(path, "final.db"), "total", verbose=False)
         final_by_row = {int(c.info["conf_id"]): c.positions for c in finals}
         broken, moved, failed, failed_T, above_1, above_0 = [], [], 0, 0, 0, 0

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import oracle_pool  # noqa: E402
 import oracles  # noqa: E402
 from data import Conformation  # noqa: E402
 from molecules import load_molecules  # noqa: E402
@@ -60,7 +61,7 @@ def main(argv=None):
     oracles.xtb_gradient("gfn2-xtb", numbers, positions, charge, multiplicity, {})  # warm-up
     bare, _ = timed(lambda: oracles.xtb_gradient("gfn2-xtb", numbers, positions, charge,
                                                  multiplicity, {}), args.xtb_jobs)
-    with oracles.LocalOraclePool("gfn2-xtb", n_workers=1, threads=1) as pool:
+    with oracle_pool.LocalOraclePool("gfn2-xtb", n_workers=1, threads=1) as pool:
         pool.submit(conf, 0).result()                                             # warm-up
         worker_seconds = []
 
@@ -79,7 +80,7 @@ def main(argv=None):
           f"ms against bare; {1e3 * np.median(pooled - worker_seconds):.2f} ms outside the "
           "worker's job time)")
     if args.psi4_jobs:
-        with oracles.LocalOraclePool("hf/sto-3g", n_workers=1, threads=1) as pool:
+        with oracle_pool.LocalOraclePool("hf/sto-3g", n_workers=1, threads=1) as pool:
             psi4, result = timed(lambda: pool.submit(conf, 0).result(), args.psi4_jobs)
         assert result.ok, result.reason
         print(f"  HF/STO-3G, LocalOraclePool {np.median(psi4):8.4f} s   ({args.psi4_jobs} jobs)"

@@ -33,6 +33,7 @@ from rdkit.Chem import AllChem  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import oracle_pool  # noqa: E402
 import oracles  # noqa: E402
 from data import Conformation  # noqa: E402
 
@@ -87,14 +88,14 @@ def main(argv=None):
 
     with ExitStack() as stack:
         ways = {bare_name: bare_job}
-        pool = stack.enter_context(oracles.LocalOraclePool(method, n_workers=1))
+        pool = stack.enter_context(oracle_pool.LocalOraclePool(method, n_workers=1))
         ways["LocalOraclePool"] = lambda: pool.submit(conf, 0).result()
         if args.dask:
             from dask.distributed import LocalCluster
             cluster = stack.enter_context(LocalCluster(
                 n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                 dashboard_address=None))
-            dask_pool = stack.enter_context(oracles.DaskOraclePool(cluster.scheduler_address,
+            dask_pool = stack.enter_context(oracle_pool.DaskOraclePool(cluster.scheduler_address,
                                                                    method))
             ways["DaskOraclePool"] = lambda: dask_pool.submit(conf, 0).result()
         for job in ways.values():                    # warm-up

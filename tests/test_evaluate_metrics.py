@@ -10,6 +10,7 @@ from rdkit.Chem import AllChem
 
 import data
 import evaluate
+import report
 
 H = data.HARTREE_TO_KCAL
 
@@ -79,12 +80,12 @@ def test_best_rmsd_is_zero_for_a_moved_copy_and_positive_otherwise():
 def test_table_formatting():
     s = {"pct_mean": 77.3, "pct_std": 20.1, "pct_div": 1.0, "e_res_mean_kcal_mol": 0.5,
          "pct_success": 62.9, "cov": None, "mat": None, "n_conformations": 10}
-    text = evaluate.format_table([("golf", s)])
+    text = report.format_table([("golf", s)])
     assert "77.30" in text and "62.90" in text and text.splitlines()[1].split()[0] == "golf"
 
 
 # ---------------------------------------------------------------------------------------
-# Sec. 6 per-step curves, no E_0, unconverged references, bootstrap intervals (issue 11)
+# Sec. 6 per-step curves, no E_0, unconverged references, bootstrap intervals
 # ---------------------------------------------------------------------------------------
 
 def test_per_step_leaves_out_what_diverged_at_T_at_every_step():
@@ -205,7 +206,7 @@ def test_summary_scores_no_e0_as_diverged_skips_unconverged_references_and_is_or
     # the jsonl is in finishing order: the same records in another order, the same summary
     again = evaluate.summarize(summary_args(tmp_path), records[::-1], confs)
     assert json.dumps(again) == json.dumps(s)
-    table = evaluate.format_table([("golf", s)])
+    table = report.format_table([("golf", s)])
     lo, hi = s["pct_div_ci95"]
     assert f"40.00 [{lo:.2f}, {hi:.2f}]" in table
     assert "1 conformations without E_0" in table and table.splitlines()[1].split()[-1] == "2"
@@ -270,8 +271,8 @@ def test_figures_put_every_model_in_one_picture(tmp_path):
     rdkit = {**s, "steps": [8], "pct_mean_per_step": [s["pct_mean"]],
              "pct_p10_per_step": [40.0], "pct_p90_per_step": [90.0], "pct_div_per_step": [40.0],
              "energy_mse_kcal_mol2_per_step": no_nnp, "forces_mse_kcal_mol_A2_per_step": no_nnp}
-    figs = evaluate.draw_figures([("golf", s), ("baseline", s), ("rdkit", rdkit)])
-    fig1, fig2, fig3 = (figs[name] for name in evaluate.FIGURES)
+    figs = report.draw_figures([("golf", s), ("baseline", s), ("rdkit", rdkit)])
+    fig1, fig2, fig3 = (figs[name] for name in report.FIGURES)
     assert [len(ax.lines) for ax in fig1.axes[:2]] == [2, 2]          # no NNP in the RDKit row
     assert [len(ax.collections) for ax in fig1.axes[:2]] == [2, 2]    # p10-p90 bands
     np.testing.assert_allclose(fig1.axes[0].lines[0].get_ydata(), [3.0, 0.5])   # medians
@@ -286,14 +287,14 @@ def test_figures_put_every_model_in_one_picture(tmp_path):
     nan = float("nan")
     lost = {**s, "pct_mean_per_step": [nan, nan], "pct_p10_per_step": [nan, nan],
             "pct_p90_per_step": [nan, nan], "pct_T_values": []}
-    figs = evaluate.draw_figures([("lost", lost)])
+    figs = report.draw_figures([("lost", lost)])
     assert len(figs["fig3_pct_over_steps.png"].axes[0].lines) == 0
     assert len(figs["fig3_pct_over_steps.png"].axes[1].lines) == 1
-    evaluate.save_figures(figs, str(tmp_path / "lost"))
+    report.save_figures(figs, str(tmp_path / "lost"))
     # a start at its optimum has pct_T = +-inf (Eq. 4 divides by E_0 - E_opt = 0): not drawn
     inf = float("inf")
     at_opt = {**s, "pct_T_values": [inf, inf]}     # both ended below E_opt = E_0
-    fig2 = evaluate.draw_figures([("at_opt", at_opt), ("golf", s)])["fig2_pct_violin.png"]
+    fig2 = report.draw_figures([("at_opt", at_opt), ("golf", s)])["fig2_pct_violin.png"]
     assert len(fig2.axes[0].collections) == 1 + 1 + 1     # golf's violin, the mean, p10/p90
     assert [t.get_text() for t in fig2.axes[0].get_xticklabels()] == ["golf"]
     # the table task draws them from summary.json files
@@ -303,7 +304,7 @@ def test_figures_put_every_model_in_one_picture(tmp_path):
         paths.append(str(tmp_path / name / "summary.json"))
         json.dump(summary, open(paths[-1], "w"))
     evaluate.main(["--task", "table", "--summaries", *paths, "--figures", str(tmp_path / "figs")])
-    assert all(os.path.getsize(tmp_path / "figs" / name) > 0 for name in evaluate.FIGURES)
+    assert all(os.path.getsize(tmp_path / "figs" / name) > 0 for name in report.FIGURES)
 
 
 def test_table_task_names_a_missing_summary_in_one_line(tmp_path):
@@ -371,8 +372,9 @@ def test_claims_pool_seeds_pair_conformations_and_give_each_verdict(tmp_path):
             ("rdkit", ["done"] * 20 + ["success"] * 20)]                       # 0 % / 50 %
     paths = [(name, write_evaluation(tmp_path / f"{name}{i}", o)) for i, (name, o)
              in enumerate(runs)]
+    outcomes = [(name, evaluate.scored_outcomes(path)) for name, path in paths]
     assert all(len(o) == n for _, o in runs)
-    text = evaluate.check_claims(paths, ["base", "traj", "-", "golf", "rdkit"], 500)
+    text = report.check_claims(outcomes, ["base", "traj", "-", "golf", "rdkit"], 500)
     lines = text.splitlines()
     assert lines[0] == "40 conformations, seeds: base 1, traj 1, golf 2, rdkit 1"
     assert "golf: pct_div 10.0 [" in text and "of all 55.0 [" in text   # mean of two seeds
@@ -389,7 +391,7 @@ def test_claims_pool_seeds_pair_conformations_and_give_each_verdict(tmp_path):
     assert "pct_div: rdkit - golf = -10.0 [" in text
     # the same rows read the other way round: traj-20K far ahead of GOLF fails claim 4,
     # and rdkit far behind traj fails "rdkit beats traj"
-    text = evaluate.check_claims(paths, ["-", "rdkit", "golf", "base", "traj"], 500)
+    text = report.check_claims(outcomes, ["-", "rdkit", "golf", "base", "traj"], 500)
     assert "claim 4. GOLF-K comes near traj-20K (within 10 points of all): FAILS" in text
     assert "claim 5. GOLF-K beats f_rdkit: FAILS" in text              # base 5 % < traj 25 %
     assert "claim 2. traj-K improves with K: NOT SHOWN" in text        # golf 55 % vs rdkit 50 %

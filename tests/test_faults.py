@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import data
+import safe_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -310,7 +311,7 @@ def test_every_stage_refuses_an_output_another_process_writes(clean, tmp_path, s
             "golf": lambda: ("golf.py", golf_argv(clean, out)),
             "evaluate": lambda: ("evaluate.py", eval_argv(clean, out))}[stage]()
     os.makedirs(out)
-    with data.output_lock(str(out)):       # this test process is the other writer
+    with safe_io.output_lock(str(out)):       # this test process is the other writer
         rc, _, err = run(argv[0], *argv[1])
     assert rc != 0 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (f"error: {out} is being written by another process "
@@ -344,7 +345,7 @@ def test_permanent_failures_are_not_retried_and_fail_the_run(clean, tmp_path):
     assert err.strip().splitlines()[-1] == ("error: every one of the 2 conformations failed; "
                                             "nothing was labelled (the reasons are above)")
     assert "[will repeat: not retried]" in stdout and "rerun the same command" not in stdout
-    failures = data.read_jsonl(f"{out}.failures.jsonl")
+    failures = safe_io.read_jsonl(f"{out}.failures.jsonl")
     assert [f["attempts"] for f in failures] == [1, 1]       # --oracle_retries 1 not used
     assert all(f["reason"].startswith("BasisSetNotFound") for f in failures)
     # evaluate stops at the first such failure and records nothing for it
@@ -355,31 +356,8 @@ def test_permanent_failures_are_not_retried_and_fail_the_run(clean, tmp_path):
     assert not os.path.exists(tmp_path / "eval" / "per_conformation.jsonl")
 
 
-# ---------------------------------------------------------------------------------------
-# Append-only JSON lines with a torn tail
-# ---------------------------------------------------------------------------------------
-
-def test_a_torn_last_line_is_dropped_and_cut_before_the_next_append(tmp_path, capsys):
-    path = str(tmp_path / "log.jsonl")
-    data.append_jsonl(path, {"a": 1})
-    with open(path, "a") as f:
-        f.write('{"a": 2, "b')                       # a kill in the middle of a write
-    assert data.read_jsonl(path) == [{"a": 1}]
-    assert "dropped a partial last line" in capsys.readouterr().err
-    data.append_jsonl(path, {"a": 3})
-    assert open(path).read() == '{"a": 1}\n{"a": 3}\n'
-    with open(path, "a") as f:
-        f.write('{"a": 4}')                          # whole, only the newline missing
-    data.append_jsonl(path, {"a": 5})
-    assert data.read_jsonl(path) == [{"a": 1}, {"a": 3}, {"a": 4}, {"a": 5}]
-    with open(path, "w") as f:
-        f.write('{"a": 1}\nnot json\n{"a": 2}\n')   # damage inside: named, not skipped
-    with pytest.raises(data.DataError, match="line 2: not JSON"):
-        data.read_jsonl(path)
-
-
 def test_permanent_failures_are_told_from_transient_ones():
-    import oracles
+    import oracle_pool
     # reasons as Psi4, the pool and RDKit word them (see test_oracles.py for the real calls)
     for reason in ("BasisSetNotFound: BasisSet::construct: Unable to find a basis set for "
                    "atom 1 for key BASIS among: Shell Entries: ['I']",
@@ -387,13 +365,13 @@ def test_permanent_failures_are_told_from_transient_ones():
                    "'dertype' (auto) are not available.",
                    "MMFF: row 3: MMFF94 has no atom types for [Se]",
                    "RuntimeError: unsupported element Z=92"):
-        assert oracles.is_permanent(reason), reason
+        assert oracle_pool.is_permanent(reason), reason
     for reason in ("timeout: no result within 600 s (worker killed)",
                    "SCFConvergenceError: Could not converge SCF iterations in 100 iterations.",
                    "ValidationError: Following atoms are too close: [(1, 2, 0.0349)]",
                    "worker died with signal 9 (SIGKILL)", "pool closed before the job finished",
                    "Dask task failed: KilledWorker", ""):
-        assert not oracles.is_permanent(reason), reason
+        assert not oracle_pool.is_permanent(reason), reason
 
 
 def test_anything_but_a_checkpoint_is_one_clear_error(tmp_path):

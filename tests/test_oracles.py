@@ -15,6 +15,7 @@ from rdkit import Chem
 from rdkit.Chem import AllChem
 
 import data
+import oracle_pool
 import oracles
 from data import BOHR_TO_ANGSTROM, Conformation
 
@@ -51,7 +52,7 @@ def reaped(pid):
 @pytest.fixture(scope="module")
 def pool():
     """Two workers, retries=1, a generous timeout."""
-    with oracles.LocalOraclePool(METHOD, n_workers=2, timeout=60, retries=1,
+    with oracle_pool.LocalOraclePool(METHOD, n_workers=2, timeout=60, retries=1,
                                  psi4_options=EXACT) as pool:
         yield pool
 
@@ -59,7 +60,7 @@ def pool():
 @pytest.fixture(scope="module")
 def strict_pool():
     """One worker, timeout 5 s, no retries, optimizations of at most 2 steps."""
-    with oracles.LocalOraclePool(METHOD, n_workers=1, timeout=5, retries=0,
+    with oracle_pool.LocalOraclePool(METHOD, n_workers=1, timeout=5, retries=0,
                                  max_opt_steps=2, psi4_options=EXACT) as pool:
         yield pool
 
@@ -106,7 +107,7 @@ def test_impossible_inputs_come_back_as_failure_records(pool):
     doublet_water = pool.submit(CRAWFORD_WATER, 2, multiplicity=2).result()
     for r in (no_basis, doublet_water):
         assert not r.ok and r.energy is None and r.forces is None
-        assert oracles.is_permanent(r.reason)           # they would fail again:
+        assert oracle_pool.is_permanent(r.reason)           # they would fail again:
         assert r.attempts == 1                          # not retried (retries=1)
         assert r.seconds >= 0.0
     assert "BasisSetNotFound" in no_basis.reason
@@ -166,7 +167,7 @@ def test_timeout_kills_the_job_and_the_pool_goes_on(strict_pool):
 
 
 def test_scf_non_convergence_is_a_failure_record():
-    with oracles.LocalOraclePool(METHOD, n_workers=1, retries=0,
+    with oracle_pool.LocalOraclePool(METHOD, n_workers=1, retries=0,
                                  psi4_options={"maxiter": 2, "fail_on_maxiter": True}) as pool:
         r = pool.submit(CRAWFORD_WATER, 0).result()
     assert not r.ok and "SCFConvergenceError" in r.reason
@@ -189,7 +190,7 @@ def test_a_crashed_optimization_keeps_its_finished_steps(strict_pool):
 
 
 def test_workers_are_reaped_and_scratch_removed():
-    with oracles.LocalOraclePool(METHOD, n_workers=1) as pool:
+    with oracle_pool.LocalOraclePool(METHOD, n_workers=1) as pool:
         assert pool.submit(CRAWFORD_WATER, 0).result().ok
         pids = pool.worker_pids
         dirs = [w.dir for w in pool._workers]
@@ -202,9 +203,25 @@ def test_workers_are_reaped_and_scratch_removed():
 
 def test_bad_settings_are_one_clear_error():
     with pytest.raises(oracles.OracleError, match="--psi4_memory"):
-        oracles.LocalOraclePool(METHOD, n_workers=1, memory="lots")
+        oracle_pool.LocalOraclePool(METHOD, n_workers=1, memory="lots")
     with pytest.raises(oracles.OracleError, match="--n_workers"):
-        oracles.LocalOraclePool(METHOD, n_workers=0)
+        oracle_pool.LocalOraclePool(METHOD, n_workers=0)
+    with pytest.raises(oracles.OracleError, match="--oracle_threads must be at least 1"):
+        oracle_pool.LocalOraclePool(METHOD, n_workers=1, threads=0)
+
+
+def test_oracle_threads_flag_and_its_psi4_alias_reach_the_pool():
+    import argparse
+    parser = oracles.add_oracle_args(argparse.ArgumentParser())
+    assert parser.parse_args([]).oracle_threads == 1
+    for flag in ("--oracle_threads", "--psi4_threads"):
+        args = parser.parse_args([flag, "3", "--n_workers", "1", "--oracle_method", "gfn2-xtb"])
+        assert args.oracle_threads == 3
+        with oracle_pool.make_oracle_pool(args) as pool:
+            assert pool.settings["threads"] == 3 and pool.n_parallel == 1
+            (worker,) = pool._workers
+            with open(f"/proc/{worker.process.pid}/environ", "rb") as f:
+                assert b"OMP_NUM_THREADS=3\0" in f.read()
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,7 +264,7 @@ def test_dask_pool_gives_the_local_results(pool):
              pool.submit(CRAWFORD_WATER, 1, kind="optimize").result()]
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, \
-            oracles.DaskOraclePool(cluster.scheduler_address, METHOD, timeout=60,
+            oracle_pool.DaskOraclePool(cluster.scheduler_address, METHOD, timeout=60,
                                    retries=1, psi4_options=EXACT) as dask_pool:
         futures = [dask_pool.submit(ethanol, 0),
                    dask_pool.submit(CRAWFORD_WATER, 1, kind="optimize"),
@@ -264,7 +281,7 @@ def test_dask_pool_gives_the_local_results(pool):
 
 def test_unreachable_dask_scheduler_is_one_clear_error():
     with pytest.raises(oracles.OracleError, match="cannot reach the Dask scheduler"):
-        oracles.DaskOraclePool("tcp://127.0.0.1:9", METHOD, connect_timeout=1)
+        oracle_pool.DaskOraclePool("tcp://127.0.0.1:9", METHOD, connect_timeout=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,10 +327,10 @@ def test_isolated_atom_energies_are_the_nabladft_atomrefs():
     """Free atoms, unrestricted, Hund's multiplicity: STO-3G's hydrogen atom is the textbook
     -0.46658 Hartree, and at wB97X-D/def2-SVP H and O give nablaDFT's atomrefs."""
     import painn
-    with oracles.LocalOraclePool(method="hf/sto-3g", n_workers=1) as pool:
+    with oracle_pool.LocalOraclePool(method="hf/sto-3g", n_workers=1) as pool:
         refs = oracles.isolated_atom_energies(pool, [1, 1, 8])
     assert refs[1] == pytest.approx(-0.466581849, abs=1e-7) and refs[8] < -73
-    with oracles.LocalOraclePool(method="wb97x-d/def2-svp", n_workers=1) as pool:
+    with oracle_pool.LocalOraclePool(method="wb97x-d/def2-svp", n_workers=1) as pool:
         refs = oracles.isolated_atom_energies(pool, [1, 8])
     for z in (1, 8):
         assert refs[z] == pytest.approx(painn.NABLADFT_ATOMREFS[z], abs=1e-5)
@@ -339,7 +356,7 @@ def tblite_direct(conf, uhf=0, method="GFN2-xTB"):
 
 @pytest.fixture(scope="module")
 def xtb_pool():
-    with oracles.LocalOraclePool(XTB, n_workers=2, timeout=60, retries=1) as pool:
+    with oracle_pool.LocalOraclePool(XTB, n_workers=2, timeout=60, retries=1) as pool:
         yield pool
 
 
@@ -387,17 +404,17 @@ def test_xtb_impossible_inputs_come_back_as_failure_records(xtb_pool):
         assert not r.ok and r.energy is None and r.attempts == 2
         assert "TBLiteRuntimeError" in r.reason
     assert "not compatible" in doublet_water.reason and "Z >86" in oganesson.reason
-    with oracles.LocalOraclePool(XTB, n_workers=1, retries=0,
+    with oracle_pool.LocalOraclePool(XTB, n_workers=1, retries=0,
                                  psi4_options={"max-iter": 2}) as pool:   # SCC out of cycles
         r = pool.submit(embedded("CCO"), 0).result()
     assert not r.ok and "SCF not converged in 2" in r.reason
     with pytest.raises(oracles.OracleError, match="not a tblite method; use gfn2-xtb or gfn1-xtb"):
-        oracles.LocalOraclePool("gfn0-xtb", n_workers=1)
+        oracle_pool.LocalOraclePool("gfn0-xtb", n_workers=1)
 
 
 def test_xtb_timeout_is_a_failure_record_and_is_retried():
     alkane = embedded("C" * 60)                       # 182 atoms: ~1 s per gradient
-    with oracles.LocalOraclePool(XTB, n_workers=1, timeout=0.2, retries=1) as pool:
+    with oracle_pool.LocalOraclePool(XTB, n_workers=1, timeout=0.2, retries=1) as pool:
         (pid,) = pool.worker_pids
         slow, water = pool.submit(alkane, 0), pool.submit(CRAWFORD_WATER, 1)
         r = slow.result()
@@ -436,7 +453,7 @@ def test_xtb_optimization_records_every_step_down_to_the_criterion(xtb_pool):
 
 def test_xtb_optimization_out_of_steps_keeps_them():
     ethanol = embedded("CCO")
-    with oracles.LocalOraclePool(XTB, n_workers=1, max_opt_steps=3) as pool:
+    with oracle_pool.LocalOraclePool(XTB, n_workers=1, max_opt_steps=3) as pool:
         r = pool.submit(ethanol, 4, kind="optimize").result()
     assert r.ok and not r.converged and r.n_steps == 3
     assert "not converged in 3 steps" in r.reason and "Hartree/Bohr" in r.reason
@@ -447,7 +464,7 @@ def test_xtb_free_atoms_have_hunds_spin():
     """isolated_atom_energies: each free atom with its unpaired electrons (uhf) as tblite
     computes it; GFN2-xTB's hydrogen atom is -0.393482764 Hartree."""
     unpaired = {1: 1, 6: 2, 7: 3, 8: 2, 9: 1, 16: 2, 17: 1, 35: 1}
-    with oracles.LocalOraclePool(XTB, n_workers=1) as pool:
+    with oracle_pool.LocalOraclePool(XTB, n_workers=1) as pool:
         refs = oracles.isolated_atom_energies(pool, [35, 1, 6, 7, 8, 9, 16, 17, 1])
     assert sorted(refs) == sorted(unpaired)
     for z, uhf in unpaired.items():
@@ -460,7 +477,7 @@ def test_xtb_free_atoms_have_hunds_spin():
 
 def test_gfn1_xtb_is_tblites_gfn1():
     ethanol = embedded("CCO")
-    with oracles.LocalOraclePool("GFN1-xTB", n_workers=1) as pool:
+    with oracle_pool.LocalOraclePool("GFN1-xTB", n_workers=1) as pool:
         r = pool.submit(ethanol, 0).result()
     assert r.ok and r.energy == pytest.approx(tblite_direct(ethanol, method="GFN1-xTB")[0],
                                               abs=1e-10)
@@ -473,7 +490,7 @@ def test_xtb_dask_pool_gives_the_local_results(xtb_pool):
              xtb_pool.submit(ethanol, 1, kind="optimize").result()]
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address=None) as cluster, \
-            oracles.DaskOraclePool(cluster.scheduler_address, XTB, timeout=60) as dask_pool:
+            oracle_pool.DaskOraclePool(cluster.scheduler_address, XTB, timeout=60) as dask_pool:
         remote = [f.result(timeout=60) for f in (dask_pool.submit(ethanol, 0),
                                                  dask_pool.submit(ethanol, 1, kind="optimize"))]
     for a, b in zip(local, remote):

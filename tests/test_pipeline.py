@@ -14,6 +14,7 @@ import evaluate
 import golf
 import make_trajectories
 import painn
+import report
 import train_baseline
 
 ORACLE = ["--oracle_method", "hf/sto-3g", "--n_workers", "2"]
@@ -50,8 +51,8 @@ def test_golf_with_real_psi4(stages):
     collected, _ = data.read_db(str(out / "collected.db"), "total")
     assert len(collected) == 10
     # every added conformation carries the genuine oracle's label: check one against Psi4
-    import oracles
-    with oracles.LocalOraclePool(method="hf/sto-3g", n_workers=1) as pool:
+    import oracle_pool
+    with oracle_pool.LocalOraclePool(method="hf/sto-3g", n_workers=1) as pool:
         again = pool.submit(collected[0], 0).result()
     assert again.ok and again.energy == pytest.approx(collected[0].energy, abs=1e-6)
     np.testing.assert_allclose(again.forces, collected[0].forces, atol=1e-5)
@@ -127,7 +128,7 @@ def test_evaluate_end_to_end(stages):
     # Table 2 and Figures 1-3 of both rows
     evaluate.main(["--task", "table", "--summaries", str(out / "summary.json"),
                    str(root / "eval_rdkit" / "summary.json"), "--figures", str(root / "figs")])
-    assert all(os.path.getsize(root / "figs" / name) > 0 for name in evaluate.FIGURES)
+    assert all(os.path.getsize(root / "figs" / name) > 0 for name in report.FIGURES)
     evaluate.main(["--task", "prediction", "--checkpoint", str(root / "baseline" / "checkpoint.pt"),
                    "--db", test, "--out_dir", str(root / "pred")])
     pred = json.load(open(root / "pred" / "summary.json"))

@@ -10,6 +10,7 @@ import pytest
 
 import data
 import make_trajectories
+import oracle_pool
 import oracles
 
 METHOD = "hf/sto-3g"
@@ -130,7 +131,7 @@ def test_units_order_and_sign_against_our_oracle(spice_file, tmp_path):
     assert np.allclose(row.positions, water_bohr[[2, 0, 1]] * 0.529177210903, atol=1e-6)
     assert row.data["energy"][0] == water_energy
     conf = data.Conformation(numbers=row.numbers, positions=row.positions, smiles=row.smiles)
-    with oracles.LocalOraclePool(METHOD, n_workers=1) as pool:
+    with oracle_pool.LocalOraclePool(METHOD, n_workers=1) as pool:
         result = pool.submit(conf, 0).result()
     assert result.ok
     assert result.energy == pytest.approx(water_energy, abs=1e-6)   # float32 positions

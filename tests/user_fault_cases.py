@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/user_fault_cases.py [REPO_DIR]     (default: this repo; ~3 min)
 
-REPO_DIR is the checkout whose scripts run (e.g. an older commit, to compare). Every case is
+REPO_DIR is the checkout whose scripts run (e.g. another checkout, to compare). Every case is
 a command line with a fault (a bad path, a file of the wrong kind, a locked output, an
 unreachable Dask scheduler, a failing oracle, a torn JSON line, a kill mid-run, ...). The
 outcome is one of:
@@ -238,7 +238,7 @@ def cases(repo, x, tmp):
     count = lambda: rows(collected)   # noqa: E731
     count.expected = 6
     yield gf, "two processes on one --out_dir", two_writers(repo, gf, golf_argv(x, d("g7")), count)
-    collected = os.path.join(d("g9"), "collected.db")    # the case: 12 rows, K = 6
+    collected = os.path.join(d("g9"), "collected.db")    # every row twice: 12 rows, K = 6
     sh(repo, gf, *golf_argv(x, d("g9")), timeout=180)
     import ase.db
     db = ase.db.connect(collected)
