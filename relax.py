@@ -169,12 +169,13 @@ class Result:
 
 class BatchRelaxer:
     """One batched optimizer of --batch_size slots (optimizers.py). Every evaluation is one
-    NNP call on the atoms of the slots being evaluated. At the first evaluation of each step,
-    E(s_t) and F(s_t), a molecule whose largest atomic force is at most fmax, that took
-    --steps steps, or whose numbers are no longer finite, is finished: its forces are
-    handed to the optimizer as zeros, so the optimizer leaves it where it is (grad_threshold
-    0: zero forces are its converged state). Its slot is then refilled from the queue, the
-    retries first. The result is the geometry where E and F were evaluated."""
+    NNP call on the atoms of the slots being evaluated. At every evaluation, a molecule
+    whose largest atomic force is at most fmax, or whose numbers are no longer finite, and
+    at the first evaluation of a step, E(s_t) and F(s_t), one that took --steps steps, is
+    finished: its forces are handed to the optimizer as zeros, so the optimizer leaves it
+    where it is (grad_threshold 0: zero forces are its converged state). Its slot is then
+    refilled from the queue, the retries first. The result is the geometry where its last
+    E and F were evaluated."""
 
     def __init__(self, model, args, fmax):
         self.model, self.args, self.fmax = model, args, fmax
@@ -199,6 +200,7 @@ class BatchRelaxer:
         energy_start = torch.full((S,), math.nan, **f64)   # E(s_0) [S], Hartree
         energy_end = torch.full((S,), math.nan, **f64)     # E at the finished geometry [S]
         force_end = torch.full((S,), math.nan, **f64)      # max_i |F_i| there [S]
+        steps_end = torch.zeros(S, dtype=torch.long, device=dev)   # steps taken by then
         finished = torch.zeros(S, dtype=torch.bool, device=dev)
         z = None
         first_evaluation = False
@@ -207,29 +209,31 @@ class BatchRelaxer:
 
         def energy_and_forces(positions):
             """E [S] (Hartree) and F [n_atoms, 3] (Hartree/A) of the layout, one NNP call on
-            the slots being evaluated; at a step's first evaluation, finish slots."""
+            the slots being evaluated; finishes slots (see the class)."""
             nonlocal first_evaluation
-            keep = opt.evaluating[opt.batch]                                # [n_atoms]
+            ev = opt.evaluating                                             # [S]
+            keep = ev[opt.batch]                                            # [n_atoms]
             energy, f = self.model(z[keep], positions[keep], opt.batch[keep], S)
             forces = torch.zeros_like(positions)
             forces[keep] = f.detach().to(positions.dtype)
             energy = energy.detach()
+            atom_force = torch.linalg.vector_norm(forces.double(), dim=1)   # |F_i| [n_atoms]
+            bad_atom = ~(torch.isfinite(atom_force) & torch.isfinite(positions).all(1))
+            bad = torch.zeros(S, **f64).index_add_(0, opt.batch, bad_atom.double()) > 0
+            bad |= ~torch.isfinite(energy)
+            largest = torch.zeros(S, **f64).scatter_reduce_(
+                0, opt.batch, atom_force.nan_to_num(math.inf), "amax")     # max_i |F_i| [S]
+            # opt.n_steps: steps done at a step's first evaluation, begun at a later one
+            stop = ev & (bad | (largest <= self.fmax))
             if first_evaluation:                      # E(s_t), F(s_t) of every moving slot
                 first_evaluation = False
-                t = opt.n_steps                                             # [S] steps done
-                atom_force = torch.linalg.vector_norm(forces.double(), dim=1)   # |F_i|
-                bad_atom = ~(torch.isfinite(atom_force) & torch.isfinite(positions).all(1))
-                bad = torch.zeros(S, **f64).index_add_(0, opt.batch, bad_atom.double()) > 0
-                bad |= ~torch.isfinite(energy)
-                largest = torch.zeros(S, **f64).scatter_reduce_(
-                    0, opt.batch, atom_force.nan_to_num(math.inf), "amax")      # [S]
-                ev = opt.evaluating
-                energy_start.copy_(torch.where(ev & (t == 0), energy, energy_start))
-                stop = ev & (bad | (largest <= self.fmax) | (t >= args.steps))
-                energy_end.copy_(torch.where(stop, energy, energy_end))
-                force_end.copy_(torch.where(stop, largest, force_end))
-                finished.copy_(finished | stop)
-                forces[stop[opt.batch]] = 0.0         # the optimizer leaves them in place
+                energy_start.copy_(torch.where(ev & (opt.n_steps == 0), energy, energy_start))
+                stop |= ev & (opt.n_steps >= args.steps)
+            energy_end.copy_(torch.where(stop, energy, energy_end))
+            force_end.copy_(torch.where(stop, largest, force_end))
+            steps_end.copy_(torch.where(stop, opt.n_steps, steps_end))
+            finished.copy_(finished | stop)
+            forces[stop[opt.batch]] = 0.0             # the optimizer leaves them in place
             return energy, forces
 
         def fill(k):
@@ -240,7 +244,7 @@ class BatchRelaxer:
                 if bool(opt.active[k]):
                     opt.deactivate(k)
                 return
-            opt.replace(k, torch.as_tensor(task.start, **f64))
+            opt.replace(k, torch.tensor(task.start, **f64))
             opt.max_step[k] = self.caps[task.attempt]
             z_slots[k] = torch.as_tensor(task.molecule.numbers, dtype=torch.long, device=dev)
             energy_start[k] = energy_end[k] = force_end[k] = math.nan
@@ -257,7 +261,7 @@ class BatchRelaxer:
                 task = slot_task[k]
                 result = Result(task, opt.slot_positions(k).cpu().numpy(),
                                 float(energy_start[k]), float(energy_end[k]),
-                                float(force_end[k]), int(opt.n_steps[k]) - 1,
+                                float(force_end[k]), int(steps_end[k]),
                                 bool(force_end[k] <= self.fmax), attempts=task.attempt)
                 result.flags = quality_flags(task.molecule.numbers, task.start,
                                              result.positions, args.bond_factor,

@@ -277,3 +277,48 @@ def test_check_with_xtb_reports_start_and_end_energies(tmp_path):
     assert m.GetDoubleProp("oracle_drop_kcal_mol") == pytest.approx(
         (start - end) * data.HARTREE_TO_KCAL)
     assert "gfn2-xtb energy drop: mean" in stdout
+
+
+def test_sdf_in_bad_record_one_line_implicit_hydrogens_added(tmp_path):
+    from rdkit.Chem import AllChem
+    ethanol = Chem.AddHs(Chem.MolFromSmiles("CCO"))
+    AllChem.EmbedMolecule(ethanol, randomSeed=1)
+    ethanol.SetProp("_Name", "ethanol")
+    five = Chem.RWMol(Chem.MolFromSmiles("C"))           # a carbon with five hydrogens
+    for _ in range(5):
+        five.AddBond(0, five.AddAtom(Chem.Atom(1)), Chem.BondType.SINGLE)
+    five.AddConformer(Chem.Conformer(6))
+    acid = Chem.AddHs(Chem.MolFromSmiles("CC(=O)O"))
+    AllChem.EmbedMolecule(acid, randomSeed=1)
+    acid = Chem.RemoveHs(acid)                          # heavy atoms only: H left implicit
+    acid.SetProp("_Name", "acetic_acid")
+    blocks = [Chem.MolToMolBlock(ethanol), Chem.MolToMolBlock(five, kekulize=False),
+              Chem.MolToMolBlock(acid)]
+    sdf, out = tmp_path / "in.sdf", tmp_path / "out.sdf"
+    sdf.write_text("".join(b + "$$$$\n" for b in blocks))
+    status, _, stderr = run("--in", str(sdf), "--out", str(out))
+    assert status == 0
+    assert [line for line in stderr.splitlines() if "record" in line] == [
+        f"note: {sdf} record 3: hydrogens the file leaves implicit were added (RDKit)",
+        f"warning: {sdf} record 2: RDKit cannot read it (check its atoms, bonds and valences)"]
+    mols = records(out)
+    assert [m.GetProp("_Name") for m in mols] == ["ethanol", "acetic_acid"]
+    assert mols[1].GetNumAtoms() == 8 and mols[1].GetIntProp("converged") == 1
+    # the input's bonds are the output's
+    assert Chem.MolToSmiles(Chem.RemoveHs(mols[1])) == Chem.MolToSmiles(Chem.MolFromSmiles("CC(=O)O"))
+
+
+def test_db_in_keeps_smiles_and_writes_oracle_labels(tmp_path):
+    """An ASE db in, with --check_with: the output row is a labelled conformation of data.py's
+    schema (xTB energy and forces at the relaxed geometry), its SMILES kept."""
+    numbers, confs = make_trajectories.embed("CO", 1, 5)
+    src = data.connect_for_writing(str(tmp_path / "in.db"))
+    data.write_conformation(src, data.Conformation(numbers, confs[0], smiles="CO"), conf_id=7)
+    out = tmp_path / "out.db"
+    status, _, _ = run("--in", str(tmp_path / "in.db"), "--out", str(out),
+                       "--check_with", "gfn2-xtb", "--n_workers", "1")
+    assert status == 0
+    (conf,), _ = data.read_db(str(out), "total", verbose=False)
+    assert conf.smiles == "CO" and conf.forces.shape == (6, 3)
+    assert conf.energy == pytest.approx(conf.info["oracle_end_hartree"])
+    assert conf.info["oracle_end_hartree"] < conf.info["oracle_start_hartree"]
