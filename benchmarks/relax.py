@@ -18,7 +18,7 @@ energies of the two NNP routes (median difference, which ends lower, and both ag
 own optimum); how often each route's result is flagged by relax.quality_flags.
 
     nice -n 10 python benchmarks/relax.py --n 16 [--threads 2] [--dtype float32]
-        [--ase_dtypes float64] [--skip_xtb_opt] [--batch_size 64]
+        [--ase_dtypes float64] [--skip_xtb_opt] [--batch_size 64] [--device cuda]
 
 torch uses --threads threads (default 2: the goal is stated on 2 cores); xTB uses
 OMP_NUM_THREADS. Goals: >= 20x the molecules/s of ASE BFGS; final xTB energies within 0.5
@@ -80,23 +80,25 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="the NNP's dtype in both routes (GolfCalculator's own default: float64)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--device", default="cpu", help="both NNP routes' device (cpu, cuda)")
     p.add_argument("--skip_xtb_opt", action="store_true", help="no xTB optimizations")
     p.add_argument("--skip_ase", action="store_true", help="no ASE BFGS (the slow route)")
     p.add_argument("--ase_dtypes", default="float64",
                    help="ASE BFGS timed again in these dtypes, comma-separated ('' : none)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    relax_args = relax.parse_args(["--in", "(benchmark)", "--out", "(benchmark).sdf", "--fmax", str(args.fmax),
-                                   "--steps", str(args.steps), "--batch_size",
-                                   str(args.batch_size), "--dtype", args.dtype])
+    relax_args = relax.parse_args(["--in", "(benchmark)", "--out", "(benchmark).sdf",
+                                   "--fmax", str(args.fmax), "--steps", str(args.steps),
+                                   "--batch_size", str(args.batch_size), "--dtype", args.dtype,
+                                   "--device", args.device])
     dtype = getattr(torch, args.dtype)
-    model = painn.load_checkpoint(args.checkpoint).to(dtype).eval()
+    model = painn.load_checkpoint(args.checkpoint, args.device).to(dtype).eval()
     tasks = drug_like_tasks(args, relax_args, relax.model_elements(model))
     n = len(tasks)
     n_atoms = np.array([t.molecule.n_atoms for t in tasks])
     print(f"{n} molecules of {args.smiles}, {n_atoms.min()}-{n_atoms.max()} atoms (mean "
           f"{n_atoms.mean():.1f}), one ETKDG conformation each; {os.path.relpath(args.checkpoint)}"
-          f" in {args.dtype}; stop at max |F_i| <= {args.fmax} eV/A; torch threads "
+          f" in {args.dtype} on {args.device}; stop at max |F_i| <= {args.fmax} eV/A; torch threads "
           f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}",
           flush=True)
     seconds = {}
@@ -113,14 +115,14 @@ def main(argv=None):
     # ---- ASE BFGS, one molecule at a time
     ase_out = []
     if not args.skip_ase:
-        calculator = painn.GolfCalculator(painn.load_checkpoint(args.checkpoint), dtype=dtype)
+        calculator = painn.GolfCalculator(args.checkpoint, device=args.device, dtype=dtype)
         start = time.perf_counter()
         for t in tasks:
             ase_out.append(ase_bfgs(calculator, t, args.fmax, 5 * args.steps))
         seconds[f"ASE BFGS, {args.dtype}"] = time.perf_counter() - start
         print(f"ASE BFGS: {seconds[f'ASE BFGS, {args.dtype}']:.1f} s", flush=True)
         for name in [d for d in args.ase_dtypes.split(",") if d and d != args.dtype]:
-            calculator = painn.GolfCalculator(painn.load_checkpoint(args.checkpoint),
+            calculator = painn.GolfCalculator(args.checkpoint, device=args.device,
                                               dtype=getattr(torch, name))
             start = time.perf_counter()
             for t in tasks:
