@@ -93,6 +93,7 @@ STRUCTURAL_FLAGS = ("non_finite", "bond_broken", "bond_formed", "flown_off", "cl
 
 def relax(args):
     fmax = force_threshold(args.fmax, args.fmax_unit)                     # Hartree/A
+    output_format(args.out)                                               # before any work
     model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
     model.eval()
     elements = model_elements(model)
@@ -335,7 +336,8 @@ def quality_flags(numbers, start, end, bond_factor=1.25, clash_fraction=0.55, li
     alone = bonded_start.any(1) & ~bonded_end.any(1)                         # [n]
     if alone.any():
         atoms = np.nonzero(alone)[0]
-        flags.append(f"flown_off:{', '.join(f'{chemical_symbols[numbers[a]]}{a + 1}' for a in atoms[:limit])}"
+        names = ", ".join(f"{chemical_symbols[numbers[a]]}{a + 1}" for a in atoms[:limit])
+        flags.append(f"flown_off:{names}"
                      + (f" +{len(atoms) - limit}" if len(atoms) > limit else ""))
     r_vdw = np.nan_to_num(vdw_radii[numbers], nan=2.0)
     share_neighbour = (bonded_start.astype(int) @ bonded_start.astype(int)) > 0   # 1-3 pairs
@@ -406,7 +408,8 @@ class Finisher:
             written, n_dup = select_conformers(written, self.args.keep,
                                                self.args.rmsd_threshold)
             self.summary.n_duplicates += n_dup
-            self.summary.n_not_kept += len([r for r in results if not r.failed]) - len(written) - n_dup
+            intact = [r for r in results if not r.failed]
+            self.summary.n_not_kept += len(intact) - len(written) - n_dup
         failed = [r for r in results if r.failed]
         futures = []
         if self.pool is not None:
@@ -428,11 +431,14 @@ class Finisher:
             if not block and not all(f.done() for pair in futures for f in pair):
                 still.append((written, failed, futures))
                 continue
-            oracle = [tuple(f.result() for f in pair) for pair in futures] or [None] * len(written)
-            # the relaxed ones first: they mark the molecule done (with --keep, a kill
+            oracle = ([tuple(f.result() for f in pair) for pair in futures]
+                      or [None] * len(written))                  # [(start, end)] results
+            # the relaxed ones first, in one write: they mark the molecule done (a kill
             # between the two writes loses only failure records, never a relaxation)
-            for rank, (r, check) in enumerate(zip(written, oracle), 1):
-                self.output.write(r, rank if self.args.keep is not None else None, check)
+            ranks = range(1, len(written) + 1) if self.args.keep is not None \
+                else [None] * len(written)
+            self.output.write(list(zip(written, ranks, oracle)))
+            for r, check in zip(written, oracle):
                 self.summary.count_written(r, check)
             for r in failed:
                 data.append_jsonl(failed_path(self.args.out), failure_record(r))
@@ -448,8 +454,8 @@ class Finisher:
 def failure_record(r):
     m = r.task.molecule
     return {"input_index": m.index, "conformer_index": r.task.conformer, "name": m.name,
-            "where": m.where, "reason": "; ".join(r.flags), "first_attempt": "; ".join(r.first_flags),
-            "attempts": r.attempts, "steps": r.steps}
+            "where": m.where, "reason": "; ".join(r.flags),
+            "first_attempt": "; ".join(r.first_flags), "attempts": r.attempts, "steps": r.steps}
 
 
 def failed_path(out):
@@ -489,14 +495,17 @@ def properties(r, rank, check):
 # Outputs: SDF (complete records appended) or ASE db
 # ---------------------------------------------------------------------------------------
 
-def open_output(path, molecules):
+def output_format(path):
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".sdf":
-        output = SdfOutput(path)
-    elif ext == ".db":
-        output = DbOutput(path)
-    else:
+    if ext not in (".sdf", ".db"):
         raise data.DataError(f"--out {path}: the extension says the format; use .sdf or .db")
+    if os.path.isdir(path):
+        raise data.DataError(f"--out {path} is a directory; name a .sdf or .db file")
+    return ext
+
+
+def open_output(path, molecules):
+    output = SdfOutput(path) if output_format(path) == ".sdf" else DbOutput(path)
     output.check_matches(molecules)
     return output
 
@@ -547,7 +556,17 @@ class SdfOutput:
                     f"atoms, but in the input it has {m.n_atoms}: the input changed since "
                     "this output was written; write to another --out")
 
-    def write(self, r, rank, check):
+    def write(self, unit):
+        """Append the records of [(Result, rank, oracle check)] in one write."""
+        if not unit:
+            return
+        with open(self.path, "a") as f:
+            f.write("".join(self.record(*item) for item in unit))
+            f.flush()
+            os.fsync(f.fileno())
+
+    @staticmethod
+    def record(r, rank, check):
         mol = with_positions(r.task.molecule.template(), r.positions)
         mol.SetProp("_Name", r.task.molecule.name or f"molecule {r.task.molecule.index}")
         props = {**properties(r, rank, check), "n_atoms": r.task.molecule.n_atoms}
@@ -555,19 +574,16 @@ class SdfOutput:
             block = Chem.MolToMolBlock(mol)
         except Exception:                              # no kekulé form: aromatic bonds
             block = Chem.MolToMolBlock(mol, kekulize=False)
-        text = block + "".join(f">  <{k}>\n{format_value(v)}\n\n" for k, v in props.items())
-        with open(self.path, "a") as f:
-            f.write(text + "$$$$\n")
-            f.flush()
-            os.fsync(f.fileno())
+        return (block + "".join(f">  <{k}>\n{format_value(v)}\n\n" for k, v in props.items())
+                + "$$$$\n")
 
     def rewrite_sorted(self):
         records = self.records()
-        order = sorted(records, key=lambda r: tuple(v if v is not None else -1 for v in
-                                                    (lambda k: (k["input_index"],
-                                                                k["energy_rank"],
-                                                                k["conformer_index"]))(
-                                                        self.record_keys(r))))
+        def key(record):                   # input order, then lowest energy (--keep)
+            k = self.record_keys(record)
+            return tuple(-1 if k[name] is None else k[name]
+                         for name in ("input_index", "energy_rank", "conformer_index"))
+        order = sorted(records, key=key)
         if order != records:
             tmp = f"{self.path}.sorting"
             with open(tmp, "w") as f:
@@ -605,17 +621,19 @@ class DbOutput:
                     f"{m.index}: the input changed since this output was written; write to "
                     "another --out")
 
-    def write(self, r, rank, check):
-        m = r.task.molecule
-        end = check[1] if check is not None and check[1].ok else None
-        conf = data.Conformation(numbers=m.numbers, positions=r.positions,
-                                 energy=end.energy if end else None,
-                                 forces=end.forces if end else None, smiles=m.smiles)
-        kvp = {k: v for k, v in properties(r, rank, check).items()}
-        if m.name:
-            kvp["name"] = m.name
+    def write(self, unit):
+        """Write the rows of [(Result, rank, oracle check)] in one transaction."""
         with self.db:
-            data.write_conformation(self.db, conf, **kvp)
+            for r, rank, check in unit:
+                m = r.task.molecule
+                end = check[1] if check is not None and check[1].ok else None
+                conf = data.Conformation(numbers=m.numbers, positions=r.positions,
+                                         energy=end.energy if end else None,
+                                         forces=end.forces if end else None, smiles=m.smiles)
+                kvp = properties(r, rank, check)
+                if m.name:
+                    kvp["name"] = m.name
+                data.write_conformation(self.db, conf, **kvp)
 
     def rewrite_sorted(self):
         data.rewrite_sorted(self.path, lambda row: (row.get("input_index", -1),
@@ -821,7 +839,8 @@ def read_xyz(path):
         frames = ase.io.read(path, index=":")
     except Exception as err:
         raise data.DataError(f"{path}: not a readable XYZ file ({oracles.one_line(err)}); "
-                             "expected frames of: atom count, comment, `Symbol x y z` lines") from None
+                             "expected frames of: atom count, comment, `Symbol x y z` "
+                             "lines") from None
     molecules = []
     for index, atoms in enumerate(frames):
         info = atoms.info

@@ -96,11 +96,12 @@ def main(argv=None):
     tasks = drug_like_tasks(args, relax_args, relax.model_elements(model))
     n = len(tasks)
     n_atoms = np.array([t.molecule.n_atoms for t in tasks])
+    omp = os.environ.get("OMP_NUM_THREADS", "-")
     print(f"{n} molecules of {args.smiles}, {n_atoms.min()}-{n_atoms.max()} atoms (mean "
-          f"{n_atoms.mean():.1f}), one ETKDG conformation each; {os.path.relpath(args.checkpoint)}"
-          f" in {args.dtype} on {args.device}; stop at max |F_i| <= {args.fmax} eV/A; torch threads "
-          f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}",
-          flush=True)
+          f"{n_atoms.mean():.1f}), one ETKDG conformation each; "
+          f"{os.path.relpath(args.checkpoint)} in {args.dtype} on {args.device}; stop at "
+          f"max |F_i| <= {args.fmax} eV/A; torch threads {torch.get_num_threads()}, "
+          f"OMP_NUM_THREADS={omp}", flush=True)
     seconds = {}
 
     # ---- relax.py: the batched route
@@ -162,9 +163,10 @@ def main(argv=None):
     e_batched = np.array([np.nan if r.failed else xtb_energy(t.molecule.numbers, r.positions)
                           for t, r in zip(tasks, batched)])
     n_conv = sum(r.converged and not r.failed for r in batched)
-    print(f"\nrelax.py: converged {n_conv} of {n}; flagged at first {sum(r.attempts == 2 for r in batched)}"
-          f" (retried), failed after the retry {sum(r.failed for r in batched)}; xTB energy "
-          f"fell by {np.nanmedian((e_start - e_batched) * kcal):.1f} kcal/mol (median)")
+    n_retried = sum(r.attempts == 2 for r in batched)
+    print(f"\nrelax.py: converged {n_conv} of {n}; flagged at first {n_retried} (retried), "
+          f"failed after the retry {sum(r.failed for r in batched)}; xTB energy fell by"
+          f" {np.nanmedian((e_start - e_batched) * kcal):.1f} kcal/mol (median)")
     if xtb_opt:
         above = (e_batched - np.array(xtb_opt)) * kcal
         print(f"relax.py end above xTB's own optimum: median {np.nanmedian(above):.2f} "

@@ -67,7 +67,8 @@ def test_sdf_output_readable_with_properties(relaxed):
     z = torch.tensor([a.GetAtomicNum() for a in m.GetAtoms()])
     pos = torch.tensor(m.GetConformer().GetPositions(), dtype=torch.float32)
     energy, forces = model(z, pos, torch.zeros(len(z), dtype=torch.long), 1)
-    assert float(energy[0].detach()) == pytest.approx(m.GetDoubleProp("nnp_energy_hartree"), abs=2e-5)
+    written = m.GetDoubleProp("nnp_energy_hartree")
+    assert float(energy[0].detach()) == pytest.approx(written, abs=2e-5)
     largest = float(torch.linalg.vector_norm(forces.detach(), dim=1).max()) * relax.HARTREE_TO_EV
     assert largest == pytest.approx(m.GetDoubleProp("max_force_eV_A"), abs=2e-3)
     assert "relaxed 2 conformations" in stdout and "input molecules skipped" in stdout
@@ -87,6 +88,9 @@ def test_missing_input_and_bad_fmax_are_one_line(tmp_path):
     status, _, stderr = run("--in", str(tmp_path / "none.smi"), "--out", str(tmp_path / "o.sdf"))
     assert status == 2 and stderr.strip() == f"error: {tmp_path / 'none.smi'}: no such input file"
     assert not (tmp_path / "o.sdf").exists()
+    status, _, stderr = run("--in", str(tmp_path / "none.smi"), "--out", str(tmp_path / "o.pdb"))
+    assert status == 2 and stderr.strip().endswith("the extension says the format; use .sdf or .db")
+    assert os.listdir(tmp_path) == []                  # no output, no lock file
     assert relax.force_threshold("0.05", "eV/A") == pytest.approx(0.05 / 27.211386, rel=1e-6)
     assert relax.force_threshold("1.2kcal/mol/A", "eV/A") == pytest.approx(1.2 / 627.509474)
     with pytest.raises(data.DataError, match="--fmax 'fast'"):
@@ -207,6 +211,19 @@ def test_conformer_search_end_to_end_keeps_m_in_energy_order(tmp_path):
     energies = [m.GetDoubleProp("nnp_energy_hartree") for m in mols]
     assert energies == sorted(energies)
     assert "--keep 2:" in stdout
+    before = out.read_text()                     # a rerun: the molecule is done as a whole
+    status, stdout, _ = run("--in", str(smi), "--out", str(out), "--conformers", "4",
+                            "--keep", "2")
+    assert status == 0 and stdout.startswith("0 conformations") and out.read_text() == before
+
+
+def test_a_second_writer_is_one_line(tmp_path):
+    smi, out = tmp_path / "in.smi", tmp_path / "out.sdf"
+    smi.write_text("CCO ethanol\n")
+    with data.output_lock(str(out)):
+        status, _, stderr = run("--in", str(smi), "--out", str(out))
+    assert status == 2 and stderr.strip().startswith(f"error: {out} is being written by "
+                                                     "another process (PID")
 
 
 def test_xyz_in_db_out_charge_from_the_frame(tmp_path):
@@ -305,7 +322,8 @@ def test_sdf_in_bad_record_one_line_implicit_hydrogens_added(tmp_path):
     assert [m.GetProp("_Name") for m in mols] == ["ethanol", "acetic_acid"]
     assert mols[1].GetNumAtoms() == 8 and mols[1].GetIntProp("converged") == 1
     # the input's bonds are the output's
-    assert Chem.MolToSmiles(Chem.RemoveHs(mols[1])) == Chem.MolToSmiles(Chem.MolFromSmiles("CC(=O)O"))
+    canonical = Chem.MolToSmiles(Chem.MolFromSmiles("CC(=O)O"))
+    assert Chem.MolToSmiles(Chem.RemoveHs(mols[1])) == canonical
 
 
 def test_db_in_keeps_smiles_and_writes_oracle_labels(tmp_path):
