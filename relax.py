@@ -545,7 +545,7 @@ class SdfOutput:
                 for k in map(self.record_keys, self.records())}
 
     def check_matches(self, molecules):
-        """A record whose input molecule now has other atoms: the input changed."""
+        """A record whose input molecule has other atoms than it: the input changed."""
         by_index = {m.index: m for m in molecules}
         for record in self.records():
             keys = self.record_keys(record)
