@@ -45,7 +45,7 @@ data.py's schema (with --check_with, row.data holds the oracle's energy and forc
 relaxed geometry; the NNP's numbers are keys). Units: energies in Hartree and kcal/mol
 (data.HARTREE_TO_KCAL), forces in eV/A (--fmax also reads kcal/mol/A and Hartree/A).
 
-Resuming and safety: one process writes an output (data.output_lock); finished conformations
+Resuming and safety: one process writes an output (safe_io.output_lock); finished conformations
 are appended as they finish, complete SDF records only; a rerun skips every conformation
 already in --out or <out>.failed.jsonl (key: input_index, conformer_index), and at the end
 the output is rewritten in input order, so the same command gives the same file.
@@ -72,8 +72,10 @@ from tqdm import tqdm
 import data
 import make_trajectories
 import optimizers
+import oracle_pool
 import oracles
 import painn
+import safe_io
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
                                   "official", "GOLF-10k.NNP_checkpoint_actor")
@@ -102,7 +104,7 @@ def relax(args):
         print(f"error: {args.input}: no molecule the model can relax (reasons above)",
               file=sys.stderr)
         return 1
-    with data.output_lock(args.out):                                      # one writer
+    with safe_io.output_lock(args.out):                                      # one writer
         output = open_output(args.out, molecules)
         done = output.done_keys() | failed_keys(args.out)
         tasks = Tasks(molecules, args, done)
@@ -113,11 +115,11 @@ def relax(args):
         summary = Summary(n_problems=n_problems)
         pool = None
         if args.check_with:
-            torch.set_num_threads(oracles.torch_threads_beside_the_pool(args))
-            pool = oracles.make_oracle_pool(args)
+            torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
+            pool = oracle_pool.make_oracle_pool(args)
         try:
             finish = Finisher(args, output, pool, summary)
-            bar = tqdm(total=tasks.total, unit="conf", desc="relax", dynamic_ncols=True)
+            bar = safe_io.progress(total=tasks.total, unit="conf", desc="relax", dynamic_ncols=True)
             relaxer = BatchRelaxer(model, args, fmax)
             started = time.monotonic()
             for result in relaxer.run(tasks):          # Eq. 3 with refilled slots; retried
@@ -441,7 +443,7 @@ class Finisher:
             for r, check in zip(written, oracle):
                 self.summary.count_written(r, check)
             for r in failed:
-                data.append_jsonl(failed_path(self.args.out), failure_record(r))
+                safe_io.append_jsonl(failed_path(self.args.out), failure_record(r))
         self.checking = still
 
     def wait(self):
@@ -466,8 +468,8 @@ def failed_keys(out):
     path = failed_path(out)
     if not os.path.exists(path):
         return set()
-    data.cut_partial_line(path)              # what a kill mid-write left (we hold the lock)
-    return {(r["input_index"], r["conformer_index"]) for r in data.read_jsonl(path)}
+    safe_io.cut_partial_line(path)              # what a kill mid-write left (we hold the lock)
+    return {(r["input_index"], r["conformer_index"]) for r in safe_io.read_jsonl(path)}
 
 
 def properties(r, rank, check):

@@ -18,6 +18,7 @@ import data
 import make_trajectories
 import optimizers
 import relax
+import safe_io
 
 # line 2 does not parse; Si is outside the model's elements; NH4+ is charged
 SMILES = ("CCO ethanol\nC1CC broken_ring\nC[Si](C)(C)C tms\n[NH4+] ammonium\n"
@@ -157,7 +158,7 @@ def test_an_exploding_optimizer_is_caught_retried_and_not_written(tmp_path):
     assert status == 1                                  # nothing relaxed
     assert "failed (not written" in stdout and "retried with steps capped" in stdout
     assert not out.exists() or records(out) == []
-    (failure,) = data.read_jsonl(f"{out}.failed.jsonl")
+    (failure,) = safe_io.read_jsonl(f"{out}.failed.jsonl")
     assert failure["input_index"] == 0 and failure["attempts"] == 2
     assert any(k in failure["reason"] for k in ("bond_broken", "flown_off", "non_finite"))
     assert failure["first_attempt"]
@@ -220,7 +221,7 @@ def test_conformer_search_end_to_end_keeps_m_in_energy_order(tmp_path):
 def test_a_second_writer_is_one_line(tmp_path):
     smi, out = tmp_path / "in.smi", tmp_path / "out.sdf"
     smi.write_text("CCO ethanol\n")
-    with data.output_lock(str(out)):
+    with safe_io.output_lock(str(out)):
         status, _, stderr = run("--in", str(smi), "--out", str(out))
     assert status == 2 and stderr.strip().startswith(f"error: {out} is being written by "
                                                      "another process (PID")
