@@ -690,13 +690,75 @@ def check_dask_scheduler(address, timeout=5.0):
                           "with `dask scheduler`, or drop --dask_scheduler") from None
 
 
+def usable_cores(sample_seconds=0.05, proc="/proc", cgroup="/sys/fs/cgroup"):
+    """(allowed, idle): the cores this process may run on (its CPU affinity, at most its
+    cgroup's CPU quota, rounded down), and how many of them the machine's other processes
+    leave idle: the idle + iowait share of those cores' time in /proc/stat over
+    sample_seconds, at least 1. Other jobs and our own oracle workers count alike. Per
+    core, so a container pinned to some cores (cpuset) sees only its own."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        list(range(os.cpu_count() or 1))
+    allowed = len(cpus)
+    try:            # CPU quota of our cgroup, v2 (cpu.max: "QUOTA PERIOD") or v1
+        with open(os.path.join(proc, "self", "cgroup")) as f:
+            paths = dict(line.rstrip("\n").split(":", 2)[1:] for line in f)
+    except (OSError, ValueError):
+        paths = {}
+    v1 = paths.get("cpu,cpuacct", paths.get("cpu", "/")).lstrip("/")
+
+    def read(name):
+        with open(name) as f:
+            return f.read()
+    for files in ([os.path.join(cgroup, paths.get("", "/").lstrip("/"), "cpu.max")],
+                  [os.path.join(cgroup, "cpu.max")],      # a container's own view
+                  [os.path.join(cgroup, "cpu", v1, f"cpu.cfs_{x}_us") for x in ("quota", "period")],
+                  [os.path.join(cgroup, "cpu", f"cpu.cfs_{x}_us") for x in ("quota", "period")]):
+        try:
+            quota, period = " ".join(read(name) for name in files).split()[:2]
+            if quota not in ("max", "-1"):
+                allowed = max(1, min(allowed, int(quota) // int(period)))
+        except (OSError, ValueError):
+            continue
+
+    def idle_and_total():
+        """Jiffies of our cores, (idle + iowait + our own process's, all): our own threads
+        (spinning after a parallel op, say) leave the core to us, not busy."""
+        idle = total = 0
+        with open(os.path.join(proc, "stat")) as f:
+            for line in f:
+                name, *ticks = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    idle += int(ticks[3]) + int(ticks[4])
+                    total += sum(int(t) for t in ticks[:8])   # user..steal (guest in user)
+        with open(os.path.join(proc, "self", "stat")) as f:  # "pid (comm) state ... utime stime"
+            own = f.read().rpartition(")")[2].split()
+        return idle + int(own[11]) + int(own[12]), total
+    try:
+        idle0, total0 = idle_and_total()
+        time.sleep(sample_seconds)
+        idle1, total1 = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return allowed, allowed      # no /proc/stat (not Linux): assume the cores are free
+    if total1 <= total0:
+        return allowed, allowed
+    # a core is free when >= 3/4 idle: a thread too many cost ~10x, one too few <= 2x
+    # (benchmarks/threads.py)
+    idle_cores = len(cpus) * (idle1 - idle0) / (total1 - total0)
+    return allowed, max(1, min(allowed, int(idle_cores + 0.25)))
+
+
 def torch_threads_beside_the_pool(args, pool_idle=False):
-    """Cores this machine has left for the NNP next to the local oracle workers (at least 1):
-    an oversubscribed torch thread pool runs many times slower. Every core
-    when the workers run elsewhere (Dask) or no job can run beside the NNP (pool_idle)."""
+    """Torch threads for the NNP: the cores this process may use (usable_cores) that other
+    processes leave idle, less those the local oracle workers take (--n_workers x
+    --oracle_threads; all of them when the workers run elsewhere (Dask) or no job can run
+    beside the NNP: pool_idle), at least 1. More threads than free cores run many times
+    slower: every parallel op waits for a thread that is not scheduled
+    (benchmarks/threads.py)."""
+    allowed, idle = usable_cores()
     if args.dask_scheduler or pool_idle:
-        return os.cpu_count() or 1
-    return max(1, (os.cpu_count() or 1) - args.n_workers * args.oracle_threads)
+        return idle
+    return max(1, min(idle, allowed - args.n_workers * args.oracle_threads))
+
 
 
 if __name__ == "__main__":
