@@ -665,6 +665,12 @@ class DaskOraclePool:
         """Jobs the cluster runs at once now: the threads of all Dask workers."""
         return max(1, sum(self.client.nthreads().values()))
 
+    def engine_pids(self):
+        """{Dask worker address: process ids of its engines, of every pool setting}
+        (for monitoring, and tests that kill one)."""
+        return self.client.run(lambda dask_worker: dask_worker.plugins[ENGINES_PLUGIN]
+                               .engine_pids())
+
     def submit(self, conf, conf_id, kind="gradient", charge=None, multiplicity=None):
         return self.submit_job(make_job(conf, conf_id, kind, charge, multiplicity))
 
