@@ -20,7 +20,7 @@ is an OracleResult with ok=False and a reason, never an exception. Each job runs
 persistent worker process (OracleWorker) that imported Psi4 (or tblite) once; a watchdog
 thread in the parent kills a worker whose job runs past `timeout` and starts a new one. A
 failed job is retried `retries` times, unless its failure will repeat (is_permanent). With
-Dask, each task runs its job the same way, in a child process of the Dask worker, so a
+Dask, each Dask worker keeps such a pool, whose engine processes are its children, so a
 segfault never takes the Dask worker down.
 
 The worker protocol (two pipes): the parent sends the settings, then one job (make_job's
@@ -32,6 +32,7 @@ holds Hartree and Hartree/Angstrom.
 Neither this module nor oracles.py imports torch: a worker starts in well under a second.
 """
 import collections
+import json
 import math
 import multiprocessing.connection
 import os
@@ -571,26 +572,79 @@ class LocalOraclePool:
 # Dask back end: the same jobs on a Dask cluster
 # ---------------------------------------------------------------------------------------
 
-def run_job_in_child_process(message, pool_kwargs):
-    """A Dask task: one job in a one-worker LocalOraclePool (its own Psi4 or tblite process,
-    the timeout and the retries), so a segfault or a stuck SCF never kills the Dask worker."""
-    with LocalOraclePool(n_workers=1, **pool_kwargs) as pool:
-        return pool.submit_job(message).result()
+ENGINES_PLUGIN = "golf-oracle-engines"    # the Dask worker plugin's name
+
+
+def engines_plugin():
+    """The Dask worker plugin that keeps each Dask worker's engine processes: per pool
+    setting (method, threads, memory, timeout, retries, max_opt_steps, psi4_options), a
+    LocalOraclePool with one engine per Dask thread, started by the first task that needs
+    it and reused by the next ones (an engine starts in ~0.6 s, worth 10-100 xTB
+    gradients). The engines are children of the Dask worker, so a segfault or a stuck SCF
+    costs one engine, which the pool replaces, never the Dask worker. Closed with the worker.
+    Defined in a function: an engine process, which runs this file, starts without
+    importing distributed (~0.7 s)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class OracleEngines(WorkerPlugin):
+        name = ENGINES_PLUGIN
+        idempotent = True         # a second client keeps the pools (and jobs) running
+
+        def __reduce__(self):     # pickled as a call of engines_plugin(): the class is local
+            return engines_plugin, ()
+
+        def setup(self, worker):
+            self.n_engines = worker.state.nthreads   # one per job Dask runs at once
+            self.pools = {}                          # settings (JSON) -> LocalOraclePool
+            self.lock = threading.Lock()
+
+        def teardown(self, worker):
+            with self.lock:
+                pools, self.pools = list(self.pools.values()), {}
+            for pool in pools:
+                pool.close()
+
+        def pool(self, pool_kwargs):
+            """The pool of these settings, started when missing or broken (its engines
+            could not start, perhaps for a while only)."""
+            key = json.dumps(pool_kwargs, sort_keys=True, default=str)
+            with self.lock:
+                pool = self.pools.get(key)
+                if pool is None or pool._broken:
+                    if pool is not None:
+                        pool.close()
+                    pool = self.pools[key] = LocalOraclePool(n_workers=self.n_engines,
+                                                             **pool_kwargs)
+                return pool
+
+        def engine_pids(self):
+            """Process ids of the engines of every pool (for monitoring, and tests)."""
+            with self.lock:
+                return sorted(pid for pool in self.pools.values() for pid in pool.worker_pids)
+
+    return OracleEngines()
+
+
+def run_job_on_dask_worker(message, pool_kwargs):
+    """A Dask task: one job in this Dask worker's engines of these settings (their timeout
+    and retries as in a LocalOraclePool), waited for in the Dask thread."""
+    from distributed import get_worker
+    engines = get_worker().plugins[ENGINES_PLUGIN]
+    return engines.pool(pool_kwargs).submit_job(message).result()
 
 
 class DaskOraclePool:
     """Psi4 (or xTB) jobs on a Dask cluster: `dask scheduler` on one machine, and on every
     machine with this repo and Psi4 (or tblite), from the repo directory, `PYTHONPATH=.
     dask worker tcp://HOST:8786 --nthreads N` (N jobs at a time, each with `threads`
-    threads). Each task starts a worker process (~0.6 s, Psi4 or tblite), negligible next
-    to a DFT job but ~10-50 xTB gradients: send xTB single points to the local pool, and
-    to Dask only optimizations or more cores than this machine has. Same
-    arguments and API as LocalOraclePool; scratch is each Dask worker's $PSI_SCRATCH or /tmp."""
+    threads). Each Dask worker keeps N engine processes per pool setting (engines_plugin,
+    registered here), so a task costs a few ms more than a local job. Same arguments and
+    API as LocalOraclePool; scratch is each Dask worker's $PSI_SCRATCH or /tmp."""
 
     def __init__(self, scheduler, method=oracles.DEFAULT_METHOD, threads=1, memory="2 GB",
                  timeout=600.0, retries=1, max_opt_steps=None, psi4_options=None,
                  connect_timeout=20.0):
-        from dask.distributed import Client
+        from distributed import Client
         if max_opt_steps is None:
             max_opt_steps = oracles.default_max_opt_steps(method)
         check_settings(1, threads, timeout, retries, max_opt_steps, method)
@@ -599,6 +653,7 @@ class DaskOraclePool:
         except (OSError, TimeoutError, ValueError) as err:
             raise OracleError(f"cannot reach the Dask scheduler at {scheduler} ({err}); start "
                               "it with `dask scheduler`, or drop --dask_scheduler") from None
+        self.client.register_plugin(engines_plugin())   # on every worker, present and future
         self.pool_kwargs = dict(method=method, threads=threads, memory=memory,
                                 timeout=timeout, retries=retries,
                                 max_opt_steps=max_opt_steps, psi4_options=psi4_options)
@@ -610,13 +665,19 @@ class DaskOraclePool:
         """Jobs the cluster runs at once now: the threads of all Dask workers."""
         return max(1, sum(self.client.nthreads().values()))
 
+    def engine_pids(self):
+        """{Dask worker address: process ids of its engines, of every pool setting}
+        (for monitoring, and tests that kill one)."""
+        return self.client.run(lambda dask_worker: dask_worker.plugins[ENGINES_PLUGIN]
+                               .engine_pids())
+
     def submit(self, conf, conf_id, kind="gradient", charge=None, multiplicity=None):
         return self.submit_job(make_job(conf, conf_id, kind, charge, multiplicity))
 
     def submit_job(self, message):
         future = Future()
         future.set_running_or_notify_cancel()
-        task = self.client.submit(run_job_in_child_process, message, self.pool_kwargs,
+        task = self.client.submit(run_job_on_dask_worker, message, self.pool_kwargs,
                                   pure=False)
         with self._lock:
             self._tasks[task.key] = task

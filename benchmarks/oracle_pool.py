@@ -6,11 +6,15 @@ turn (interleaved, so that a change of machine load hits all alike):
             for xTB, oracles.xtb_gradient
     pool    LocalOraclePool with one worker: submit() -> result(), one job at a time
     dask    (--dask) DaskOraclePool on a one-worker LocalCluster, one job at a time
-            (each task also starts its own Psi4 or tblite process)
+            (the Dask worker keeps its engine process from task to task)
+    dask, engine per task
+            (--dask) the same cluster, each task in a one-worker LocalOraclePool of its
+            own, started and closed in the task: what keeping the engine saves
 Prints the median time per job and its difference to the bare call. That difference
-also holds Psi4's own speed, which varies by a few percent from process to process; the
-pool's machinery alone (pipes, pickling, the watchdog thread, unit conversion) is the
-round trip minus the time the worker took (OracleResult.seconds), printed too.
+also holds Psi4's own speed, which varies by a few percent from process to process; each
+pool's machinery alone (pipes, pickling, the watchdog thread, unit conversion, and Dask's
+scheduling) is the round trip minus the time the engine took (OracleResult.seconds),
+printed too.
 
     python benchmarks/oracle_pool.py [--jobs 20] [--smiles CCO] [--dask] [--method gfn2-xtb]
 """
@@ -60,6 +64,12 @@ def bare_psi4():
     return psi4
 
 
+def job_in_its_own_engine(message, pool_kwargs):
+    """A Dask task that starts an engine for one job, and closes it."""
+    with oracle_pool.LocalOraclePool(n_workers=1, **pool_kwargs) as pool:
+        return pool.submit_job(message).result()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=20)
@@ -98,28 +108,31 @@ def main(argv=None):
             dask_pool = stack.enter_context(oracle_pool.DaskOraclePool(cluster.scheduler_address,
                                                                    method))
             ways["DaskOraclePool"] = lambda: dask_pool.submit(conf, 0).result()
+            message = oracle_pool.make_job(conf, 0)
+            ways["Dask, engine per task"] = lambda: dask_pool.client.submit(
+                job_in_its_own_engine, message, dask_pool.pool_kwargs, pure=False).result()
         for job in ways.values():                    # warm-up
             job()
         times = {name: [] for name in ways}
-        machinery = []                               # round trip - worker time, local pool
+        machinery = {name: [] for name in ways if name != bare_name}   # round trip - engine
         for _ in range(args.jobs):
             for name, job in ways.items():
                 start = time.perf_counter()
                 result = job()
                 times[name].append(time.perf_counter() - start)
-                if name == "LocalOraclePool":
-                    machinery.append(times[name][-1] - result.seconds)
+                if name != bare_name:
+                    assert result.ok, result.reason
+                    machinery[name].append(times[name][-1] - result.seconds)
 
     bare = np.median(times[bare_name])
     print(f"{args.jobs} gradients of {args.smiles} ({conf.n_atoms} atoms), {method}, "
           "1 thread; median per job:")
     for name, values in times.items():
-        line = f"  {name:20s} {1e3 * np.median(values):7.1f} ms"
+        line = f"  {name:22s} {1e3 * np.median(values):7.1f} ms"
         if name != bare_name:
-            line += f"   {1e3 * (np.median(values) - bare):+6.1f} ms against bare"
+            line += (f"   {1e3 * (np.median(values) - bare):+7.1f} ms against bare;"
+                     f" outside the engine {1e3 * np.median(machinery[name]):7.2f} ms")
         print(line)
-    print(f"  LocalOraclePool machinery outside the worker: {1e3 * np.median(machinery):.2f} ms "
-          "per job")
 
 
 if __name__ == "__main__":

@@ -279,6 +279,63 @@ def test_dask_pool_gives_the_local_results(pool):
     assert not remote[2].ok and "BasisSetNotFound" in remote[2].reason
 
 
+def one_worker_cluster():
+    from dask.distributed import LocalCluster
+    return LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                        dashboard_address=None)
+
+
+def cpu_ticks(pid):
+    """CPU time a process has used (utime + stime, in clock ticks), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()      # fields[0] is the state, field 3
+    return int(fields[11]) + int(fields[12])             # fields 14 and 15
+
+
+def test_a_dask_worker_keeps_its_engine_from_task_to_task():
+    """Two tasks on a one-thread Dask worker run in one engine process; a second client
+    with other settings (xTB) gets an engine of its own beside it; closing the cluster
+    stops both."""
+    with one_worker_cluster() as cluster:
+        with oracle_pool.DaskOraclePool(cluster.scheduler_address, METHOD, timeout=60,
+                                        psi4_options=EXACT) as dask_pool:
+            first = dask_pool.submit(CRAWFORD_WATER, 0).result(timeout=60)
+            ((address, engines),) = dask_pool.engine_pids().items()
+            second = dask_pool.submit(CRAWFORD_WATER, 1).result(timeout=60)
+            assert dask_pool.engine_pids() == {address: engines} and len(engines) == 1
+        assert first.ok and second.ok
+        assert first.energy == second.energy == pytest.approx(-74.942079928192, abs=1e-8)
+        with oracle_pool.DaskOraclePool(cluster.scheduler_address, "gfn2-xtb",
+                                        timeout=60) as xtb_pool:
+            assert xtb_pool.submit(CRAWFORD_WATER, 2).result(timeout=60).ok
+            (both,) = xtb_pool.engine_pids().values()
+        assert len(both) == 2 and engines[0] in both
+    assert all(reaped(pid) for pid in both)
+
+
+def test_an_engine_killed_mid_task_is_a_failure_record_and_the_dask_worker_goes_on():
+    drug_like = embedded("O=C(NCC1CCCOC1)c1ccc(Cl)cc1O")     # 34 atoms: ~35 s at HF/STO-3G
+    with one_worker_cluster() as cluster, \
+            oracle_pool.DaskOraclePool(cluster.scheduler_address, METHOD, timeout=60,
+                                       retries=0, psi4_options=EXACT) as dask_pool:
+        dask_worker_pid = dask_pool.client.run(os.getpid)
+        assert dask_pool.submit(CRAWFORD_WATER, 0).result(timeout=60).ok
+        ((_, (engine,)),) = dask_pool.engine_pids().items()
+        idle = cpu_ticks(engine)
+        slow = dask_pool.submit(drug_like, 1)
+        end = time.monotonic() + 30
+        while cpu_ticks(engine) < idle + 5 and time.monotonic() < end:
+            time.sleep(0.01)                               # the engine computes: kill it
+        os.kill(engine, signal.SIGKILL)
+        r = slow.result(timeout=60)
+        assert not r.ok and r.attempts == 1 and r.reason.startswith("worker died with signal 9")
+        water = dask_pool.submit(CRAWFORD_WATER, 2).result(timeout=60)
+        assert water.ok and water.energy == pytest.approx(-74.942079928192, abs=1e-8)
+        assert dask_pool.client.run(os.getpid) == dask_worker_pid      # the same Dask worker
+        ((_, (fresh,)),) = dask_pool.engine_pids().items()
+        assert fresh != engine and reaped(engine)
+
+
 def test_unreachable_dask_scheduler_is_one_clear_error():
     with pytest.raises(oracles.OracleError, match="cannot reach the Dask scheduler"):
         oracle_pool.DaskOraclePool("tcp://127.0.0.1:9", METHOD, connect_timeout=1)
