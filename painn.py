@@ -405,24 +405,86 @@ def from_official_state_dict(sd):
     return hparams, ours
 
 
-def load_checkpoint(path, device="cpu"):
+# The official files hold weights only. What their energies mean is in the authors'
+# config.json of each run (shipped beside each file in models/official/): `env` and `db_path`
+# name the training db, nablaDFT's (GOLF_train, traj-*) or their SPICE db (spice_train*), and
+# `subtract_atomization_energy` says the network was trained on E - sum_i ref[z_i], with the
+# `atomrefs` stored in that db's metadata (Hartree). Both kinds of db were labelled by the
+# same oracle, wB97X-D/def2-SVP (App. E: "the same DFT-based oracle"; the GOLF-SPICE branch's
+# dft_worker), and both hold nablaDFT's atomrefs. Measured on ethanol at three geometries
+# (benchmarks/official_spice_level.py; tests/test_calculator.py), the SPICE models follow
+# wB97X-D/def2-SVP's forces (RMSE 0.8-2.3 kcal/mol/A) and not those of SPICE's own level,
+# wB97M-D3BJ/def2-TZVPPD (6.4-7.0); with NABLADFT_ATOMREFS added they give its total energy
+# to 0.6-1.9 kcal/mol (SPICE's atomrefs would be 165 kcal/mol off).
+OFFICIAL_TRAINING_SETS = {
+    # training set: (level of the model's energies, atomrefs the network was trained without)
+    "nablaDFT": ("wB97X-D/def2-SVP", NABLADFT_ATOMREFS),
+    "SPICE": ("wB97X-D/def2-SVP", NABLADFT_ATOMREFS),
+}
+OFFICIAL_SUFFIX = ".NNP_checkpoint_actor"
+
+
+def official_config(path):
+    """(config path, dict) of the authors' config.json of an official checkpoint, or
+    (None, None): `<name>.config.json` beside `<name>.NNP_checkpoint_actor` (models/official/),
+    else `config.json` in the same folder (the authors' checkpoints/<name>/ layout)."""
+    import json
+    path = os.fspath(path)
+    stem = path[:-len(OFFICIAL_SUFFIX)] if path.endswith(OFFICIAL_SUFFIX) else path
+    for candidate in (stem + ".config.json", os.path.join(os.path.dirname(path), "config.json")):
+        if os.path.isfile(candidate):
+            try:
+                with open(candidate) as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"{candidate}: cannot read the config of {path} "
+                                      f"({err}); fix or remove it") from None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{candidate}: not a GOLF config (a JSON object) for "
+                                      f"{path}; fix or remove it")
+            return candidate, config
+    return None, None
+
+
+def official_level(path):
+    """(training set, level of theory, atomrefs) of an official checkpoint, from its config
+    (official_config): training set 'SPICE' where the config's `env` or `db_path` names a
+    SPICE db, else 'nablaDFT', also where there is no config (the paper's main set); atomrefs
+    None where the config says the network learned total energies
+    (`subtract_atomization_energy` false)."""
+    _, config = official_config(path)
+    config = config or {}
+    names = f"{config.get('env', '')} {config.get('db_path', '')}".lower()
+    training_set = "SPICE" if "spice" in names else "nablaDFT"
+    level, atomrefs = OFFICIAL_TRAINING_SETS[training_set]
+    if config.get("subtract_atomization_energy", True) in (False, "False", "false"):
+        atomrefs = None
+    return training_set, level, atomrefs
+
+
+def load_checkpoint(path, device="cpu", atomrefs=None):
     """Rebuild a PaiNN from our checkpoint or from an official GOLF `NNP_checkpoint_actor`.
 
     Official files hold a plain state dict of a schnetpack NeuralNetworkPotential (keys
     `model.representation.*`, `model.output_modules.0.outnet.*`) that predicts E minus the
-    nablaDFT atomrefs; loading one sets those atomrefs so the model returns total energies.
+    atomrefs of its training db; loading one adds those (official_level: nablaDFT's for all
+    11 published models, whose energies are all at wB97X-D/def2-SVP), so the model returns
+    total energies. `atomrefs` ({z: Hartree}) replaces the references the file implies.
     """
     ckpt = read_checkpoint(path, device)
+    official = isinstance(ckpt, dict) and f"{OFFICIAL_PREFIX}embedding.weight" in ckpt
+    official_refs = official_level(path)[2] if official and atomrefs is None else None
     try:
         if isinstance(ckpt, dict) and "model" in ckpt and "state_dict" in ckpt["model"]:
             state = ckpt["model"]
-            hparams, state_dict, atomrefs = state["hparams"], state["state_dict"], state["atomrefs"]
-        elif isinstance(ckpt, dict) and f"{OFFICIAL_PREFIX}embedding.weight" in ckpt:
+            hparams, state_dict, refs = state["hparams"], state["state_dict"], state["atomrefs"]
+        elif official:
             hparams, state_dict = from_official_state_dict(ckpt)
-            atomrefs = NABLADFT_ATOMREFS
+            refs = official_refs
         else:
             raise KeyError("model")
-        model = PaiNN(**hparams, atomrefs=atomrefs).to(state_dict["embedding.weight"].dtype)
+        refs = refs if atomrefs is None else atomrefs
+        model = PaiNN(**hparams, atomrefs=refs).to(state_dict["embedding.weight"].dtype)
         model.load_state_dict(state_dict)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError):
         raise CheckpointError(f"{path} is neither a golf checkpoint nor an official "
@@ -475,11 +537,12 @@ class GolfCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
-    def __init__(self, checkpoint, device="cpu", dtype=torch.float64, **kwargs):
+    def __init__(self, checkpoint, device="cpu", dtype=torch.float64, atomrefs=None, **kwargs):
         if Calculator is object:
             raise ImportError("GolfCalculator needs ase: pip install ase")
         super().__init__(**kwargs)
-        model = checkpoint if isinstance(checkpoint, nn.Module) else load_checkpoint(checkpoint, device)
+        model = checkpoint if isinstance(checkpoint, nn.Module) else \
+            load_checkpoint(checkpoint, device, atomrefs=atomrefs)   # atomrefs: see there
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = device, dtype
 

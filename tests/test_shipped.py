@@ -50,3 +50,41 @@ def test_the_shipped_f_baseline_predicts_xtb_forces_on_held_out_molecules():
     assert mae < 4.0, mae                                                  # 2.52 measured
     e_ref = b.energy
     assert float((energy.double() - e_ref).abs().median()) * data.HARTREE_TO_KCAL < 20.0   # 10.3 measured
+
+
+# models/official/ (its README.md): the 11 PaiNN checkpoints the GOLF authors published, each
+# with the authors' config.json of its run: Table 2's nablaDFT rows and Table 3's SPICE rows.
+OFFICIAL = os.path.join(ROOT, "models", "official")
+OFFICIAL_NABLADFT = ["baseline-NNP", "traj-10k", "traj-100k", "traj-500k", "GOLF-1k", "GOLF-10k"]
+OFFICIAL_SPICE = ["baseline-NNP-SPICE", "traj-10k-SPICE", "traj-100k-SPICE", "traj-220k-SPICE",
+                  "GOLF-10k-SPICE"]
+
+
+def test_models_official_holds_the_11_published_checkpoints_with_their_configs():
+    """Every file the README lists is there, and nothing else; each checkpoint is a different
+    set of weights with Table 5's sizes, which its config states too; the config's training
+    db says nablaDFT or SPICE as the name does, and every run subtracted atomrefs."""
+    import json
+    names = OFFICIAL_NABLADFT + OFFICIAL_SPICE
+    expected = {"LICENSE", "README.md"} | {f"{n}.NNP_checkpoint_actor" for n in names} \
+        | {f"{n}.config.json" for n in names}
+    assert set(os.listdir(OFFICIAL)) == expected
+    with open(os.path.join(OFFICIAL, "LICENSE")) as f:
+        assert f.read().startswith("MIT License")
+    weights = []
+    for name in names:
+        path = os.path.join(OFFICIAL, f"{name}.NNP_checkpoint_actor")
+        hparams, state = painn.from_official_state_dict(painn.read_checkpoint(path))
+        assert hparams == {"n_atom_basis": 128, "n_interactions": 3, "n_rbf": 50, "cutoff": 5.0}
+        with open(os.path.join(OFFICIAL, f"{name}.config.json")) as f:
+            config = json.load(f)
+        assert (config["n_atom_basis"], config["n_interactions"], config["n_rbf"],
+                config["cutoff"], config["backbone"]) == (128, 3, 50, 5.0, "painn")
+        assert config["subtract_atomization_energy"] is True
+        assert ("spice" in config["db_path"].lower()) == (name in OFFICIAL_SPICE)
+        assert painn.official_level(path)[0] == ("SPICE" if name in OFFICIAL_SPICE
+                                                 else "nablaDFT")
+        weights.append(state["embedding.weight"])
+    for i in range(len(weights)):                      # 11 different models
+        for j in range(i):
+            assert not torch.equal(weights[i], weights[j]), (names[i], names[j])
