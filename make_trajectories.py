@@ -4,8 +4,9 @@ D_rdkit and D-test.
 Tsypin et al. (ICLR 2024) train NNPs on conformations labelled with DFT energies and forces:
     --mode single_point  energy and forces of every conformation           -> D0-type db
     --mode optimize      an oracle optimization of every conformation: every
-                         step (D_traj-K: --max_conformations K stops at K rows),
-                         and each start with its optimum (--out_optimal)    -> D-test-type db
+                         step (D_traj-K: --max_conformations K stops at K rows
+                         of steps >= 1), and each start with its optimum
+                         (--out_optimal)                                    -> D-test-type db
     --mode mmff          MMFF94-minimize every conformation, then label it  -> D_rdkit db
     --spice FILE         no oracle: SPICE's own labels -> D0^SPICE (--out) and D_test^SPICE
                          (--out_test) as the paper splits them (Sec. 6.3, App. E; make_spice)
@@ -28,7 +29,9 @@ Output rows (data.py's schema: positions Angstrom, total energy Hartree, forces
 Hartree/Angstrom in row.data; keys):
     --out, single_point / mmff: one row per conformation; keys conf_id, smiles, name
     --out, optimize: one row per optimization step; keys conf_id, step (0 = the start),
-        smiles, name
+        smiles, name. With --max_conformations K (D_traj-K), steps >= 1 only: the K
+        conformations D_traj-K adds to D0; step 0 is the input row itself (in D0 already,
+        and in --out_optimal with its optimum)
     --out_optimal, optimize: one row per conformation: its start (positions, energy,
         forces) with optimal_energy and optimal_positions (the last step); keys conf_id,
         smiles, name, converged (False: --max_opt_steps ran out), n_steps
@@ -44,11 +47,13 @@ and ids. With --db, the input row id (its own conf_id, if any, goes to the key
 source_conf_id).
 
 D_traj-K (--max_conformations K, --mode optimize): conformations are taken in conf_id
-order (--shuffle: a permutation seeded by --seed, --db only); every step of every
+order (--shuffle: a permutation seeded by --seed, --db only); every step t >= 1 of every
 optimization is written as it arrives, no new job starts once the finished optimizations
-at the head of that order hold K steps, and at the end --out keeps exactly the first K
-steps in that order (the last trajectory cut at K). Which rows D_traj-K holds thus does
-not depend on the order results arrive in.
+at the head of that order hold K such steps, and at the end --out keeps exactly the first
+K in that order (the last trajectory cut at K). Which rows D_traj-K holds thus does not
+depend on the order results arrive in. Psi4 optimizes in --opt_coordinates (default
+Cartesian, as App. D's nablaDFT trajectories) until it converges (--max_opt_steps: a
+safety cap); the choice is kept in the outputs' metadata.
 
 Resuming: every result is written the moment it arrives, in one SQLite transaction, so
 `kill -9` loses no finished result. At the end of a run, --out and --out_optimal are
@@ -146,7 +151,8 @@ def parse_args(argv=None):
                         help="--mode optimize: db of the starts with their optima "
                              "(default: <out>_optimal.db)")
     parser.add_argument("--max_conformations", type=int, default=None,
-                        help="K: stop when --out has K rows (D_traj-K)")
+                        help="K: stop when --out has K rows (D_traj-K; --mode optimize: K "
+                             "steps t >= 1, the start being the input row itself)")
     parser.add_argument("--mmff_max_iters", type=int, default=oracles.MMFF_MAX_ITERS,
                         help="--mode mmff: most MMFF minimization iterations (evaluate.py's RDKit "
                              "row uses the same default); not converged: logged as a failure")
@@ -172,6 +178,9 @@ def parse_args(argv=None):
         parser.error("--shuffle is for --db (a SMILES file is taken in line order)")
     if args.out_optimal and args.mode != "optimize":
         parser.error("--out_optimal is for --mode optimize")
+    if oracles.is_xtb(args.oracle_method) and args.opt_coordinates != "cartesian":
+        parser.error(f"--opt_coordinates {args.opt_coordinates} is for Psi4's optimizer; "
+                     "xTB's BFGS works in Cartesian coordinates only")
     if args.mode == "optimize" and not args.out_optimal:
         args.out_optimal = os.path.splitext(args.out)[0] + "_optimal.db"
     if args.out_optimal and os.path.abspath(args.out_optimal) == os.path.abspath(args.out):
@@ -319,6 +328,8 @@ def open_output(path, args, atomrefs):
     if args.conformer_selection == "butina":
         metadata.update(n_etkdg=args.n_etkdg, butina_threshold=args.butina_threshold,
                         butina_coverage=args.butina_coverage)
+    if args.mode == "optimize":               # other coordinates, other trajectories
+        metadata["opt_coordinates"] = args.opt_coordinates
     try:
         db = data.connect_for_writing(path, atomrefs=atomrefs, **metadata)
         old = db.metadata
@@ -330,7 +341,7 @@ def open_output(path, args, atomrefs):
              "conformers_per_molecule": "--conformers_per_molecule", "source": "--smiles/--db",
              "conformer_selection": "--conformer_selection", "shuffle": "--shuffle",
              "n_etkdg": "--n_etkdg", "butina_threshold": "--butina_threshold",
-             "butina_coverage": "--butina_coverage"}
+             "butina_coverage": "--butina_coverage", "opt_coordinates": "--opt_coordinates"}
     for key, flag in flags.items():
         if key in old and old[key] != metadata.get(key):
             raise data.DataError(f"{path} was made with {flag} {old[key]}, not "
@@ -352,18 +363,20 @@ def row_keys(conf):
     return keys
 
 
-def write_trajectory(db, conf, conf_id, result, room):
-    """Every step of one optimization in one transaction, replacing the rows of an earlier
-    (failed, partial) attempt unless those are more. At most `room` new rows (None: no
-    cap). Returns the number of rows added."""
+def write_trajectory(db, conf, conf_id, result, room, first_step=0):
+    """The steps t >= first_step of one optimization in one transaction, replacing the rows
+    of an earlier (failed, partial) attempt unless those are more. At most `room` new rows
+    (None: no cap). Returns the number of rows added."""
     old = [row.id for row in db.select(conf_id=conf_id, include_data=False)]
-    n = result.n_steps if room is None else min(result.n_steps, room + len(old))
-    if n == 0 or n < len(old):
+    n = result.n_steps - first_step                      # steps first_step .. n_steps - 1
+    if room is not None:
+        n = min(n, room + len(old))
+    if n <= 0 or n < len(old):
         return 0
     with db:
         if old:
             db.delete(old)
-        for t in range(n):
+        for t in range(first_step, first_step + n):
             step = Conformation(conf.numbers, result.trajectory_positions[t],
                                 energy=float(result.trajectory_energy[t]),
                                 forces=result.trajectory_forces[t], smiles=conf.smiles)
@@ -376,7 +389,9 @@ def write_result(args, out, optimal, conf, conf_id, result, room):
     optimize: the steps (also those of a failed optimization) to --out, and the start
     with its optimum to --out_optimal; else the labelled conformation to --out."""
     if args.mode == "optimize":
-        n_rows = write_trajectory(out, conf, conf_id, result, room)
+        # D_traj-K holds K conformations D0 lacks: not step 0, the D0 row itself
+        first_step = 0 if args.max_conformations is None else 1
+        n_rows = write_trajectory(out, conf, conf_id, result, room, first_step)
         if result.ok:
             start = dataclasses.replace(conf, energy=result.energy, forces=result.forces,
                                         optimal_energy=result.optimal_energy,
