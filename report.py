@@ -9,15 +9,18 @@ the 3D page of Appendix H. Every number comes from summary.json and per_conforma
     draw_figures([(name, summary), ...])          Figures 1-3 with every model; save_figures
     plot(summary, out_dir)                        one run's Figures 1-3
     write_conformations_page(path, rows, title)   conformations.html, rows of conformation_row
+                                                  (one method, or several side by side)
 
 `evaluate.py --task table --summaries ... [--claims ...] [--figures DIR]` prints the table
 and the claims and saves the figures of many runs; `evaluate.py --task optimization` writes
 one run's figures and page.
 
-conformations.html: one row per test conformation, three panels: the initial conformation
-s_0, the NNP-optimized s_T and the DFT optimum s_opt, each with its DFT energy relative to
-the optimum (kcal/mol) and its RMSD to the optimum. s_0 and s_T are rotated onto s_opt
-(Kabsch, all atoms), and the three panels of a row turn together. The page is one
+conformations.html (Appendix H, Fig. 5): one row per test conformation: the molecule in 2D
+(RDKit's SVG), then in 3D the initial conformation s_0, each method's s_T (one method, or
+several evaluations of one test set side by side: evaluate.py --task page) and the DFT
+optimum s_opt, each with its DFT energy relative to the optimum (kcal/mol), its RMSD to the
+optimum and, for a method, its pct_T (Eq. 4). The conformations are rotated onto s_opt
+(Kabsch, all atoms), and the panels of a row turn together. The page is one
 self-contained file: 3Dmol.js 2.5.5 (BSD-3-Clause, third_party/3dmol/) is inlined, the
 molecules are embedded as SDF text (bonds and bond orders from the SMILES), so it opens
 offline from disk, with no server.
@@ -291,48 +294,98 @@ def molecule_text(numbers, positions, smiles):
         return f"{len(numbers)}\n{smiles or ''}\n" + "\n".join(lines) + "\n", "xyz"
 
 
-def conformation_row(conf, final_positions, e0, e_final, rmsd, final_title):
+def conformation_row(conf, e0, finals, rmsd):
     """One row of the page for a test conformation `conf` (with optimal_positions and
-    optimal_energy): e0, e_final are the DFT energies (Hartree, None where the oracle
-    failed) of s_0 and of the optimized s_T (titled final_title); rmsd(positions) gives
-    the RMSD (A) to the DFT optimum."""
+    optimal_energy): the initial s_0 (DFT energy e0, Hartree, None where the oracle failed),
+    then one panel per method of `finals` [(title, s_T positions [n_atoms, 3], its DFT
+    energy or None)] with its pct_T (Eq. 4), then the DFT optimum; rmsd(positions) gives the
+    RMSD (A) to the DFT optimum. Also the 2D drawing of the molecule."""
     optimum = np.asarray(conf.optimal_positions, dtype=np.float64)
     panels = []
-    for title, positions, energy in (("initial s_0", conf.positions, e0),
-                                     (final_title, final_positions, e_final),
-                                     ("DFT optimum", optimum, conf.optimal_energy)):
+    for kind, title, positions, energy in (
+            [("start", "initial s_0", conf.positions, e0)]
+            + [("final", title, positions, energy) for title, positions, energy in finals]
+            + [("optimum", "DFT optimum", optimum, conf.optimal_energy)]):
         positions = np.asarray(positions, dtype=np.float64)
         text, fmt = molecule_text(conf.numbers, kabsch_align(positions, optimum), conf.smiles)
-        panels.append({"title": title, "model": text, "format": fmt,
-                       "energy": energy, "rmsd": float(rmsd(positions))})
+        panel = {"title": title, "model": text, "format": fmt, "energy": energy,
+                 "rmsd": float(rmsd(positions))}
+        if kind == "final":
+            panel["pct"] = pct_of_final(e0, energy, conf.optimal_energy)
+        panels.append(panel)
     return {"title": f"conformation {conf.id}: {conf.smiles or ''} ({conf.n_atoms} atoms)",
-            "e_opt": conf.optimal_energy, "panels": panels}
+            "e_opt": conf.optimal_energy, "panels": panels, "drawing": drawing_svg(conf)}
+
+
+def pct_of_final(e0, e_final, e_opt):
+    """Eq. 4's pct_T of a method's s_T (%), or why there is none: 'diverged' (E_T > E_0, as
+    Sec. 6 counts it), 'no E_T' (the oracle failed at s_T) or 'no E_0'."""
+    if e0 is None:
+        return "no E_0"
+    if e_final is None:
+        return "no E_T"
+    if e_final > e0:
+        return "diverged"
+    return 100.0 * (e0 - e_final) / (e0 - e_opt)
+
+
+def drawing_svg(conf, size=(220, 180)):
+    """The molecule in 2D (RDKit's SVG) from its SMILES, else from the bonds perceived at
+    the DFT optimum; None if RDKit cannot make it."""
+    from rdkit.Chem import rdDepictor
+    from rdkit.Chem.Draw import rdMolDraw2D
+    try:
+        if conf.smiles:
+            mol = Chem.MolFromSmiles(conf.smiles)
+        else:
+            mol = Chem.RemoveHs(oracles.rdkit_molecule(data.Conformation(
+                numbers=conf.numbers, positions=conf.optimal_positions)))
+        if mol is None:
+            return None
+        mol = Chem.Mol(mol)
+        mol.RemoveAllConformers()
+        rdDepictor.Compute2DCoords(mol)
+        drawer = rdMolDraw2D.MolDraw2DSVG(*size)
+        drawer.DrawMolecule(mol)
+        drawer.FinishDrawing()
+    except (data.DataError, ValueError, RuntimeError):
+        return None
+    svg = drawer.GetDrawingText()
+    return svg[svg.index("<svg"):]                     # inline: no XML declaration
 
 
 def caption(panel, e_opt):
-    """Text under a panel: DFT energy relative to the optimum, and RMSD."""
+    """Text under a panel: DFT energy relative to the optimum, RMSD, and a method's pct_T."""
     if panel["energy"] is None:
         energy = "E<sub>DFT</sub>: none (the oracle failed here)"
     else:
         de = (panel["energy"] - e_opt) * data.HARTREE_TO_KCAL
         energy = (f"E<sub>DFT</sub> &minus; E<sub>opt</sub> = {de:+.2f} kcal/mol"
                   f"<br>E<sub>DFT</sub> = {panel['energy']:.6f} Ha")
+    pct = ""
+    if "pct" in panel:
+        pct = ("<br>pct<sub>T</sub> = " + (f"{panel['pct']:.1f} %"
+                                           if isinstance(panel["pct"], float) else
+                                           f"none: {html.escape(panel['pct'])}"))
     return (f"<b>{html.escape(panel['title'])}</b><br>{energy}"
-            f"<br>RMSD to DFT optimum = {panel['rmsd']:.3f} &Aring;")
+            f"<br>RMSD to DFT optimum = {panel['rmsd']:.3f} &Aring;{pct}")
 
 
 PAGE_STYLE = """
 body { font-family: sans-serif; margin: 16px; color: #222; }
 .row { margin-bottom: 28px; }
-.grid { position: relative; width: %dpx; height: %dpx; outline: 1px solid #ccc; }
-.captions { display: grid; grid-template-columns: repeat(3, %dpx); font-size: 13px; }
+.line { display: flex; align-items: flex-start; gap: 12px; }
+.drawing { flex: none; }
+.grid { position: relative; outline: 1px solid #ccc; }
+.captions { display: grid; font-size: 13px; }
 .captions div { padding: 4px 6px; }
 """
 
 PAGE_SCRIPT = """
 ROWS.forEach(function (row, i) {
-  // one WebGL context per row (browsers allow only ~16 per page); the 3 panels turn together
-  var grid = $3Dmol.createViewerGrid("grid" + i, {rows: 1, cols: 3, control_all: true},
+  // one WebGL context per row (browsers allow only ~16 per page); its panels turn together
+  var grid = $3Dmol.createViewerGrid("grid" + i,
+                                     {rows: 1, cols: row.panels.length, control_all: true},
                                      {backgroundColor: "white"});
   row.panels.forEach(function (panel, j) {
     var viewer = grid[0][j];
@@ -345,31 +398,41 @@ ROWS.forEach(function (row, i) {
 """
 
 
-def write_conformations_page(path, rows, title):
-    """Write the self-contained page: 3Dmol.js inlined, rows as JSON in the page."""
+def write_conformations_page(path, rows, title, methods=None):
+    """Write the self-contained page: 3Dmol.js inlined, rows as JSON in the page. methods:
+    what the middle panels show (for the text above the rows)."""
     with open(THREEDMOL_JS) as f:
         threedmol = f.read()
     width, height = PANEL_SIZE
     body = []
     for i, row in enumerate(rows):
+        n = len(row["panels"])
         captions = "".join(f"<div>{caption(p, row['e_opt'])}</div>" for p in row["panels"])
+        drawing = f'<div class="drawing">{row["drawing"]}</div>' if row.get("drawing") else ""
         body.append(f'<div class="row"><h3>{html.escape(row["title"])}</h3>'
-                    f'<div class="grid" id="grid{i}"></div>'
-                    f'<div class="captions">{captions}</div></div>')
+                    f'<div class="line">{drawing}<div>'
+                    f'<div class="grid" id="grid{i}" style="width: {n * width}px; '
+                    f'height: {height}px"></div>'
+                    f'<div class="captions" style="grid-template-columns: '
+                    f'repeat({n}, {width}px)">{captions}</div></div></div></div>')
     # "</" never ends the script element early inside the JSON
     rows_json = json.dumps([{"panels": [{"model": p["model"], "format": p["format"]}
-                                        for p in row["panels"]]} for row in rows]).replace("</", "<\\/")
+                                        for p in row["panels"]]}
+                            for row in rows]).replace("</", "<\\/")
+    shown = html.escape(methods or "the optimized one s_T (by the NNP; by MMFF for the RDKit row)")
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{PAGE_STYLE % (3 * width, height, width)}</style>
+<style>{PAGE_STYLE}</style>
 <script>/* 3Dmol.js 2.5.5, BSD-3-Clause, https://3dmol.org: golf's third_party/3dmol/LICENSE */
 {threedmol}</script>
 </head><body>
 <h2>{html.escape(title)}</h2>
-<p>Per test conformation: the initial conformation s_0, the optimized one s_T (by the NNP;
-by MMFF for the RDKit row) and the DFT optimum. Energies are DFT (the genuine oracle) relative to the DFT optimum E<sub>opt</sub>;
-RMSD is to the DFT optimum, symmetry-aware, on heavy atoms. s_0 and s_T are rotated onto
-the optimum; drag a panel to turn the row.</p>
+<p>Per test conformation (Appendix H): the molecule in 2D, the initial conformation s_0,
+{shown}, and the DFT optimum. Energies are DFT (the genuine oracle) relative to the DFT
+optimum E<sub>opt</sub>; pct<sub>T</sub> is Eq. 4's share of the DFT optimization achieved
+(none where the method diverged, E<sub>T</sub> &gt; E<sub>0</sub>); RMSD is to the DFT
+optimum, symmetry-aware, on heavy atoms. The 3D conformations are rotated onto the optimum;
+drag a panel to turn the row.</p>
 {"".join(body)}
 <script>
 var ROWS = {rows_json};
