@@ -437,7 +437,7 @@ def summarize(args, records, confs_by_id):
 
     model_name = {"nnp": args.checkpoint, "rdkit": "rdkit"}.get(args.model)
     summary = {"model": model_name or f"external:{args.positions}", "name": method_name(args),
-               "oracle_method": args.oracle_method,
+               "oracle_method": getattr(args, "oracle_method", None),
                "db": args.db, "n_conformations": len(records),
                "n_unconverged_reference": len(unconverged),   # not scored (not in n)
                "n_no_e0": final["n_no_e0"],                 # oracle failed at s_0: diverged
@@ -502,30 +502,29 @@ def cov_mat(args, records, confs_by_id):
 
 
 # ---------------------------------------------------------------------------------------
-# Per-conformation outcomes, for the paper's claims (report.check_claims)
+# Per-conformation energies, for the paper's claims (report.check_claims)
 # ---------------------------------------------------------------------------------------
 
-def scored_outcomes(summary_path):
-    """{conf_id: (diverged, success of all)} of one evaluation, from the
-    per_conformation.jsonl beside its summary.json; the rows summary.json scored."""
+def scored_energies(summary_path):
+    """{conf_id: (E_0, E_T, E_opt)} (Hartree, NaN where the oracle gave none) of one
+    evaluation, from the per_conformation.jsonl beside its summary.json; the rows
+    summary.json scored."""
     summary = json.load(open(summary_path))
     records = read_records(os.path.join(os.path.dirname(summary_path), "per_conformation.jsonl"))
     if summary.get("n_unconverged_reference"):    # not scored: see summarize
         confs, _ = data.read_db(summary["db"], verbose=False)
         unconverged = {conf_key(c) for c in confs if not bool(c.info.get("converged", True))}
         records = [r for r in records if r["conf_id"] not in unconverged]
-    out = {}
-    for r in records:
-        e0, e_T, e_opt = r["e0"], r["energy_dft"][-1], r["e_opt"]
-        diverged = e0 is None or e_T is None or e_T > e0
-        out[r["conf_id"]] = (diverged, not diverged and residual_energy(e_T, e_opt) < 1.0)
-    return out
+    nan = float("nan")
+    return {r["conf_id"]: tuple(nan if e is None else float(e)
+                                for e in (r["e0"], r["energy_dft"][-1], r["e_opt"]))
+            for r in records}
 
 
 def method_name(args):
     """The method's name in tables and pages: --name, else the checkpoint's file name
     (its folder for our checkpoint.pt), RDKit (MMFF), or the --positions file's name."""
-    if args.name:
+    if getattr(args, "name", None):
         return args.name
     if args.model == "rdkit":
         return "RDKit (MMFF)"
@@ -673,8 +672,15 @@ def parse_args(argv=None):
                    help="--task table: check the paper's claims 1-5 on the rows named f_baseline "
                         "traj-K traj-20K GOLF-K f_rdkit ('-' if absent); rows of one name are "
                         "seeds")
+    p.add_argument("--claim", action="append", default=[], metavar="SPEC",
+                   help="--task table: check a claim 'TITLE: A > B; C >= D [@ metric]' (> "
+                        "beats, >= matches or beats, @ the metrics it is made in); repeatable")
+    p.add_argument("--success_floor", type=float, default=None, metavar="PCT",
+                   help="--claims: a pct_success comparison that does not hold while both "
+                        "rates are at or below PCT %% is 'not decided' (the scorer's limit, "
+                        "benchmarks/nnp_floor.py), not a failure")
     p.add_argument("--claims_only", action="store_true",
-                   help="--task table --claims: print the claims, not the table")
+                   help="--task table --claims/--claim: print the claims, not the table")
     optimizers.add_optimizer_args(p)
     oracles.add_oracle_args(p)
     return optimizers.parse_args_with_preset(p, argv)   # --optimizer_preset: Table 6
@@ -697,10 +703,12 @@ def main(argv=None):
             os.path.abspath(p))) for r, p in zip(rows, args.summaries)]
         if not args.claims_only:
             print(report.format_table(list(zip(names, rows))))
-        if args.claims:
-            outcomes = [(name, scored_outcomes(path)) for name, path in zip(names, args.summaries)]
-            print(report.check_claims(outcomes, args.claims, args.n_bootstrap,
-                                      args.bootstrap_seed))
+        if args.claims or args.claim:
+            claims = report.role_claims(args.claims) if args.claims else []
+            claims += [(report.parse_claim(spec), None) for spec in args.claim]
+            energies = [(name, scored_energies(path)) for name, path in zip(names, args.summaries)]
+            print(report.check_claims(energies, claims, args.n_bootstrap, args.bootstrap_seed,
+                                      args.success_floor))
         if args.figures:
             report.save_figures(report.draw_figures(list(zip(names, rows))), args.figures)
             print(f"figures: {', '.join(os.path.join(args.figures, f) for f in report.FIGURES)}")
