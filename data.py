@@ -593,13 +593,54 @@ def spice_splits(molecules, n_train, n_test, seed=0):
     return train, test, len(molecules) - len(kept)
 
 
-def spice_test_conformations(confs, rng, per_molecule=None):
-    """D_test^SPICE's conformations of one molecule: as many high- as low-energy ones (the
-    smaller count of the two, at most per_molecule // 2 each), drawn with `rng`."""
-    high = [c for c in confs if c.info["energy_level"] == "high"]
-    low = [c for c in confs if c.info["energy_level"] == "low"]
-    k = min(len(high), len(low))
-    if per_molecule is not None:
-        k = min(k, per_molecule // 2)
-    pick = lambda cs: [cs[i] for i in sorted(rng.choice(len(cs), k, replace=False))]  # noqa
-    return pick(high) + pick(low)
+# App. E's sizes: D0^SPICE ~3,500 molecules and ~9,500 conformations (high-energy only),
+# D_test^SPICE ~7,000 molecules and ~18,000 conformations. The authors' code reads ready-made
+# D-0-SPICE / D-test-SPICE dbs and does not say how they were drawn: here the conformations
+# are spread as evenly as the molecules allow (2-3 a molecule), drawn at random (seeded).
+SPICE_N_TRAIN_CONFORMATIONS = 9500
+SPICE_N_TEST_CONFORMATIONS = 18000
+
+
+def spread_evenly(capacities, total, rng):
+    """How many of `total` items each group gives, as evenly as their capacities allow:
+    every group an equal share, floor or ceil (which groups get the one more: drawn with
+    rng); a group with fewer gives all it has, and the rest is spread over the others in the
+    same way. total None: every item. Returns counts [n_groups] (ints, sum <= total)."""
+    capacities = np.asarray(capacities, dtype=np.int64)
+    if total is None:
+        return capacities.copy()
+    counts = np.zeros(len(capacities), dtype=np.int64)
+    left = int(total)
+    open_groups = np.flatnonzero(capacities > 0)
+    while left > 0 and len(open_groups):
+        share, extra = divmod(left, len(open_groups))
+        for rank, g in enumerate(rng.permutation(open_groups)):   # the first `extra`: + 1
+            give = min(share + (rank < extra), capacities[g] - counts[g])
+            counts[g] += give
+            left -= give
+        open_groups = open_groups[counts[open_groups] < capacities[open_groups]]
+    return counts
+
+
+def spice_levels(n_conformations):
+    """(indices of the high-energy conformations, of the low-energy ones) of a molecule with
+    n conformations in the file (the order this section describes)."""
+    return (list(range(min(n_conformations, SPICE_N_HIGH))),
+            list(range(SPICE_N_HIGH, n_conformations)))
+
+
+def spice_capacity(n_conformations, split):
+    """Units a molecule can give to a split: D0^SPICE, its high-energy conformations;
+    D_test^SPICE, pairs of one high- and one low-energy conformation."""
+    high, low = spice_levels(n_conformations)
+    return len(high) if split == "D0^SPICE" else min(len(high), len(low))
+
+
+def spice_choice(n_conformations, split, n_units, rng):
+    """Sorted indices of the conformations a molecule gives to a split: n_units high-energy
+    ones (D0^SPICE), or n_units high- and n_units low-energy ones (D_test^SPICE, in equal
+    parts as App. E), drawn without replacement with rng."""
+    high, low = spice_levels(n_conformations)
+    pick = lambda ids: [ids[i] for i in rng.choice(len(ids), n_units, replace=False)]  # noqa
+    chosen = pick(high) if split == "D0^SPICE" else pick(high) + pick(low)
+    return sorted(int(i) for i in chosen)

@@ -7,6 +7,8 @@
     python evaluate.py --task prediction --checkpoint ... --db labelled.db --out_dir ...
     python evaluate.py --task table --summaries runs/eval_*/summary.json --figures runs/figs
                                                      (Table 2; Figs 1-3 with every model)
+    python evaluate.py --task page --evaluations runs/eval_a runs/eval_b --names A B \\
+        --out page.html                              (App. H: the methods side by side)
 
 For every test conformation s (rows carry `optimal_energy`, the DFT minimum E_opt): the NNP
 optimizes s_0 .. s_T in batches, and the genuine oracle labels s_t at the eval steps
@@ -434,7 +436,8 @@ def summarize(args, records, confs_by_id):
                 **{f"p{q}": float(np.percentile(v, q)) for q in (10, 50, 90)}}
 
     model_name = {"nnp": args.checkpoint, "rdkit": "rdkit"}.get(args.model)
-    summary = {"model": model_name or f"external:{args.positions}",
+    summary = {"model": model_name or f"external:{args.positions}", "name": method_name(args),
+               "oracle_method": getattr(args, "oracle_method", None),
                "db": args.db, "n_conformations": len(records),
                "n_unconverged_reference": len(unconverged),   # not scored (not in n)
                "n_no_e0": final["n_no_e0"],                 # oracle failed at s_0: diverged
@@ -499,24 +502,66 @@ def cov_mat(args, records, confs_by_id):
 
 
 # ---------------------------------------------------------------------------------------
-# Per-conformation outcomes, for the paper's claims (report.check_claims)
+# Per-conformation energies, for the paper's claims (report.check_claims)
 # ---------------------------------------------------------------------------------------
 
-def scored_outcomes(summary_path):
-    """{conf_id: (diverged, success of all)} of one evaluation, from the
-    per_conformation.jsonl beside its summary.json; the rows summary.json scored."""
+def scored_energies(summary_path):
+    """{conf_id: (E_0, E_T, E_opt)} (Hartree, NaN where the oracle gave none) of one
+    evaluation, from the per_conformation.jsonl beside its summary.json; the rows
+    summary.json scored."""
     summary = json.load(open(summary_path))
     records = read_records(os.path.join(os.path.dirname(summary_path), "per_conformation.jsonl"))
     if summary.get("n_unconverged_reference"):    # not scored: see summarize
         confs, _ = data.read_db(summary["db"], verbose=False)
         unconverged = {conf_key(c) for c in confs if not bool(c.info.get("converged", True))}
         records = [r for r in records if r["conf_id"] not in unconverged]
-    out = {}
-    for r in records:
-        e0, e_T, e_opt = r["e0"], r["energy_dft"][-1], r["e_opt"]
-        diverged = e0 is None or e_T is None or e_T > e0
-        out[r["conf_id"]] = (diverged, not diverged and residual_energy(e_T, e_opt) < 1.0)
-    return out
+    nan = float("nan")
+    return {r["conf_id"]: tuple(nan if e is None else float(e)
+                                for e in (r["e0"], r["energy_dft"][-1], r["e_opt"]))
+            for r in records}
+
+
+def method_name(args):
+    """The method's name in tables and pages: --name, else the checkpoint's file name
+    (its folder for our checkpoint.pt), RDKit (MMFF), or the --positions file's name."""
+    if getattr(args, "name", None):
+        return args.name
+    if args.model == "rdkit":
+        return "RDKit (MMFF)"
+    path = args.checkpoint if args.model == "nnp" else args.positions
+    stem = os.path.basename(path).split(".")[0]
+    return (os.path.basename(os.path.dirname(os.path.abspath(path))) or stem
+            if stem == "checkpoint" else stem)
+
+
+def final_panel_title(model, name, steps):
+    """A method's s_T in the page: what moved it there."""
+    if model == "rdkit":
+        return f"{name}: MMFF minimum"
+    if model == "external":
+        return f"{name}: final conformation"
+    return f"{name}: NNP-optimized s_{steps[-1]}"
+
+
+def page_rows(confs_by_id, conf_ids, evaluations):
+    """report.conformation_row of each conformation of conf_ids; evaluations: (title,
+    {conf_id: record}, {conf_id: s_T positions}) of each method, side by side."""
+    rows = []
+    for conf_id in conf_ids:
+        c = confs_by_id[conf_id]
+        rmsd = lambda x, c=c: best_rmsd(x, c.optimal_positions, c.smiles, c.numbers)  # noqa: E731
+        e0 = next((records[conf_id]["e0"] for _, records, _ in evaluations
+                   if records[conf_id]["e0"] is not None), None)
+        finals = [(title, positions[conf_id], records[conf_id]["energy_dft"][-1])
+                  for title, records, positions in evaluations]
+        rows.append(report.conformation_row(c, e0, finals, rmsd))
+    return rows
+
+
+def final_positions(out_dir):
+    """{conf_id: s_T positions [n_atoms, 3]} of an evaluation's final.db."""
+    finals, _ = data.read_db(os.path.join(out_dir, "final.db"), "total", verbose=False)
+    return {int(c.info["conf_id"]): c.positions for c in finals}
 
 
 def write_page(args, records):
@@ -524,31 +569,73 @@ def write_page(args, records):
     --page_conformations test conformations (by conf_id) that have optimal_positions."""
     confs, _ = data.read_db(args.db, args.energy_kind, verbose=False)
     by_id = {c.id: c for c in confs}
-    chosen = [r for r in sorted(records, key=lambda r: r["conf_id"])
+    chosen = [r["conf_id"] for r in sorted(records, key=lambda r: r["conf_id"])
               if by_id[r["conf_id"]].optimal_positions is not None][:args.page_conformations]
     if not chosen:
         return
-    finals, _ = data.read_db(os.path.join(args.out_dir, "final.db"), "total", verbose=False)
-    final_by_id = {int(c.info["conf_id"]): c.positions for c in finals}
-    final_title = ("MMFF-optimized (RDKit)" if args.model == "rdkit"
-                   else f"NNP-optimized s_{records[0]['steps'][-1]}")
-    rows = []
-    for r in chosen:
-        c = by_id[r["conf_id"]]
-        rmsd = lambda x, c=c: best_rmsd(x, c.optimal_positions, c.smiles, c.numbers)  # noqa: E731
-        rows.append(report.conformation_row(c, final_by_id[r["conf_id"]], r["e0"],
-                                            r["energy_dft"][-1], rmsd, final_title))
+    name = method_name(args)
+    title = final_panel_title(args.model, name, records[0]["steps"])
+    rows = page_rows(by_id, chosen, [(title, {r["conf_id"]: r for r in records},
+                                      final_positions(args.out_dir))])
     path = os.path.join(args.out_dir, "conformations.html")
-    model = "RDKit MMFF" if args.model == "rdkit" else args.checkpoint
-    report.write_conformations_page(path, rows, f"{model} on {args.db}: test conformations")
+    report.write_conformations_page(path, rows, f"{name} on {args.db}: test conformations",
+                                    methods=f"{name}'s final conformation s_T")
     print(f"page: {path}")
+
+
+def write_comparison_page(args):
+    """--task page (Appendix H, Fig. 5): several evaluations of one test db side by side,
+    for the first --page_conformations conformations (by conf_id) every one of them scored."""
+    evaluations, db = [], None
+    names = args.names or [None] * len(args.evaluations)
+    if len(names) != len(args.evaluations):
+        sys.exit("error: --task page needs as many --names as --evaluations")
+    for out_dir, name in zip(args.evaluations, names):
+        try:
+            summary = json.load(open(os.path.join(out_dir, "summary.json")))
+        except (OSError, ValueError) as err:
+            sys.exit(f"error: {out_dir}: no readable summary.json ({err}); run evaluate.py "
+                     "--task optimization into it first")
+        if db is not None and os.path.abspath(summary["db"]) != os.path.abspath(db):
+            sys.exit(f"error: {out_dir} evaluated {summary['db']}, not {db}: a page compares "
+                     "evaluations of one test db")
+        db = summary["db"]
+        records = {r["conf_id"]: r for r in read_records(
+            os.path.join(out_dir, "per_conformation.jsonl"))}
+        name = name or summary.get("name") or os.path.basename(os.path.normpath(out_dir))
+        model = ("rdkit" if summary["model"] == "rdkit" else
+                 "external" if str(summary["model"]).startswith("external:") else "nnp")
+        steps = next(iter(records.values()))["steps"] if records else [0]
+        evaluations.append((final_panel_title(model, name, steps), records,
+                            final_positions(out_dir), name))
+    confs, _ = data.read_db(args.db or db, args.energy_kind, verbose=False)
+    for (_, records, _, name), out_dir in zip(evaluations, args.evaluations):
+        check_records_match(list(records.values()), confs, out_dir, args.db or db)
+    by_id = {c.id: c for c in confs}
+    common = set.intersection(*(set(records) for _, records, _, _ in evaluations))
+    chosen = [i for i in sorted(common) if by_id[i].optimal_positions is not None
+              and all(records[i]["e0"] is not None for _, records, _, _ in evaluations)]
+    chosen = chosen[:args.page_conformations]
+    if not chosen:
+        sys.exit("error: the evaluations share no scored conformation with optimal_positions")
+    rows = page_rows(by_id, chosen, [e[:3] for e in evaluations])
+    names = [e[3] for e in evaluations]
+    report.write_conformations_page(args.out, rows,
+                                    f"{', '.join(names)} on {args.db or db}: test conformations",
+                                    methods=f"each method's final conformation s_T "
+                                            f"({', '.join(names)})")
+    print(f"page: {args.out} ({len(rows)} conformations, {len(names)} methods)")
 
 
 # ---------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", choices=("optimization", "prediction", "table"), default="optimization")
+    p.add_argument("--task", choices=("optimization", "prediction", "table", "page"),
+                   default="optimization")
+    p.add_argument("--name", help="the method's name in tables and pages (default: the "
+                                  "checkpoint's file name, RDKit (MMFF), or the --positions "
+                                  "file's name for --model external)")
     p.add_argument("--checkpoint", help="our checkpoint.pt or an official NNP_checkpoint_actor")
     p.add_argument("--model", choices=("nnp", "rdkit", "external"), default="nnp",
                    help="rdkit: the paper's RDKit row (MMFF minimization, then the oracle); "
@@ -574,14 +661,26 @@ def parse_args(argv=None):
                    help="conformations.html shows this many test conformations in 3D (0: none)")
     add_compile_arg(p)
     p.add_argument("--summaries", nargs="+", help="--task table: summary.json files")
-    p.add_argument("--names", nargs="+", help="--task table: row names")
+    p.add_argument("--names", nargs="+", help="--task table: row names; --task page: method "
+                                              "names (default: each summary's name)")
+    p.add_argument("--evaluations", nargs="+",
+                   help="--task page: evaluate.py --out_dir folders of one test db, shown side "
+                        "by side (Appendix H, Fig. 5)")
+    p.add_argument("--out", help="--task page: the page to write (e.g. page.html)")
     p.add_argument("--figures", help="--task table: folder for Figures 1-3 of all the summaries")
     p.add_argument("--claims", nargs=5, metavar="NAME",
                    help="--task table: check the paper's claims 1-5 on the rows named f_baseline "
                         "traj-K traj-20K GOLF-K f_rdkit ('-' if absent); rows of one name are "
                         "seeds")
+    p.add_argument("--claim", action="append", default=[], metavar="SPEC",
+                   help="--task table: check a claim 'TITLE: A > B; C >= D [@ metric]' (> "
+                        "beats, >= matches or beats, @ the metrics it is made in); repeatable")
+    p.add_argument("--success_floor", type=float, default=None, metavar="PCT",
+                   help="--claims: a pct_success comparison that does not hold while both "
+                        "rates are at or below PCT %% is 'not decided' (the scorer's limit, "
+                        "benchmarks/nnp_floor.py), not a failure")
     p.add_argument("--claims_only", action="store_true",
-                   help="--task table --claims: print the claims, not the table")
+                   help="--task table --claims/--claim: print the claims, not the table")
     optimizers.add_optimizer_args(p)
     oracles.add_oracle_args(p)
     return optimizers.parse_args_with_preset(p, argv)   # --optimizer_preset: Table 6
@@ -600,17 +699,25 @@ def main(argv=None):
             except (OSError, ValueError) as err:
                 sys.exit(f"error: {path}: not a readable summary.json ({err}); run "
                          "evaluate.py --task optimization first")
-        names = args.names or [os.path.basename(os.path.dirname(os.path.abspath(p)))
-                               for p in args.summaries]
+        names = args.names or [r.get("name") or os.path.basename(os.path.dirname(
+            os.path.abspath(p))) for r, p in zip(rows, args.summaries)]
         if not args.claims_only:
             print(report.format_table(list(zip(names, rows))))
-        if args.claims:
-            outcomes = [(name, scored_outcomes(path)) for name, path in zip(names, args.summaries)]
-            print(report.check_claims(outcomes, args.claims, args.n_bootstrap,
-                                      args.bootstrap_seed))
+        if args.claims or args.claim:
+            claims = report.role_claims(args.claims) if args.claims else []
+            claims += [(report.parse_claim(spec), None) for spec in args.claim]
+            energies = [(name, scored_energies(path)) for name, path in zip(names, args.summaries)]
+            print(report.check_claims(energies, claims, args.n_bootstrap, args.bootstrap_seed,
+                                      args.success_floor))
         if args.figures:
             report.save_figures(report.draw_figures(list(zip(names, rows))), args.figures)
             print(f"figures: {', '.join(os.path.join(args.figures, f) for f in report.FIGURES)}")
+        return
+    if args.task == "page":
+        if not args.evaluations or not args.out:
+            sys.exit("error: --task page needs --evaluations (evaluate.py --out_dir folders) "
+                     "and --out (the page to write)")
+        write_comparison_page(args)
         return
     for flag in ("db", "out_dir"):
         if not getattr(args, flag):

@@ -4,11 +4,13 @@ D_rdkit and D-test.
 Tsypin et al. (ICLR 2024) train NNPs on conformations labelled with DFT energies and forces:
     --mode single_point  energy and forces of every conformation           -> D0-type db
     --mode optimize      an oracle optimization of every conformation: every
-                         step (D_traj-K: --max_conformations K stops at K rows),
-                         and each start with its optimum (--out_optimal)    -> D-test-type db
+                         step (D_traj-K: --max_conformations K stops at K rows
+                         of steps >= 1), and each start with its optimum
+                         (--out_optimal)                                    -> D-test-type db
     --mode mmff          MMFF94-minimize every conformation, then label it  -> D_rdkit db
-    --spice FILE         no oracle: SPICE's own labels -> D0^SPICE (--out) and D_test^SPICE
-                         (--out_test) as the paper splits them (Sec. 6.3, App. E; make_spice)
+    --spice FILE         D0^SPICE (--out) and D_test^SPICE (--out_test) of App. E's sizes,
+                         labelled by the oracle as Sec. 6.3 (--spice_labels own: SPICE's
+                         own labels; make_spice)
 
 Conformations come from a SMILES file (RDKit ETKDGv3, as nablaDFT made its conformations;
 `SMILES [name]` per line, # starts a comment) or from an existing db (--db); --min_atoms /
@@ -28,7 +30,9 @@ Output rows (data.py's schema: positions Angstrom, total energy Hartree, forces
 Hartree/Angstrom in row.data; keys):
     --out, single_point / mmff: one row per conformation; keys conf_id, smiles, name
     --out, optimize: one row per optimization step; keys conf_id, step (0 = the start),
-        smiles, name
+        smiles, name. With --max_conformations K (D_traj-K), steps >= 1 only: the K
+        conformations D_traj-K adds to D0; step 0 is the input row itself (in D0 already,
+        and in --out_optimal with its optimum)
     --out_optimal, optimize: one row per conformation: its start (positions, energy,
         forces) with optimal_energy and optimal_positions (the last step); keys conf_id,
         smiles, name, converged (False: --max_opt_steps ran out), n_steps
@@ -44,11 +48,13 @@ and ids. With --db, the input row id (its own conf_id, if any, goes to the key
 source_conf_id).
 
 D_traj-K (--max_conformations K, --mode optimize): conformations are taken in conf_id
-order (--shuffle: a permutation seeded by --seed, --db only); every step of every
+order (--shuffle: a permutation seeded by --seed, --db only); every step t >= 1 of every
 optimization is written as it arrives, no new job starts once the finished optimizations
-at the head of that order hold K steps, and at the end --out keeps exactly the first K
-steps in that order (the last trajectory cut at K). Which rows D_traj-K holds thus does
-not depend on the order results arrive in.
+at the head of that order hold K such steps, and at the end --out keeps exactly the first
+K in that order (the last trajectory cut at K). Which rows D_traj-K holds thus does not
+depend on the order results arrive in. Psi4 optimizes in --opt_coordinates (default
+Cartesian, as App. D's nablaDFT trajectories) until it converges (--max_opt_steps: a
+safety cap); the choice is kept in the outputs' metadata.
 
 Resuming: every result is written the moment it arrives, in one SQLite transaction, so
 `kill -9` loses no finished result. At the end of a run, --out and --out_optimal are
@@ -89,6 +95,16 @@ from data import Conformation
 OWN_KEYS = ("conf_id", "step", "converged", "n_steps")   # keys this script sets itself
 
 
+def count_or_all(text):
+    """A count flag's value: a positive integer, or 'all' (None)."""
+    if text == "all":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 or 'all', not {text}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,7 +112,7 @@ def parse_args(argv=None):
     source.add_argument("--smiles", help="SMILES file, one molecule per line ('SMILES [name]')")
     source.add_argument("--db", help="ASE db of conformations to label")
     source.add_argument("--spice", help="SPICE HDF5 release (SPICE-*.hdf5): write D0^SPICE to "
-                                        "--out and D_test^SPICE to --out_test, no oracle")
+                                        "--out and D_test^SPICE to --out_test")
     spice = parser.add_argument_group("--spice (App. E)")
     spice.add_argument("--out_test", help="D_test^SPICE db")
     spice.add_argument("--n_train_molecules", type=int, default=3500,
@@ -106,9 +122,19 @@ def parse_args(argv=None):
     spice.add_argument("--spice_subset", default="pubchem",
                        help="keep groups whose subset contains this (default: %(default)s, "
                             "SPICE's drug-like molecules; '' keeps all)")
-    spice.add_argument("--spice_test_conformations", type=int, default=None,
-                       help="at most N conformations of a test molecule, half high- and half "
-                            "low-energy (default: all, balanced)")
+    spice.add_argument("--n_train_conformations", type=count_or_all,
+                       default=data.SPICE_N_TRAIN_CONFORMATIONS,
+                       help="high-energy conformations of D0^SPICE, spread evenly over its "
+                            "molecules (default: %(default)s, App. E; 'all': every one)")
+    spice.add_argument("--n_test_conformations", type=count_or_all,
+                       default=data.SPICE_N_TEST_CONFORMATIONS,
+                       help="conformations of D_test^SPICE, half high- and half low-energy, "
+                            "spread evenly (default: %(default)s, App. E; 'all': every "
+                            "high/low pair)")
+    spice.add_argument("--spice_labels", choices=("oracle", "own"), default="oracle",
+                       help="oracle: label every chosen conformation with --oracle_method, the "
+                            "paper's O_G (default; Sec. 6.3); own: keep SPICE's "
+                            "wB97M-D3BJ/def2-TZVPPD labels")
     parser.add_argument("--conformers_per_molecule", type=int, default=None,
                         help="--conformer_selection first: ETKDGv3 conformations per SMILES "
                              "line (default: 1)")
@@ -146,7 +172,8 @@ def parse_args(argv=None):
                         help="--mode optimize: db of the starts with their optima "
                              "(default: <out>_optimal.db)")
     parser.add_argument("--max_conformations", type=int, default=None,
-                        help="K: stop when --out has K rows (D_traj-K)")
+                        help="K: stop when --out has K rows (D_traj-K; --mode optimize: K "
+                             "steps t >= 1, the start being the input row itself)")
     parser.add_argument("--mmff_max_iters", type=int, default=oracles.MMFF_MAX_ITERS,
                         help="--mode mmff: most MMFF minimization iterations (evaluate.py's RDKit "
                              "row uses the same default); not converged: logged as a failure")
@@ -172,6 +199,9 @@ def parse_args(argv=None):
         parser.error("--shuffle is for --db (a SMILES file is taken in line order)")
     if args.out_optimal and args.mode != "optimize":
         parser.error("--out_optimal is for --mode optimize")
+    if oracles.is_xtb(args.oracle_method) and args.opt_coordinates != "cartesian":
+        parser.error(f"--opt_coordinates {args.opt_coordinates} is for Psi4's optimizer; "
+                     "xTB's BFGS works in Cartesian coordinates only")
     if args.mode == "optimize" and not args.out_optimal:
         args.out_optimal = os.path.splitext(args.out)[0] + "_optimal.db"
     if args.out_optimal and os.path.abspath(args.out_optimal) == os.path.abspath(args.out):
@@ -312,13 +342,22 @@ def selected(items, args):
 def open_output(path, args, atomrefs):
     """Open (or create) an output db; a db made with other flags is refused, since its
     conf_ids would mean other conformations."""
-    source = os.path.basename(args.smiles or args.db)
+    source = os.path.basename(args.smiles or args.db or args.spice)
     metadata = {"method": args.oracle_method, "mode": args.mode, "seed": args.seed,
                 "conformers_per_molecule": args.conformers_per_molecule, "source": source,
                 "conformer_selection": args.conformer_selection, "shuffle": args.shuffle}
+    if args.spice:                            # which molecules and conformations, and labels
+        metadata.update(split=args.spice_split, subset=args.spice_subset,
+                        spice_labels=args.spice_labels,
+                        n_train_molecules=args.n_train_molecules,
+                        n_test_molecules=args.n_test_molecules,
+                        n_train_conformations=args.n_train_conformations or "all",
+                        n_test_conformations=args.n_test_conformations or "all")
     if args.conformer_selection == "butina":
         metadata.update(n_etkdg=args.n_etkdg, butina_threshold=args.butina_threshold,
                         butina_coverage=args.butina_coverage)
+    if args.mode == "optimize":               # other coordinates, other trajectories
+        metadata["opt_coordinates"] = args.opt_coordinates
     try:
         db = data.connect_for_writing(path, atomrefs=atomrefs, **metadata)
         old = db.metadata
@@ -330,7 +369,12 @@ def open_output(path, args, atomrefs):
              "conformers_per_molecule": "--conformers_per_molecule", "source": "--smiles/--db",
              "conformer_selection": "--conformer_selection", "shuffle": "--shuffle",
              "n_etkdg": "--n_etkdg", "butina_threshold": "--butina_threshold",
-             "butina_coverage": "--butina_coverage"}
+             "butina_coverage": "--butina_coverage", "opt_coordinates": "--opt_coordinates",
+             "split": "--out/--out_test as", "subset": "--spice_subset",
+             "spice_labels": "--spice_labels", "n_train_molecules": "--n_train_molecules",
+             "n_test_molecules": "--n_test_molecules",
+             "n_train_conformations": "--n_train_conformations",
+             "n_test_conformations": "--n_test_conformations"}
     for key, flag in flags.items():
         if key in old and old[key] != metadata.get(key):
             raise data.DataError(f"{path} was made with {flag} {old[key]}, not "
@@ -352,18 +396,20 @@ def row_keys(conf):
     return keys
 
 
-def write_trajectory(db, conf, conf_id, result, room):
-    """Every step of one optimization in one transaction, replacing the rows of an earlier
-    (failed, partial) attempt unless those are more. At most `room` new rows (None: no
-    cap). Returns the number of rows added."""
+def write_trajectory(db, conf, conf_id, result, room, first_step=0):
+    """The steps t >= first_step of one optimization in one transaction, replacing the rows
+    of an earlier (failed, partial) attempt unless those are more. At most `room` new rows
+    (None: no cap). Returns the number of rows added."""
     old = [row.id for row in db.select(conf_id=conf_id, include_data=False)]
-    n = result.n_steps if room is None else min(result.n_steps, room + len(old))
-    if n == 0 or n < len(old):
+    n = result.n_steps - first_step                      # steps first_step .. n_steps - 1
+    if room is not None:
+        n = min(n, room + len(old))
+    if n <= 0 or n < len(old):
         return 0
     with db:
         if old:
             db.delete(old)
-        for t in range(n):
+        for t in range(first_step, first_step + n):
             step = Conformation(conf.numbers, result.trajectory_positions[t],
                                 energy=float(result.trajectory_energy[t]),
                                 forces=result.trajectory_forces[t], smiles=conf.smiles)
@@ -376,7 +422,9 @@ def write_result(args, out, optimal, conf, conf_id, result, room):
     optimize: the steps (also those of a failed optimization) to --out, and the start
     with its optimum to --out_optimal; else the labelled conformation to --out."""
     if args.mode == "optimize":
-        n_rows = write_trajectory(out, conf, conf_id, result, room)
+        # D_traj-K holds K conformations D0 lacks: not step 0, the D0 row itself
+        first_step = 0 if args.max_conformations is None else 1
+        n_rows = write_trajectory(out, conf, conf_id, result, room, first_step)
         if result.ok:
             start = dataclasses.replace(conf, energy=result.energy, forces=result.forces,
                                         optimal_energy=result.optimal_energy,
@@ -442,72 +490,129 @@ def atomrefs_for(args, elements):
 
 
 def make_spice(args):
-    """D0^SPICE: the high-energy conformations of --n_train_molecules molecules; D_test^SPICE:
-    high- and low-energy conformations in equal parts of --n_test_molecules others (App. E;
-    data.py's SPICE section says how the release marks them). No oracle runs: the labels are
-    SPICE's, at wB97M-D3BJ/def2-TZVPPD, not nablaDFT's wB97X-D/def2-SVP; data that GOLF adds
-    and D_test's optima must come from the same level (--oracle_method of the next stages).
-    conf_id = 1000 * (the molecule's index among the file's groups, sorted) + its index in
-    the group; a rerun skips molecules already written."""
+    """D0^SPICE and D_test^SPICE (Sec. 6.3, App. E). Of the PubChem molecules without P or I,
+    --n_train_molecules for D0^SPICE and --n_test_molecules others for D_test^SPICE (seeded
+    shuffle); D0^SPICE takes --n_train_conformations high-energy conformations of its
+    molecules, D_test^SPICE --n_test_conformations, high- and low-energy in equal parts (data.py's
+    SPICE section says how the release marks them), spread evenly over the molecules and drawn
+    at random (seeded per molecule: a rerun picks the same). Sec. 6.3 uses "the same DFT-based
+    oracle" O_G on SPICE, so by default (--spice_labels oracle) every chosen conformation is
+    labelled by --oracle_method (as --mode single_point; the authors' SPICE models predict
+    wB97X-D/def2-SVP energies above nablaDFT's atomrefs). --spice_labels own keeps SPICE's
+    labels (wB97M-D3BJ/def2-TZVPPD, SPICE's atomrefs): then every later stage must label at
+    that level. conf_id = 1000 * (the molecule's index among the file's groups, sorted) + its
+    index in the group; a rerun does only what is missing."""
     import h5py
     molecules, skipped = data.read_spice(args.spice, args.spice_subset or None)
     train, test, n_dropped = data.spice_splits(molecules, args.n_train_molecules,
                                                args.n_test_molecules, args.seed)
     print(f"{args.spice}: {len(molecules)} molecules read, {n_dropped} with P or I dropped, "
           + ", ".join(f"{n} left out ({why})" for why, n in skipped.items()))
-    elements = {int(z) for m in train + test for z in m.numbers}
+    splits = (("D0^SPICE", args.out, train, args.n_train_conformations),
+              ("D_test^SPICE", args.out_test, test, args.n_test_conformations))
+    with ExitStack() as locks:        # one writer per output, for the whole run
+        for path in (args.out, args.out_test):
+            if os.path.isdir(path):
+                raise data.DataError(f"{path} is a directory; --out and --out_test name db "
+                                     "files")
+            locks.enter_context(safe_io.output_lock(path))
+        with h5py.File(args.spice, "r") as f:
+            index = {name: i for i, name in enumerate(sorted(f))}
+            chosen = [spice_selection(args, f, index, split, of, n) for split, _, of, n in splits]
+            check_spice_order(f, train + test)
+        status = 0
+        for (split, path, _, _), confs in zip(splits, chosen):
+            split_args = argparse.Namespace(**{**vars(args), "out": path, "out_optimal": None,
+                                               "mode": "single_point", "spice_split": split})
+            if args.spice_labels == "own":
+                split_args.oracle_method = data.SPICE_METHOD
+                write_spice_labels(split_args, confs)
+            else:
+                elements = {int(z) for c in confs for z in c.numbers}
+                status = max(status, label(split_args, None, confs, elements))
+    if args.spice_labels == "own":
+        print(f"labels: SPICE's own, {data.SPICE_METHOD}, not the paper's O_G: label new data "
+              "at the same level (--oracle_method wb97m-d3bj/def2-tzvppd for golf.py and for "
+              f"the optima: make_trajectories.py --db {args.out_test} --mode optimize "
+              "--out ... --out_optimal ...)")
+    else:
+        print(f"labels: {args.oracle_method} (the genuine oracle O_G, Sec. 6.3). The test "
+              f"optima: make_trajectories.py --db {args.out_test} --mode optimize --out ... "
+              "--out_optimal ... --opt_coordinates redundant (App. E: SPICE's trajectories "
+              "were not optimized in App. D's Cartesian coordinates; optking's default, "
+              "redundant internals, is our reading)")
+    return status
+
+
+def spice_selection(args, f, index, split, molecules, n_conformations):
+    """The Conformations (id = conf_id, info: name, spice_index, energy_level) a split takes
+    of its molecules in the open SPICE file `f`, in conf_id order."""
+    counts = [len(f[m.name]["dft_total_energy"]) for m in molecules]     # in the file
+    capacity = [data.spice_capacity(n, split) for n in counts]
+    share = 1 if split == "D0^SPICE" else 2          # conformations a unit holds
+    total = None if n_conformations is None else n_conformations // share
+    units = data.spread_evenly(capacity, total,
+                               np.random.default_rng([args.seed, 1 if share == 1 else 2]))
+    confs = []
+    for molecule, n, k in zip(molecules, counts, units):
+        rng = np.random.default_rng([args.seed, index[molecule.name]])    # per molecule
+        keep = set(data.spice_choice(n, split, int(k), rng))
+        for c in data.read_spice_conformations(f, molecule):
+            if c.info["spice_index"] in keep:
+                confs.append(dataclasses.replace(
+                    c, id=1000 * index[molecule.name] + c.info["spice_index"]))
+    asked = "all" if n_conformations is None else n_conformations
+    per_molecule = units[units > 0] * share
+    print(f"{split}: {len(molecules)} molecules, {len(confs)} conformations (asked: {asked}; "
+          f"{per_molecule.min() if len(per_molecule) else 0}-"
+          f"{per_molecule.max() if len(per_molecule) else 0} a molecule"
+          + (", high-energy only)" if split == "D0^SPICE" else ", half high-, half low-energy)"))
+    return sorted(confs, key=lambda c: c.id)
+
+
+def check_spice_order(f, molecules):
+    """Print how often the first SPICE_N_HIGH conformations of a molecule have the higher
+    mean energy: a check of the order data.py's SPICE section relies on, on the real file."""
+    n_higher = n_pairs = 0
+    for molecule in molecules:
+        energy = np.asarray(f[molecule.name]["dft_total_energy"], dtype=np.float64).reshape(-1)
+        high, low = data.spice_levels(len(energy))
+        if high and low:
+            n_pairs += 1
+            n_higher += energy[high].mean() > energy[low].mean()
+    if n_pairs:
+        print(f"check of SPICE's order: conformations 0-{data.SPICE_N_HIGH - 1} have the higher "
+              f"mean energy in {100 * n_higher / n_pairs:.1f}% of {n_pairs} molecules")
+
+
+def write_spice_labels(args, confs):
+    """--spice_labels own: the chosen conformations with SPICE's labels, a molecule per
+    transaction; molecules already in the db are skipped."""
+    elements = {int(z) for c in confs for z in c.numbers}
     atomrefs = {z: e for z, e in data.SPICE_ATOMREFS.items() if z in elements}
     if set(atomrefs) != elements:
         print(f"warning: SPICE lists no free-atom energy for elements "
               f"{sorted(elements - set(atomrefs))}; training fits references by least squares",
               file=sys.stderr)
         atomrefs = None
-    with h5py.File(args.spice, "r") as f:
-        index = {name: i for i, name in enumerate(sorted(f))}
-        rng = np.random.default_rng(args.seed)
-        n_higher = n_pairs = 0           # checks SPICE's order: the first 25 are higher
-        for path, split, molecules_of in ((args.out, "D0^SPICE", train),
-                                          (args.out_test, "D_test^SPICE", test)):
-            metadata = {"method": data.SPICE_METHOD, "source": os.path.basename(args.spice),
-                        "seed": args.seed, "split": split, "subset": args.spice_subset,
-                        "level_note": "SPICE's labels (wB97M-D3BJ/def2-TZVPPD, Psi4 1.5), not "
-                                      "nablaDFT's wB97X-D/def2-SVP: label new data at this level"}
-            db = data.connect_for_writing(path, atomrefs=atomrefs, **metadata)
-            for key in ("source", "seed", "split"):
-                if db.metadata.get(key) != metadata[key]:
-                    raise data.DataError(f"{path} was made with another {key} "
-                                         f"({db.metadata.get(key)}); write to a new file")
-            done = {row.get("conf_id") // 1000 for row in db.select(include_data=False)}
-            n_rows = 0
-            for molecule in safe_io.progress(molecules_of, desc=split, unit="mol",
-                                             dynamic_ncols=True):
-                confs = data.read_spice_conformations(f, molecule)
-                high = [c.energy for c in confs if c.info["energy_level"] == "high"]
-                low = [c.energy for c in confs if c.info["energy_level"] == "low"]
-                if high and low:
-                    n_pairs += 1
-                    n_higher += np.mean(high) > np.mean(low)
-                if split == "D0^SPICE":
-                    confs = [c for c in confs if c.info["energy_level"] == "high"]
-                else:
-                    confs = data.spice_test_conformations(confs, rng, args.spice_test_conformations)
-                if index[molecule.name] in done:
-                    continue
-                with db:                                   # a molecule is one transaction
-                    for c in confs:
-                        data.write_conformation(db, c, conf_id=1000 * index[molecule.name]
-                                                + c.info["spice_index"], **c.info)
-                n_rows += len(confs)
-            print(f"{path}: {split}, {len(molecules_of)} molecules, {n_rows} rows written now, "
-                  f"{db.count()} in all")
-    if n_pairs:
-        print(f"check of SPICE's order: conformations 0-{data.SPICE_N_HIGH - 1} have the higher "
-              f"mean energy in {100 * n_higher / n_pairs:.1f}% of {n_pairs} molecules")
-    print(f"labels: SPICE's level {data.SPICE_METHOD}, not nablaDFT's wB97X-D/def2-SVP. Label "
-          "new data at the same level: --oracle_method wb97m-d3bj/def2-tzvppd for golf.py and "
-          f"for the optima of the test set: make_trajectories.py --db {args.out_test} "
-          "--mode optimize --out ... --out_optimal ...")
-    return 0
+    db = open_output(args.out, args, atomrefs)
+    if "level_note" not in db.metadata:
+        db.metadata = {**db.metadata, "level_note": "SPICE's labels (wB97M-D3BJ/def2-TZVPPD, "
+                       "Psi4 1.5), not the paper's O_G: label new data at this level"}
+    done = finished_ids(db)
+    by_molecule = collections.defaultdict(list)
+    for c in confs:
+        by_molecule[c.id // 1000].append(c)
+    n_rows = 0
+    for molecule, its in by_molecule.items():
+        if any(c.id in done for c in its):
+            continue
+        with db:                                   # a molecule is one transaction
+            for c in its:
+                data.write_conformation(db, c, conf_id=c.id, **row_keys(c))
+        n_rows += len(its)
+    data.rewrite_sorted(args.out, canonical_key)        # the same rows in the same order
+    print(f"{args.out}: {args.spice_split}, {n_rows} rows written now, {db.count()} in all")
 
 
 def make(args):

@@ -238,7 +238,8 @@ def run_psi4_job(psi4, settings, job, scratch, on_step):
         if job["kind"] == "gradient":
             energy, gradient = oracles.psi4_gradient(*args)
             return ("done", {"energy": energy, "gradient": gradient})
-        converged, message = oracles.psi4_optimize(*args, settings["max_opt_steps"], on_step)
+        converged, message = oracles.psi4_optimize(*args, settings["max_opt_steps"], on_step,
+                                                   settings["opt_coordinates"])
         return ("done", {"converged": converged, "message": message})
     except Exception as err:     # SCF not converged, no basis for an element, ...
         return ("failed", oracles.one_line(err))
@@ -332,19 +333,23 @@ class LocalOraclePool:
     method: a Psi4 method/basis, or gfn2-xtb / gfn1-xtb (tblite; memory is then unused).
     timeout: seconds one gradient may take (every step of an optimization is one);
     a worker over it is killed and replaced. retries: extra attempts of a failed job.
-    max_opt_steps: most gradients of an optimization (Psi4's geom_maxiter); None: 100 for
-    Psi4, 500 for xTB. psi4_options: extra psi4.set_options, or for xTB extra tblite
-    Calculator.set settings ({"max-iter": 5}).
+    max_opt_steps: most gradients of an optimization (Psi4's geom_maxiter); None: 1000 for
+    Psi4, 500 for xTB. opt_coordinates: Psi4's optimizer coordinates (optking's
+    opt_coordinates; xTB: cartesian only). psi4_options: extra psi4.set_options, or for xTB
+    extra tblite Calculator.set settings ({"max-iter": 5}).
     scratch: where workers make their directories (default $PSI_SCRATCH, else /tmp)."""
 
     def __init__(self, method=oracles.DEFAULT_METHOD, n_workers=2, threads=1, memory="2 GB",
                  timeout=600.0, retries=1, max_opt_steps=None, psi4_options=None,
-                 scratch=None, startup_timeout=120.0):
+                 scratch=None, startup_timeout=120.0,
+                 opt_coordinates=oracles.DEFAULT_OPT_COORDINATES):
         if max_opt_steps is None:
             max_opt_steps = oracles.default_max_opt_steps(method)
-        check_settings(n_workers, threads, timeout, retries, max_opt_steps, method)
+        check_settings(n_workers, threads, timeout, retries, max_opt_steps, method,
+                       opt_coordinates)
         self.settings = {"method": method, "threads": int(threads), "memory": memory,
-                         "max_opt_steps": int(max_opt_steps), "options": dict(psi4_options or {})}
+                         "max_opt_steps": int(max_opt_steps), "options": dict(psi4_options or {}),
+                         "opt_coordinates": opt_coordinates}
         self.scratch = scratch or os.environ.get("PSI_SCRATCH") or tempfile.gettempdir()
         if not os.path.isdir(self.scratch):
             raise OracleError(f"scratch directory {self.scratch} does not exist; create it or "
@@ -643,11 +648,11 @@ class DaskOraclePool:
 
     def __init__(self, scheduler, method=oracles.DEFAULT_METHOD, threads=1, memory="2 GB",
                  timeout=600.0, retries=1, max_opt_steps=None, psi4_options=None,
-                 connect_timeout=20.0):
+                 connect_timeout=20.0, opt_coordinates=oracles.DEFAULT_OPT_COORDINATES):
         from distributed import Client
         if max_opt_steps is None:
             max_opt_steps = oracles.default_max_opt_steps(method)
-        check_settings(1, threads, timeout, retries, max_opt_steps, method)
+        check_settings(1, threads, timeout, retries, max_opt_steps, method, opt_coordinates)
         try:
             self.client = Client(scheduler, timeout=f"{connect_timeout}s")
         except (OSError, TimeoutError, ValueError) as err:
@@ -656,7 +661,8 @@ class DaskOraclePool:
         self.client.register_plugin(engines_plugin())   # on every worker, present and future
         self.pool_kwargs = dict(method=method, threads=threads, memory=memory,
                                 timeout=timeout, retries=retries,
-                                max_opt_steps=max_opt_steps, psi4_options=psi4_options)
+                                max_opt_steps=max_opt_steps, psi4_options=psi4_options,
+                                opt_coordinates=opt_coordinates)
         self._tasks = {}              # key -> dask future: kept, or Dask forgets the task
         self._lock = threading.Lock()
 
@@ -713,11 +719,18 @@ class DaskOraclePool:
 # From the command-line flags of oracles.add_oracle_args
 # ---------------------------------------------------------------------------------------
 
-def check_settings(n_workers, threads, timeout, retries, max_opt_steps, method):
+def check_settings(n_workers, threads, timeout, retries, max_opt_steps, method,
+                   opt_coordinates=oracles.DEFAULT_OPT_COORDINATES):
     """A setting no pool can run with is one OracleError naming its flag."""
     if oracles.is_xtb(method) and method.strip().lower() not in oracles.XTB_METHODS:
         raise OracleError(f"--oracle_method {method} is not a tblite method; use "
                           f"{' or '.join(oracles.XTB_METHODS)}")
+    if opt_coordinates not in oracles.OPT_COORDINATES:
+        raise OracleError(f"--opt_coordinates must be one of {', '.join(oracles.OPT_COORDINATES)}, "
+                          f"not {opt_coordinates}")
+    if oracles.is_xtb(method) and opt_coordinates != "cartesian":
+        raise OracleError(f"--opt_coordinates {opt_coordinates} is for Psi4's optimizer; xTB's "
+                          "BFGS works in Cartesian coordinates only: drop the flag")
     for name, value, low in (("--n_workers", n_workers, 1), ("--oracle_threads", threads, 1),
                              ("--oracle_retries", retries, 0),
                              ("--max_opt_steps", max_opt_steps, 1)):
@@ -731,7 +744,8 @@ def make_oracle_pool(args):
     """A DaskOraclePool with --dask_scheduler, else a LocalOraclePool."""
     common = dict(method=args.oracle_method, threads=args.oracle_threads,
                   memory=args.psi4_memory, timeout=args.oracle_timeout,
-                  retries=args.oracle_retries, max_opt_steps=args.max_opt_steps)
+                  retries=args.oracle_retries, max_opt_steps=args.max_opt_steps,
+                  opt_coordinates=getattr(args, "opt_coordinates", oracles.DEFAULT_OPT_COORDINATES))
     if args.dask_scheduler:
         check_dask_scheduler(args.dask_scheduler)
         return DaskOraclePool(args.dask_scheduler, **common)

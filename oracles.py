@@ -13,7 +13,8 @@ Genuine oracle, in this process
 -------------------------------
     psi4_gradient(psi4, method, numbers, positions, charge, multiplicity)
         -> energy (Hartree), gradient [n_atoms, 3] (Hartree/Bohr)
-    psi4_optimize(..., max_steps, on_step)          optking; on_step gets every gradient
+    psi4_optimize(..., max_steps, on_step, opt_coordinates)    optking; on_step gets every
+                                                    gradient
     xtb_gradient(method, numbers, positions, charge, multiplicity, options)   the same, tblite
     xtb_optimize(..., max_steps, on_step)           ASE's BFGS in Cartesian coordinates,
                                                     down to Psi4's default max force
@@ -52,10 +53,17 @@ XTB_ACCURACY = 0.1
 # 3e-4 Hartree/Bohr = 3e-4 * 27.2114 eV / 0.529177 A = 0.0154 eV/A. ASE compares each
 # atom's force norm, Psi4 the largest internal-coordinate force: ours is the tighter test.
 XTB_MAX_FORCE = 3e-4            # Hartree/Bohr
-# Most gradients of an optimization (--max_opt_steps): optking works in internal
-# coordinates (its own limit is 50 steps), ASE's BFGS in Cartesian ones, and took 95-320
-# steps on molecules of 30-40 atoms from ETKDG (docs/oracles.md).
-DEFAULT_MAX_OPT_STEPS = {"psi4": 100, "xtb": 500}
+# Most gradients of an optimization (--max_opt_steps). Sec. 3 runs the genuine oracle's
+# optimizations until they converge, and App. D's nablaDFT trajectories (Cartesian
+# coordinates) average ~100 steps, so a cap near 100 would cut about half of them short:
+# Psi4's 1000 is a safety cap (optking's own geom_maxiter is 50). ASE's BFGS took 95-320
+# steps on molecules of 30-40 atoms from ETKDG (docs/oracles.md): 500 for xTB.
+DEFAULT_MAX_OPT_STEPS = {"psi4": 1000, "xtb": 500}
+# Coordinates of Psi4's optimizer (optking's opt_coordinates). App. D: the nablaDFT
+# trajectories behind D_traj were optimized in Cartesian coordinates; optking's own default
+# is redundant internals. xTB's BFGS (ASE) works in Cartesian coordinates only.
+OPT_COORDINATES = ("cartesian", "redundant", "internal", "delocalized", "natural", "both")
+DEFAULT_OPT_COORDINATES = "cartesian"
 
 
 class OracleError(RuntimeError):
@@ -68,7 +76,7 @@ def is_xtb(method):
 
 
 def default_max_opt_steps(method):
-    """--max_opt_steps when not given: 100 for Psi4, 500 for xTB."""
+    """--max_opt_steps when not given: 1000 for Psi4 (to convergence, Sec. 3), 500 for xTB."""
     return DEFAULT_MAX_OPT_STEPS["xtb" if is_xtb(method) else "psi4"]
 
 
@@ -107,8 +115,11 @@ def psi4_gradient(psi4, method, numbers, positions, charge, multiplicity):
     return float(wfn.energy()), np.array(gradient)
 
 
-def psi4_optimize(psi4, method, numbers, positions, charge, multiplicity, max_steps, on_step):
-    """Psi4's geometry optimizer (optking, default settings) from `positions`.
+def psi4_optimize(psi4, method, numbers, positions, charge, multiplicity, max_steps, on_step,
+                  opt_coordinates=DEFAULT_OPT_COORDINATES):
+    """Psi4's geometry optimizer (optking, its default criteria) from `positions`, in
+    `opt_coordinates` (optking's option: cartesian as App. D's trajectories, or redundant,
+    optking's own default; OPT_COORDINATES lists them).
 
     Calls on_step(energy Hartree, gradient [n_atoms, 3] Hartree/Bohr, positions [n_atoms, 3]
     Angstrom) for every gradient it evaluates, the starting conformation first. Returns
@@ -123,7 +134,7 @@ def psi4_optimize(psi4, method, numbers, positions, charge, multiplicity, max_st
         on_step(float(wfn.energy()), np.array(g), geometry)   # Bohr -> Angstrom as Psi4 read it
         return g, wfn
 
-    psi4.set_options({"geom_maxiter": max_steps})
+    psi4.set_options({"geom_maxiter": max_steps, "opt_coordinates": opt_coordinates})
     try:
         psi4.optimize(gradient_of_one_step, molecule=molecule, dertype=1)
         return True, ""
@@ -239,10 +250,15 @@ def add_oracle_args(parser):
                        help="tcp://HOST:PORT of a Dask scheduler: run the jobs on its "
                             "workers instead of --n_workers local processes")
     group.add_argument("--max_opt_steps", type=int, default=None,
-                       help="most steps (gradients) of an optimization (default: 100 for "
-                            "Psi4, as geom_maxiter, whose own 50 is short for drug-like "
-                            "molecules from ETKDG; 500 for xTB, whose Cartesian BFGS took "
-                            "95-320 on 30-40 atoms)")
+                       help="most steps (gradients) of an optimization (default: 1000 for "
+                            "Psi4, as geom_maxiter: a safety cap, the paper optimizes to "
+                            "convergence and App. D's trajectories average ~100 steps; 500 "
+                            "for xTB, whose Cartesian BFGS took 95-320 on 30-40 atoms)")
+    group.add_argument("--opt_coordinates", choices=OPT_COORDINATES,
+                       default=DEFAULT_OPT_COORDINATES,
+                       help="coordinates of Psi4's optimizer, optking's opt_coordinates "
+                            "(default: %(default)s, as App. D's nablaDFT trajectories; "
+                            "redundant: optking's own default). xTB's BFGS is Cartesian only")
     return parser
 
 

@@ -4,28 +4,33 @@ the 3D page of Appendix H. Every number comes from summary.json and per_conforma
 
     format_table([(name, summary), ...])          Table 2 as text: a row per model, cells
                                                   `value [lo, hi]` with 95 % intervals
-    check_claims([(name, outcomes), ...], names)  the paper's claims 1-5, paired bootstrap
-                                                  over test conformations, pooled over seeds
+    check_claims([(name, energies), ...], claims) the paper's claims, each metric's verdict
+                                                  from a paired bootstrap over test
+                                                  conformations, pooled over seeds
     draw_figures([(name, summary), ...])          Figures 1-3 with every model; save_figures
     plot(summary, out_dir)                        one run's Figures 1-3
     write_conformations_page(path, rows, title)   conformations.html, rows of conformation_row
+                                                  (one method, or several side by side)
 
 `evaluate.py --task table --summaries ... [--claims ...] [--figures DIR]` prints the table
 and the claims and saves the figures of many runs; `evaluate.py --task optimization` writes
 one run's figures and page.
 
-conformations.html: one row per test conformation, three panels: the initial conformation
-s_0, the NNP-optimized s_T and the DFT optimum s_opt, each with its DFT energy relative to
-the optimum (kcal/mol) and its RMSD to the optimum. s_0 and s_T are rotated onto s_opt
-(Kabsch, all atoms), and the three panels of a row turn together. The page is one
+conformations.html (Appendix H, Fig. 5): one row per test conformation: the molecule in 2D
+(RDKit's SVG), then in 3D the initial conformation s_0, each method's s_T (one method, or
+several evaluations of one test set side by side: evaluate.py --task page) and the DFT
+optimum s_opt, each with its DFT energy relative to the optimum (kcal/mol), its RMSD to the
+optimum and, for a method, its pct_T (Eq. 4). The conformations are rotated onto s_opt
+(Kabsch, all atoms), and the panels of a row turn together. The page is one
 self-contained file: 3Dmol.js 2.5.5 (BSD-3-Clause, third_party/3dmol/) is inlined, the
 molecules are embedded as SDF text (bonds and bond orders from the SMILES), so it opens
 offline from disk, with no server.
 """
+import collections
+import dataclasses
 import html
 import json
 import os
-from collections import defaultdict
 
 import numpy as np
 from rdkit import Chem
@@ -80,89 +85,202 @@ def format_table(rows):
 
 
 # ---------------------------------------------------------------------------------------
-# The paper's five claims (--task table --claims), pooled over seeds
+# The paper's claims (--task table --claims / --claim), pooled over seeds
 # ---------------------------------------------------------------------------------------
 
-CLAIM_NEAR_POINTS = 10.0   # claim 4's "near": traj-20K ahead by less than this (our choice)
+# The paper's metrics of a claim (Eq. 4-8, Sec. 6): (name, +1 if higher is better, unit).
+# pct_T, E_res and pct_success are over the conformations that did not diverge, pct_div over
+# all; "of all" (successes over all conformations) is printed beside, never decided on.
+CLAIM_METRICS = (("pct_T", +1, "points"), ("pct_div", -1, "points"),
+                 ("E_res", -1, "kcal/mol"), ("pct_success", +1, "points"))
+BESIDE_METRIC = ("of all", +1, "points")
+# "A matches or beats B" on a metric: the 95 % interval of the difference in A's favour
+# lies above -margin (non-inferiority). Our margins: 5 points of a percentage, and 1 kcal/mol
+# of E_res (Eq. 8's chemical accuracy).
+MATCH_MARGINS = {"pct_T": 5.0, "pct_div": 5.0, "E_res": 1.0, "pct_success": 5.0}
+CLAIM_RULES = ("A beats B on a metric when the 95 % paired bootstrap interval of the "
+               "difference, taken so that positive favours A, lies above 0; it fails when the "
+               "interval lies below 0; not shown otherwise. A matches or beats B when the "
+               "interval lies above -margin (" + ", ".join(
+                   f"{m} {v:g} {'kcal/mol' if m == 'E_res' else 'points'}"
+                   for m, v in MATCH_MARGINS.items()) + "), fails when it lies below "
+               "-margin. Each metric has its own verdict; a claim made in one metric is "
+               "decided on that one.")
 
 
-def check_claims(named_outcomes, claim_names, n_resamples=2000, seed=0):
-    """The paper's claims 1-5 as lines of text. named_outcomes: (name, {conf_id: (diverged,
-    success of all)}) of every evaluation (evaluate.scored_outcomes). claim_names: the rows
-    f_baseline, traj-K,
-    traj-20K, GOLF-K, f_rdkit ('-': absent, its claims are skipped). Rows of one name are
-    seeds of one model; a model's rate is the mean over its seeds and over the conformations
-    every run scored. A 95 % percentile bootstrap resamples those conformations (the same
-    draw for every model and seed), so differences are paired. "A beats B" holds when the
-    interval of A - B is above 0, fails when below, and is not shown when it holds 0.
-    Claims 2-5 are decided on "of all"; the pct_div difference is printed beside them (a
-    positive number: the first model diverges less), not part of the verdict."""
-    runs = defaultdict(list)                                # name -> [{conf_id: outcome}]
-    for name, outcomes in named_outcomes:
-        runs[name].append(outcomes)
-    missing = [n for n in claim_names if n != "-" and n not in runs]
+@dataclasses.dataclass
+class Claim:
+    """A claim of the paper: comparisons (A, relation, B), relation '>' (beats) or '>='
+    (matches or beats); decided_on: the metrics it is made in (None: each metric)."""
+    title: str
+    comparisons: list
+    decided_on: tuple = None
+
+
+def parse_claim(spec):
+    """'TITLE: A > B; C >= D [@ metric, ...]' -> Claim. A > B: A beats B; A >= B: A
+    matches or beats B; after @, the metrics the claim is made in."""
+    title, sep, body = spec.partition(": ")
+    body, _, metrics = body.partition("@")
+    comparisons = []
+    for part in filter(None, (p.strip() for p in body.split(";"))):
+        for relation in (" >= ", " > "):
+            if relation in part:
+                a, b = (x.strip() for x in part.split(relation, 1))
+                comparisons.append((a, relation.strip(), b))
+                break
+        else:
+            comparisons = []
+            break
+    names = {m for m, _, _ in CLAIM_METRICS}
+    decided_on = tuple(m.strip() for m in metrics.split(",") if m.strip()) or None
+    if not sep or not comparisons or (decided_on and not set(decided_on) <= names):
+        raise data.DataError(f"--claim {spec!r}: write 'TITLE: A > B; C >= D [@ metric]' "
+                             f"(> beats, >= matches or beats; metrics: {', '.join(sorted(names))})")
+    return Claim(title.strip(), comparisons, decided_on)
+
+
+def role_claims(roles):
+    """The five claims of a run of ours (--claims BASELINE TRAJ_K TRAJ_20K GOLF_K F_RDKIT,
+    '-' for a row the run has not): [(Claim, None) or (title, missing roles)]."""
+    base, traj, traj_big, golf, rdkit = roles
+    named = dict(zip(("f_baseline", "traj-K", "traj-20K", "GOLF-K", "f_rdkit"), roles))
+    specs = [("1. GOLF-K beats f_baseline (f_baseline diverges, rarely succeeds)",
+              [(golf, ">", base)], None),
+             ("2. traj-K improves with K (traj-20K beats traj-K)", [(traj_big, ">", traj)], None),
+             ("3. GOLF-K beats traj-K at equal K", [(golf, ">", traj)], None),
+             ("4. GOLF-K matches or beats traj-20K in pct_success", [(golf, ">=", traj_big)],
+              ("pct_success",)),
+             ("5. GOLF-K beats f_rdkit", [(golf, ">", rdkit)], None)]
+    out = []
+    for title, comparisons, decided_on in specs:
+        missing = [role for role, name in named.items()
+                   if name == "-" and any(name in (a, b) for a, _, b in comparisons)]
+        out.append((title, missing) if missing else (Claim(title, comparisons, decided_on), None))
+    return out
+
+
+def claim_metrics(energies, weights):
+    """The paper's metrics of one model under bootstrap weights. energies: (e0, e_T, e_opt),
+    each [n_seeds, n] Hartree (NaN: no energy); weights [n_resamples, n]: how often each
+    conformation is drawn. Returns {metric: [n_resamples]}; a model's seeds are pooled (its
+    conformations of every seed together)."""
+    e0, e_T, e_opt = (np.asarray(x, dtype=np.float64) for x in energies)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diverged = ~np.isfinite(e0) | ~np.isfinite(e_T) | (e_T > e0)          # [S, n]
+        kept = ~diverged
+        pct = np.where(kept, 100.0 * (e0 - e_T) / (e0 - e_opt), 0.0)           # Eq. 4
+        e_res = np.where(kept, (e_T - e_opt) * data.HARTREE_TO_KCAL, 0.0)      # Eq. 6
+        success = kept & (e_res < 1.0)                                          # Eq. 8
+        n_all = weights.sum(axis=1) * e0.shape[0]                               # [R]
+        n_kept = weights @ kept.sum(axis=0)
+        return {"pct_T": weights @ pct.sum(axis=0) / n_kept,
+                "pct_div": 100.0 * (weights @ diverged.sum(axis=0)) / n_all,
+                "E_res": weights @ e_res.sum(axis=0) / n_kept,
+                "pct_success": 100.0 * (weights @ success.sum(axis=0)) / n_kept,
+                "of all": 100.0 * (weights @ success.sum(axis=0)) / n_all}
+
+
+def interval(values):
+    """(point, lo, hi): values[0] is the point estimate, values[1:] the bootstrap; the 2.5
+    and 97.5 percentiles of its finite values."""
+    boot = np.asarray(values[1:], dtype=np.float64)
+    boot = boot[np.isfinite(boot)]
+    lo, hi = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
+    return float(values[0]), float(lo), float(hi)
+
+
+def comparison_verdict(relation, metric, lo, hi, rates_a, rates_b, success_floor):
+    """'holds', 'fails', 'not shown', or the scorer-floor note, of one comparison on one
+    metric; lo, hi: the interval of the difference in A's favour."""
+    bound = 0.0 if relation == ">" else -MATCH_MARGINS[metric]
+    verdict = "holds" if lo > bound else "fails" if hi < bound else "not shown"
+    if (verdict != "holds" and metric == "pct_success" and success_floor is not None
+            and max(rates_a, rates_b) <= success_floor):
+        verdict = (f"not decided: both at or below {success_floor:g} %, the success rate "
+                   "the scorer leaves reachable (--success_floor, benchmarks/nnp_floor.py)")
+    return verdict
+
+
+def check_claims(named_energies, claims, n_resamples=2000, seed=0, success_floor=None):
+    """The paper's claims as lines of text. named_energies: (name, {conf_id: (e0, e_T,
+    e_opt)}) of every evaluation (evaluate.scored_energies); rows of one name are seeds of
+    one model. claims: [(Claim, None) or (title, missing roles)]. A 95 % percentile
+    bootstrap resamples the conformations every run scored, the same draw for every model
+    and seed, so differences are paired; each metric of each comparison gets its verdict
+    (CLAIM_RULES), "of all" is printed beside. success_floor (%): a pct_success comparison
+    that does not hold while both rates are at or below it is not decided (the scorer's
+    limit, not the models')."""
+    runs = collections.defaultdict(list)                    # name -> [{conf_id: energies}]
+    for name, energies in named_energies:
+        runs[name].append(energies)
+    needed = sorted({n for c, _ in claims if isinstance(c, Claim)
+                     for a, _, b in c.comparisons for n in (a, b)})
+    missing = [n for n in needed if n not in runs]
     if missing:
         raise data.DataError(f"--claims: no summary named {missing[0]} among --names")
-    present = [n for n in claim_names if n != "-"]
-    common = sorted(set.intersection(*(set(o) for n in present for o in runs[n])))
+    if not needed:
+        return "no claim to check"
+    common = sorted(set.intersection(*(set(o) for n in needed for o in runs[n])))
     if not common:
         raise data.DataError("--claims: the runs scored no conformation in common")
-    idx = np.random.default_rng(seed).integers(0, len(common), size=(n_resamples, len(common)))
+    draws = np.random.default_rng(seed).integers(0, len(common), size=(n_resamples, len(common)))
+    weights = np.vstack([np.ones(len(common))] +                            # [R + 1, n]
+                        [np.bincount(d, minlength=len(common)) for d in draws])
+    metrics = {}
+    for name in needed:
+        stacked = np.array([[o[c] for c in common] for o in runs[name]], dtype=np.float64)
+        metrics[name] = claim_metrics(np.moveaxis(stacked, 2, 0), weights)   # [3, S, n]
 
-    def rate(name, which):          # which 0: diverged, 1: success; [n_resamples + 1] in %
-        x = np.array([[o[c][which] for c in common] for o in runs[name]], dtype=np.float64)
-        return 100.0 * np.concatenate([[x.mean()], x[:, idx].mean(axis=(0, 2))])
+    def show(value, unit, sign="+"):
+        point, lo, hi = value
+        digits = 2 if unit == "kcal/mol" else 1
+        return f"{point:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
 
-    def show(v, sign="+"):
-        lo, hi = np.percentile(v[1:], [2.5, 97.5])
-        return f"{v[0]:{sign}.1f} [{lo:{sign}.1f}, {hi:{sign}.1f}]", lo, hi
-
-    def beats(a, b, which):          # "a's rate is above b's"
-        text, lo, hi = show(rate(a, which) - rate(b, which))
-        verdict = "holds" if lo > 0 else "fails" if hi < 0 else "not shown"
-        return f"{('pct_div', 'of all')[which]}: {a} - {b} = {text} points", verdict
-
-    def beside(a, b):                # pct_div of b minus a's: printed, not in the verdict
-        text, _, _ = show(rate(b, 0) - rate(a, 0))
-        return f"pct_div: {b} - {a} = {text} points", "beside the verdict"
-
-    def verdict_of(verdicts):
-        return ("HOLDS" if all(v == "holds" for v in verdicts) else
-                "FAILS" if any(v == "fails" for v in verdicts) else "NOT SHOWN")
-
-    base, traj, traj_big, golf, rdkit = claim_names
-    roles = dict(zip(("f_baseline", "traj-K", "traj-20K", "GOLF-K", "f_rdkit"), claim_names))
     lines = [f"{len(common)} conformations, seeds: "
-             + ", ".join(f"{n} {len(runs[n])}" for n in present)]
-    for name in present:
-        lines.append(f"  {name}: pct_div {show(rate(name, 0), '')[0]} %, "
-                     f"of all {show(rate(name, 1), '')[0]} %")
-    claims = [("1. f_baseline diverges often and rarely succeeds (vs GOLF-K)",
-               ("f_baseline", "GOLF-K"), lambda: [beats(base, golf, 0), beats(golf, base, 1)]),
-              ("2. traj-K improves with K", ("traj-K", "traj-20K"),
-               lambda: [beats(traj_big, traj, 1), beside(traj_big, traj)]),
-              ("3. GOLF-K beats traj-K at equal K", ("GOLF-K", "traj-K"),
-               lambda: [beats(golf, traj, 1), beside(golf, traj)]),
-              ("4. GOLF-K comes near traj-20K (within "
-               f"{CLAIM_NEAR_POINTS:g} points of all)", ("GOLF-K", "traj-20K"), None),
-              ("5. GOLF-K beats f_rdkit", ("GOLF-K", "f_rdkit"),
-               lambda: [beats(golf, rdkit, 1), beside(golf, rdkit)])]
-    for title, needs, compare in claims:
-        absent = [r for r in needs if roles[r] == "-"]
-        if absent:
-            lines.append(f"claim {title}: NOT CHECKED (no {' or '.join(absent)} row)")
+             + ", ".join(f"{n} {len(runs[n])}" for n in needed), CLAIM_RULES]
+    for name in needed:
+        lines.append(f"  {name}: " + ", ".join(
+            f"{m} {show(interval(metrics[name][m]), unit, '')}"
+            for m, _, unit in CLAIM_METRICS + (BESIDE_METRIC,)))
+    for claim, absent in claims:
+        if not isinstance(claim, Claim):
+            lines.append(f"claim {claim}: NOT CHECKED (no {' or '.join(absent)} row)")
             continue
-        if compare is None:          # claim 4: traj-20K - GOLF-K below the margin
-            text, lo, hi = show(rate(traj_big, 1) - rate(golf, 1))
-            v = "holds" if hi < CLAIM_NEAR_POINTS else "fails" if lo > CLAIM_NEAR_POINTS \
-                else "not shown"
-            results = [(f"of all: {traj_big} - {golf} = {text} points", v),
-                       beside(golf, traj_big)]
+        per_metric = collections.defaultdict(list)          # metric -> verdicts
+        details = []
+        for a, relation, b in claim.comparisons:
+            details.append(f"    {a} {'beats' if relation == '>' else 'matches or beats'} {b}:")
+            for metric, sign, unit in CLAIM_METRICS + (BESIDE_METRIC,):
+                first, second = (a, b) if sign > 0 else (b, a)    # positive favours a
+                diff = interval(metrics[first][metric] - metrics[second][metric])
+                text = f"      {metric}: {first} - {second} = {show(diff, unit)} {unit}"
+                if (metric, sign, unit) == BESIDE_METRIC:
+                    details.append(text + " (beside, no verdict)")
+                    continue
+                verdict = comparison_verdict(relation, metric, diff[1], diff[2],
+                                             metrics[a][metric][0], metrics[b][metric][0],
+                                             success_floor)
+                per_metric[metric].append(verdict)
+                details.append(f"{text}: {verdict}")
+
+        def overall(verdicts):
+            if any(v == "fails" for v in verdicts):
+                return "FAILS"
+            if all(v == "holds" for v in verdicts):
+                return "HOLDS"
+            if all(v == "holds" or v.startswith("not decided") for v in verdicts):
+                return f"NOT DECIDED (scorer floor, {success_floor:g} %)"
+            return "NOT SHOWN"
+        verdicts = {m: overall(per_metric[m]) for m, _, _ in CLAIM_METRICS}
+        if claim.decided_on:
+            head = "; ".join(f"decided on {m}: {verdicts[m]}" for m in claim.decided_on)
+            others = [m for m, _, _ in CLAIM_METRICS if m not in claim.decided_on]
+            head += " (the other metrics: " + ", ".join(f"{m} {verdicts[m]}" for m in others) + ")"
         else:
-            results = compare()
-        lines.append(f"claim {title}: "
-                     f"{verdict_of([v for _, v in results if v != 'beside the verdict'])}")
-        lines += [f"    {text} ({v})" for text, v in results]
+            head = ", ".join(f"{m} {verdicts[m]}" for m, _, _ in CLAIM_METRICS)
+        lines.append(f"claim {claim.title}: {head}")
+        lines += details
     return "\n".join(lines)
 
 
@@ -291,48 +409,98 @@ def molecule_text(numbers, positions, smiles):
         return f"{len(numbers)}\n{smiles or ''}\n" + "\n".join(lines) + "\n", "xyz"
 
 
-def conformation_row(conf, final_positions, e0, e_final, rmsd, final_title):
+def conformation_row(conf, e0, finals, rmsd):
     """One row of the page for a test conformation `conf` (with optimal_positions and
-    optimal_energy): e0, e_final are the DFT energies (Hartree, None where the oracle
-    failed) of s_0 and of the optimized s_T (titled final_title); rmsd(positions) gives
-    the RMSD (A) to the DFT optimum."""
+    optimal_energy): the initial s_0 (DFT energy e0, Hartree, None where the oracle failed),
+    then one panel per method of `finals` [(title, s_T positions [n_atoms, 3], its DFT
+    energy or None)] with its pct_T (Eq. 4), then the DFT optimum; rmsd(positions) gives the
+    RMSD (A) to the DFT optimum. Also the 2D drawing of the molecule."""
     optimum = np.asarray(conf.optimal_positions, dtype=np.float64)
     panels = []
-    for title, positions, energy in (("initial s_0", conf.positions, e0),
-                                     (final_title, final_positions, e_final),
-                                     ("DFT optimum", optimum, conf.optimal_energy)):
+    for kind, title, positions, energy in (
+            [("start", "initial s_0", conf.positions, e0)]
+            + [("final", title, positions, energy) for title, positions, energy in finals]
+            + [("optimum", "DFT optimum", optimum, conf.optimal_energy)]):
         positions = np.asarray(positions, dtype=np.float64)
         text, fmt = molecule_text(conf.numbers, kabsch_align(positions, optimum), conf.smiles)
-        panels.append({"title": title, "model": text, "format": fmt,
-                       "energy": energy, "rmsd": float(rmsd(positions))})
+        panel = {"title": title, "model": text, "format": fmt, "energy": energy,
+                 "rmsd": float(rmsd(positions))}
+        if kind == "final":
+            panel["pct"] = pct_of_final(e0, energy, conf.optimal_energy)
+        panels.append(panel)
     return {"title": f"conformation {conf.id}: {conf.smiles or ''} ({conf.n_atoms} atoms)",
-            "e_opt": conf.optimal_energy, "panels": panels}
+            "e_opt": conf.optimal_energy, "panels": panels, "drawing": drawing_svg(conf)}
+
+
+def pct_of_final(e0, e_final, e_opt):
+    """Eq. 4's pct_T of a method's s_T (%), or why there is none: 'diverged' (E_T > E_0, as
+    Sec. 6 counts it), 'no E_T' (the oracle failed at s_T) or 'no E_0'."""
+    if e0 is None:
+        return "no E_0"
+    if e_final is None:
+        return "no E_T"
+    if e_final > e0:
+        return "diverged"
+    return 100.0 * (e0 - e_final) / (e0 - e_opt)
+
+
+def drawing_svg(conf, size=(220, 180)):
+    """The molecule in 2D (RDKit's SVG) from its SMILES, else from the bonds perceived at
+    the DFT optimum; None if RDKit cannot make it."""
+    from rdkit.Chem import rdDepictor
+    from rdkit.Chem.Draw import rdMolDraw2D
+    try:
+        if conf.smiles:
+            mol = Chem.MolFromSmiles(conf.smiles)
+        else:
+            mol = Chem.RemoveHs(oracles.rdkit_molecule(data.Conformation(
+                numbers=conf.numbers, positions=conf.optimal_positions)))
+        if mol is None:
+            return None
+        mol = Chem.Mol(mol)
+        mol.RemoveAllConformers()
+        rdDepictor.Compute2DCoords(mol)
+        drawer = rdMolDraw2D.MolDraw2DSVG(*size)
+        drawer.DrawMolecule(mol)
+        drawer.FinishDrawing()
+    except (data.DataError, ValueError, RuntimeError):
+        return None
+    svg = drawer.GetDrawingText()
+    return svg[svg.index("<svg"):]                     # inline: no XML declaration
 
 
 def caption(panel, e_opt):
-    """Text under a panel: DFT energy relative to the optimum, and RMSD."""
+    """Text under a panel: DFT energy relative to the optimum, RMSD, and a method's pct_T."""
     if panel["energy"] is None:
         energy = "E<sub>DFT</sub>: none (the oracle failed here)"
     else:
         de = (panel["energy"] - e_opt) * data.HARTREE_TO_KCAL
         energy = (f"E<sub>DFT</sub> &minus; E<sub>opt</sub> = {de:+.2f} kcal/mol"
                   f"<br>E<sub>DFT</sub> = {panel['energy']:.6f} Ha")
+    pct = ""
+    if "pct" in panel:
+        pct = ("<br>pct<sub>T</sub> = " + (f"{panel['pct']:.1f} %"
+                                           if isinstance(panel["pct"], float) else
+                                           f"none: {html.escape(panel['pct'])}"))
     return (f"<b>{html.escape(panel['title'])}</b><br>{energy}"
-            f"<br>RMSD to DFT optimum = {panel['rmsd']:.3f} &Aring;")
+            f"<br>RMSD to DFT optimum = {panel['rmsd']:.3f} &Aring;{pct}")
 
 
 PAGE_STYLE = """
 body { font-family: sans-serif; margin: 16px; color: #222; }
 .row { margin-bottom: 28px; }
-.grid { position: relative; width: %dpx; height: %dpx; outline: 1px solid #ccc; }
-.captions { display: grid; grid-template-columns: repeat(3, %dpx); font-size: 13px; }
+.line { display: flex; align-items: flex-start; gap: 12px; }
+.drawing { flex: none; }
+.grid { position: relative; outline: 1px solid #ccc; }
+.captions { display: grid; font-size: 13px; }
 .captions div { padding: 4px 6px; }
 """
 
 PAGE_SCRIPT = """
 ROWS.forEach(function (row, i) {
-  // one WebGL context per row (browsers allow only ~16 per page); the 3 panels turn together
-  var grid = $3Dmol.createViewerGrid("grid" + i, {rows: 1, cols: 3, control_all: true},
+  // one WebGL context per row (browsers allow only ~16 per page); its panels turn together
+  var grid = $3Dmol.createViewerGrid("grid" + i,
+                                     {rows: 1, cols: row.panels.length, control_all: true},
                                      {backgroundColor: "white"});
   row.panels.forEach(function (panel, j) {
     var viewer = grid[0][j];
@@ -345,31 +513,41 @@ ROWS.forEach(function (row, i) {
 """
 
 
-def write_conformations_page(path, rows, title):
-    """Write the self-contained page: 3Dmol.js inlined, rows as JSON in the page."""
+def write_conformations_page(path, rows, title, methods=None):
+    """Write the self-contained page: 3Dmol.js inlined, rows as JSON in the page. methods:
+    what the middle panels show (for the text above the rows)."""
     with open(THREEDMOL_JS) as f:
         threedmol = f.read()
     width, height = PANEL_SIZE
     body = []
     for i, row in enumerate(rows):
+        n = len(row["panels"])
         captions = "".join(f"<div>{caption(p, row['e_opt'])}</div>" for p in row["panels"])
+        drawing = f'<div class="drawing">{row["drawing"]}</div>' if row.get("drawing") else ""
         body.append(f'<div class="row"><h3>{html.escape(row["title"])}</h3>'
-                    f'<div class="grid" id="grid{i}"></div>'
-                    f'<div class="captions">{captions}</div></div>')
+                    f'<div class="line">{drawing}<div>'
+                    f'<div class="grid" id="grid{i}" style="width: {n * width}px; '
+                    f'height: {height}px"></div>'
+                    f'<div class="captions" style="grid-template-columns: '
+                    f'repeat({n}, {width}px)">{captions}</div></div></div></div>')
     # "</" never ends the script element early inside the JSON
     rows_json = json.dumps([{"panels": [{"model": p["model"], "format": p["format"]}
-                                        for p in row["panels"]]} for row in rows]).replace("</", "<\\/")
+                                        for p in row["panels"]]}
+                            for row in rows]).replace("</", "<\\/")
+    shown = html.escape(methods or "the optimized one s_T (by the NNP; by MMFF for the RDKit row)")
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{PAGE_STYLE % (3 * width, height, width)}</style>
+<style>{PAGE_STYLE}</style>
 <script>/* 3Dmol.js 2.5.5, BSD-3-Clause, https://3dmol.org: golf's third_party/3dmol/LICENSE */
 {threedmol}</script>
 </head><body>
 <h2>{html.escape(title)}</h2>
-<p>Per test conformation: the initial conformation s_0, the optimized one s_T (by the NNP;
-by MMFF for the RDKit row) and the DFT optimum. Energies are DFT (the genuine oracle) relative to the DFT optimum E<sub>opt</sub>;
-RMSD is to the DFT optimum, symmetry-aware, on heavy atoms. s_0 and s_T are rotated onto
-the optimum; drag a panel to turn the row.</p>
+<p>Per test conformation (Appendix H): the molecule in 2D, the initial conformation s_0,
+{shown}, and the DFT optimum. Energies are DFT (the genuine oracle) relative to the DFT
+optimum E<sub>opt</sub>; pct<sub>T</sub> is Eq. 4's share of the DFT optimization achieved
+(none where the method diverged, E<sub>T</sub> &gt; E<sub>0</sub>); RMSD is to the DFT
+optimum, symmetry-aware, on heavy atoms. The 3D conformations are rotated onto the optimum;
+drag a panel to turn the row.</p>
 {"".join(body)}
 <script>
 var ROWS = {rows_json};

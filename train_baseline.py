@@ -4,11 +4,12 @@
     f_traj-K:    python train_baseline.py --db D0.db D_traj.db --load_baseline runs/baseline/checkpoint.pt ...
     f_rdkit:     python train_baseline.py --db D0.db D_rdkit.db --load_baseline ...
 
-Validation: with --val_db, every conformation of --db is trained on and the errors are
-measured on --val_db (a labelled db of molecules none of the models trains on: pass the same
-one to f_baseline, f_traj-K and golf.py, and all three train on all of D0). Without it,
---val_fraction of the molecules of --db are held out (data.split_by_molecule, seeded by
---seed): the held-out molecules then differ between --db D0 and --db D0 D_traj.
+Every conformation of --db is trained on, as the paper trains f_baseline on all of D0.
+Validation: with --val_db, the errors are measured on it (a labelled db of molecules none of
+the models trains on: pass the same one to f_baseline, f_traj-K and golf.py). Without it
+there is no validation, unless --val_fraction > 0 holds that share of the molecules of --db
+out of training (data.split_by_molecule, seeded by --seed; the held-out molecules then
+differ between --db D0 and --db D0 D_traj).
 
 Loss (Eq. 2), per molecule with n atoms, averaged over the minibatch:
     L = rho * (E - f(z, X))^2 + c_F * (1/n) sum_i |F_i + d f / d X_i|^2
@@ -208,8 +209,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--db", nargs="+", required=True, help="labelled ASE dbs (D0 [+ D_traj])")
     p.add_argument("--out_dir", required=True, help="checkpoint.pt and metrics.jsonl go here")
-    p.add_argument("--val_fraction", type=float, default=0.05,
-                   help="share of molecules held out for validation (without --val_db)")
+    p.add_argument("--val_fraction", type=float, default=0.0,
+                   help="share of the molecules of --db held out of training to validate on "
+                        "(default: %(default)s, every conformation trained on, as the paper "
+                        "trains on all of D0; e.g. 0.05); not with --val_db")
     p.add_argument("--val_db", default=None,
                    help="labelled db to validate on; then all of --db is trained on")
     p.add_argument("--eval_every", type=int, default=1000)
@@ -220,6 +223,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not 0.0 <= args.val_fraction < 1.0:
+        sys.exit(f"error: --val_fraction must be in [0, 1), not {args.val_fraction}")
+    if args.val_db and args.val_fraction:
+        sys.exit("error: --val_db and --val_fraction both validate; pass one of them")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     confs, atomrefs = read_training_dbs(args.db, args.energy_kind)

@@ -348,54 +348,133 @@ def test_records_are_written_while_later_batches_still_optimize(tmp_path, monkey
 
 
 def write_evaluation(folder, outcomes, e_opt=-1.0):
-    """An evaluation folder with summary.json and per_conformation.jsonl; outcomes: one of
-    'success' (E_T 0.5 kcal/mol above E_opt), 'done' (E_T 5 kcal/mol above, below E_0),
-    'diverged' (E_T above E_0) or 'failed' (no E_T) per conformation."""
+    """An evaluation folder with summary.json and per_conformation.jsonl. outcomes, one per
+    conformation: E_T in kcal/mol above E_opt (a number; E_0 lies 20 above), 'diverged'
+    (E_T above E_0) or 'failed' (no E_T); also the words 'success' (0.5) and 'done' (5)."""
     os.makedirs(folder)
     e0 = e_opt + 20.0 / data.HARTREE_TO_KCAL
-    e_T = {"success": e_opt + 0.5 / data.HARTREE_TO_KCAL, "done": e_opt + 5 / data.HARTREE_TO_KCAL,
-           "diverged": e0 + 1e-3, "failed": None}
+    words = {"success": 0.5, "done": 5.0}
+
+    def e_T(o):
+        if o == "failed":
+            return None
+        if o == "diverged":
+            return e0 + 1e-3
+        return e_opt + words.get(o, o) / data.HARTREE_TO_KCAL
     with open(os.path.join(folder, "per_conformation.jsonl"), "w") as f:
         for i, o in reversed(list(enumerate(outcomes))):
             f.write(json.dumps({"conf_id": i, "e0": e0, "e_opt": e_opt, "steps": [1, 100],
-                                "energy_dft": [e0, e_T[o]]}) + "\n")
+                                "energy_dft": [e0, e_T(o)]}) + "\n")
     json.dump({"n_unconverged_reference": 0}, open(os.path.join(folder, "summary.json"), "w"))
     return os.path.join(folder, "summary.json")
 
 
-def test_claims_pool_seeds_pair_conformations_and_give_each_verdict(tmp_path):
+def claims_text(tmp_path, runs, claims, floor=None):
+    """report.check_claims of hand-made evaluations runs [(name, outcomes)]."""
+    energies = [(name, evaluate.scored_energies(write_evaluation(tmp_path / f"{name}{i}", o)))
+                for i, (name, o) in enumerate(runs)]
+    return report.check_claims(energies, claims, 500, success_floor=floor)
+
+
+def line_of(text, start):
+    return next(line.strip() for line in text.splitlines() if line.strip().startswith(start))
+
+
+def test_claim_metrics_are_the_papers_by_hand(tmp_path):
+    """Point estimates of Eq. 4-8 on four conformations, E_0 20 kcal/mol above E_opt:
+    A ends 0.5, 2, 10 kcal/mol above E_opt and fails once; B diverges once, ends 5, 15, 0.2.
+    pct_T, E_res and pct_success are over the three kept, pct_div and 'of all' over four."""
+    runs = [("A", [0.5, 2.0, 10.0, "failed"]), ("B", ["diverged", 5.0, 15.0, 0.2])]
+    text = claims_text(tmp_path, runs, [(report.parse_claim("t: A > B"), None)])
+    a, b = line_of(text, "A: pct_T"), line_of(text, "B: pct_T")
+    # A: pct (97.5 + 90 + 50) / 3 = 79.17; E_res 12.5 / 3 = 4.17; success 1 / 3; of all 1 / 4
+    assert a.startswith("A: pct_T 79.2 [") and "pct_div 25.0 [" in a and "E_res 4.17 [" in a
+    assert "pct_success 33.3 [" in a and "of all 25.0 [" in a
+    # B: pct (75 + 25 + 99) / 3 = 66.33; E_res 20.2 / 3 = 6.73
+    assert b.startswith("B: pct_T 66.3 [") and "E_res 6.73 [" in b and "pct_div 25.0 [" in b
+    assert "pct_T: A - B = +12.8 [" in text           # higher is better: A - B
+    assert "E_res: B - A = +2.57 [" in text            # lower is better: B - A, A's favour
+    assert "of all: A - B = +0.0 [" in text and "(beside, no verdict)" in text
+
+
+def test_each_metric_gets_its_verdict_and_seeds_pool(tmp_path):
     n = 40
-    runs = [("base", ["diverged"] * 30 + ["success"] * 2 + ["done"] * 8),      # 75 % / 5 %
-            ("traj", ["diverged"] * 10 + ["success"] * 10 + ["done"] * 20),    # 25 % / 25 %
-            ("golf", ["failed"] * 4 + ["success"] * 24 + ["done"] * 12),       # 10 % / 60 %
-            ("golf", ["failed"] * 4 + ["success"] * 20 + ["done"] * 16),       # seed 2: 50 %
-            ("rdkit", ["done"] * 20 + ["success"] * 20)]                       # 0 % / 50 %
-    paths = [(name, write_evaluation(tmp_path / f"{name}{i}", o)) for i, (name, o)
-             in enumerate(runs)]
-    outcomes = [(name, evaluate.scored_outcomes(path)) for name, path in paths]
-    assert all(len(o) == n for _, o in runs)
-    text = report.check_claims(outcomes, ["base", "traj", "-", "golf", "rdkit"], 500)
-    lines = text.splitlines()
-    assert lines[0] == "40 conformations, seeds: base 1, traj 1, golf 2, rdkit 1"
-    assert "golf: pct_div 10.0 [" in text and "of all 55.0 [" in text   # mean of two seeds
-    assert "claim 1. f_baseline diverges often and rarely succeeds (vs GOLF-K): HOLDS" in text
-    assert "pct_div: base - golf = +65.0 [" in text
-    assert "claim 2. traj-K improves with K: NOT CHECKED" in text
-    assert "claim 3. GOLF-K beats traj-K at equal K: HOLDS" in text
-    assert "of all: golf - traj = +30.0 [" in text
-    assert "claim 4. GOLF-K comes near traj-20K" in text and "NOT CHECKED" in text
-    assert "pct_div: traj - golf = +15.0 [" in text and "(beside the verdict)" in text
-    # golf 55 % vs rdkit 50 %: paired, the interval holds 0. golf diverges more than rdkit
-    # (10 % vs 0 %, every resample), but pct_div is printed beside the verdict, not in it
-    assert "claim 5. GOLF-K beats f_rdkit: NOT SHOWN" in text
-    assert "pct_div: rdkit - golf = -10.0 [" in text
-    # the same rows read the other way round: traj-20K far ahead of GOLF fails claim 4,
-    # and rdkit far behind traj fails "rdkit beats traj"
-    text = report.check_claims(outcomes, ["-", "rdkit", "golf", "base", "traj"], 500)
-    assert "claim 4. GOLF-K comes near traj-20K (within 10 points of all): FAILS" in text
-    assert "claim 5. GOLF-K beats f_rdkit: FAILS" in text              # base 5 % < traj 25 %
-    assert "claim 2. traj-K improves with K: NOT SHOWN" in text        # golf 55 % vs rdkit 50 %
-    assert "claim 1. f_baseline diverges often and rarely succeeds (vs GOLF-K): NOT CHECKED" in text
+    runs = [("base", ["diverged"] * 30 + [10.0] * 10),               # 75 % diverged
+            ("traj", ["diverged"] * 10 + [5.0] * 30),
+            ("golf", [0.5] * 40),                                     # pct_success 100 %
+            ("golf", [0.5] * 38 + ["failed"] * 2)]                    # seed 2
+    claims = [(report.parse_claim("golf beats both: golf > base; golf > traj"), None),
+              (report.parse_claim("base beats golf: base > golf"), None),
+              (report.parse_claim("traj near golf in pct_success: traj >= golf @ pct_success"),
+               None)]
+    text = claims_text(tmp_path, runs, claims)
+    assert text.splitlines()[0] == f"{n} conformations, seeds: base 1, golf 2, traj 1"
+    assert "golf: pct_T 97.5 [" in text and "pct_div 2.5 [" in text       # pooled seeds
+    assert line_of(text, "claim golf beats both") == (
+        "claim golf beats both: pct_T HOLDS, pct_div HOLDS, E_res HOLDS, pct_success HOLDS")
+    assert line_of(text, "claim base beats golf") == (
+        "claim base beats golf: pct_T FAILS, pct_div FAILS, E_res FAILS, pct_success FAILS")
+    assert line_of(text, "claim traj near golf").startswith(
+        "claim traj near golf in pct_success: decided on pct_success: FAILS (the other metrics:")
+    assert "pct_div: base - golf = +72.5 [" in text and "golf matches" not in text
+
+
+def test_matches_means_within_the_margin_and_beats_needs_zero_outside(tmp_path):
+    """200 conformations; B succeeds on 2 fewer (1 point): 'A matches or beats B' holds both
+    ways on pct_success (the interval lies within the 5-point margin), 'beats' is not shown."""
+    a = [0.5] * 200
+    b = [0.5] * 198 + [3.0, 3.0]
+    claims = [(report.parse_claim(spec), None) for spec in
+              ("m1: B >= A @ pct_success", "m2: A >= B @ pct_success", "b1: A > B @ pct_success")]
+    text = claims_text(tmp_path, [("A", a), ("B", b)], claims)
+    assert line_of(text, "claim m1").startswith("claim m1: decided on pct_success: HOLDS")
+    assert line_of(text, "claim m2").startswith("claim m2: decided on pct_success: HOLDS")
+    assert line_of(text, "claim b1").startswith("claim b1: decided on pct_success: NOT SHOWN")
+    assert "pct_success: B - A = -1.0 [" in text
+
+
+def test_pct_success_at_the_scorer_floor_is_not_decided(tmp_path):
+    """Both success rates at or below --success_floor: a comparison that would fail or is
+    not shown on pct_success says so instead; other metrics keep their verdicts."""
+    runs = [("low", [5.0] * 40), ("lower", [5.0] * 36 + [0.5] * 4)]   # 0 % and 10 %
+    claims = [(report.parse_claim("x: low > lower"), None)]
+    without = line_of(claims_text(tmp_path / "a", runs, claims), "claim x")
+    assert without == "claim x: pct_T FAILS, pct_div NOT SHOWN, E_res FAILS, pct_success FAILS"
+    text = claims_text(tmp_path / "b", runs, claims, floor=10)
+    assert line_of(text, "claim x") == ("claim x: pct_T FAILS, pct_div NOT SHOWN, E_res FAILS, "
+                                        "pct_success NOT DECIDED (scorer floor, 10 %)")
+    assert "pct_success: low - lower = -10.0 [" in text and "not decided: both at or below 10 %" in text
+    text = claims_text(tmp_path / "c", runs, claims, floor=5)             # 10 % is above 5
+    assert line_of(text, "claim x").endswith("pct_success FAILS")
+
+
+def test_the_five_claims_of_a_run_of_ours(tmp_path):
+    runs = [("base", ["diverged"] * 30 + ["success"] * 2 + ["done"] * 8),
+            ("traj", ["diverged"] * 10 + ["success"] * 10 + ["done"] * 20),
+            ("golf", ["failed"] * 4 + ["success"] * 24 + ["done"] * 12),
+            ("rdkit", ["done"] * 20 + ["success"] * 20)]
+    text = claims_text(tmp_path, runs, report.role_claims(["base", "traj", "-", "golf", "rdkit"]))
+    assert line_of(text, "claim 1.").endswith("pct_T HOLDS, pct_div HOLDS, E_res HOLDS, "
+                                              "pct_success HOLDS")
+    assert line_of(text, "claim 2.") == ("claim 2. traj-K improves with K (traj-20K beats "
+                                         "traj-K): NOT CHECKED (no traj-20K row)")
+    assert "claim 3. GOLF-K beats traj-K at equal K: pct_T HOLDS" in text
+    assert "NOT CHECKED (no traj-20K row)" in line_of(text, "claim 4.")
+    # golf vs rdkit: golf diverges more (10 % vs 0 %, every resample) and succeeds on 60 %
+    # of its kept against 50 %: each metric's own verdict
+    assert line_of(text, "claim 5.") == ("claim 5. GOLF-K beats f_rdkit: pct_T NOT SHOWN, "
+                                         "pct_div FAILS, E_res NOT SHOWN, pct_success NOT SHOWN")
+
+
+def test_a_claim_spec_is_parsed_or_refused_in_one_line():
+    claim = report.parse_claim("GOLF-10k matches traj-500k: f_GOLF-10k >= f_traj-500k; "
+                               "f_GOLF-1k > f_traj-100k @ pct_success")
+    assert claim.title == "GOLF-10k matches traj-500k" and claim.decided_on == ("pct_success",)
+    assert claim.comparisons == [("f_GOLF-10k", ">=", "f_traj-500k"),
+                                 ("f_GOLF-1k", ">", "f_traj-100k")]
+    for bad in ("no colon here", "t: A beats B", "t: A > B @ pct_nothing"):
+        with pytest.raises(data.DataError, match="write 'TITLE: A > B"):
+            report.parse_claim(bad)
 
 
 def test_claims_name_a_missing_row_in_one_line(tmp_path):

@@ -135,14 +135,22 @@ def test_a_rerun_replaces_a_partial_trajectory(tmp_path):
     assert make_trajectories.write_trajectory(db, conf, 7, result(1), None) == 0
     assert sorted(row.step for row in db.select(conf_id=7)) == [0, 1, 2, 3]
     assert make_trajectories.write_trajectory(db, conf, 8, result(4), 1) == 1   # capped
+    # D_traj-K leaves out step 0 (the D0 row itself): steps 1-3 of a 4-step optimization
+    assert make_trajectories.write_trajectory(db, conf, 9, result(4), None, first_step=1) == 3
+    assert sorted(row.step for row in db.select(conf_id=9)) == [1, 2, 3]
+    assert make_trajectories.write_trajectory(db, conf, 10, result(1), None, first_step=1) == 0
 
 
 def test_max_conformations_caps_the_trajectory_rows(smiles_file, tmp_path):
+    """D_traj-K: K rows, every one a step t >= 1 (a conformation D0 lacks); the starts and
+    optima are all in --out_optimal, as without K."""
     out = str(tmp_path / "traj.db")
     assert run("--smiles", smiles_file, "--max_molecules", "2", "--mode", "optimize",
                "--out", out, "--max_conformations", "3") == 0
-    assert len(rows(out)) == 3
-    assert len(rows(str(tmp_path / "traj_optimal.db"))) == 2     # both optimizations ran
+    assert len(rows(out)) == 3 and all(row.step >= 1 for row in rows(out))
+    optimal = rows(str(tmp_path / "traj_optimal.db"))
+    assert len(optimal) == 2                                     # both optimizations ran
+    assert all("optimal_positions" in row.data for row in optimal)
 
 
 def test_a_rerun_of_a_finished_d_traj_starts_no_optimization(d0, tmp_path):
@@ -402,8 +410,9 @@ def test_same_command_twice_gives_identical_dbs(tmp_path):
         if n >= 7:
             break
         head.append(conf_id)
-        n += steps[conf_id]
+        n += steps[conf_id] - 1            # steps 1 .. n_steps - 1: step 0 is the D0 row
     assert sorted({i for i, _ in ids}) == sorted(head)
+    assert all(step >= 1 for _, step in ids)
     assert all(keys["source_conf_id"] == keys["conf_id"] - 1 for keys, *_ in traj_rows)
 
 
@@ -495,8 +504,45 @@ def test_the_k_cut_takes_the_head_of_the_order_whatever_arrives_first(tmp_path, 
     order = [int(i) + 1 for i in np.random.default_rng(42).permutation(8)]   # row ids
     expected, n = [], 0
     for conf_id in order:                      # whole trajectories, the last one cut at 10
-        for step in range(2 + conf_id % 3):
+        for step in range(1, 2 + conf_id % 3):   # step 0, the D0 row itself, is not added
             if n < 10:
                 expected.append((conf_id, step))
                 n += 1
     assert [(c, s) for c, s, _ in got[0]] == sorted(expected)
+
+
+def test_opt_coordinates_reach_optking_and_the_metadata(d0, tmp_path, capsys):
+    """--opt_coordinates: Cartesian (App. D, the default) and redundant internals take
+    other paths from the same start to the same HF/STO-3G minimum of water; the choice is in
+    the metadata, and a rerun with the other one into the same db is refused. Psi4's step
+    cap is a safety cap of 1000 (Sec. 3 optimizes to convergence)."""
+    index = next(i for i, row in enumerate(rows(d0[0])) if row.smiles == "O")
+    made = {}
+    for coordinates in ("cartesian", "redundant"):
+        out, optimal = str(tmp_path / f"{coordinates}.db"), str(tmp_path / f"{coordinates}_opt.db")
+        extra = [] if coordinates == "cartesian" else ["--opt_coordinates", coordinates]
+        assert run("--db", d0[0], "--skip_molecules", str(index), "--max_molecules", "1",
+                   "--mode", "optimize", "--out", out, "--out_optimal", optimal, *extra) == 0
+        assert ase.db.connect(out).metadata["opt_coordinates"] == coordinates
+        (start,) = rows(optimal)
+        assert start.converged
+        made[coordinates] = (start.data["optimal_energy"][0],
+                             sorted(rows(out), key=lambda row: row.step))
+    (e_cart, cart), (e_red, red) = made["cartesian"], made["redundant"]
+    assert e_cart == pytest.approx(e_red, abs=2e-6)                # one minimum
+    np.testing.assert_allclose(cart[0].positions, red[0].positions, atol=1e-9)   # one start
+    assert np.abs(cart[1].positions - red[1].positions).max() > 1e-3   # two paths
+    assert run("--db", d0[0], "--skip_molecules", str(index), "--max_molecules", "1",
+               "--mode", "optimize", "--out", str(tmp_path / "cartesian.db"),
+               "--out_optimal", str(tmp_path / "cartesian_opt.db"),
+               "--opt_coordinates", "redundant") == 2
+    assert "made with --opt_coordinates cartesian, not redundant" in capsys.readouterr().err
+    args = make_trajectories.parse_args(["--db", d0[0], "--out", "x.db", "--mode", "optimize",
+                                         "--oracle_method", METHOD, "--n_workers", "1"])
+    with oracle_pool.make_oracle_pool(args) as pool:
+        assert pool.settings["max_opt_steps"] == 1000
+        assert pool.settings["opt_coordinates"] == "cartesian"
+    with pytest.raises(SystemExit):                   # xTB's BFGS is Cartesian only
+        make_trajectories.parse_args(["--db", d0[0], "--out", "x.db", "--mode", "optimize",
+                                      "--oracle_method", "gfn2-xtb",
+                                      "--opt_coordinates", "redundant"])

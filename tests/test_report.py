@@ -38,8 +38,30 @@ def tiny_rows():
                                  positions=x0, smiles=smiles, id=i + 1,
                                  optimal_positions=x_opt, optimal_energy=-100.0)
         rmsd = lambda x, c=conf: evaluate.best_rmsd(x, c.optimal_positions, c.smiles, c.numbers)  # noqa: E731
-        rows.append(report.conformation_row(conf, x_T, -99.99, None if i == 2 else -99.999,
-                                            rmsd, "NNP-optimized s_100"))
+        rows.append(report.conformation_row(conf, -99.99, [
+            ("NNP-optimized s_100", x_T, None if i == 2 else -99.999)], rmsd))
+    return rows
+
+
+def two_method_rows():
+    """tiny_rows with a second method: method B ends at the optimum but uphill of s_0 for
+    the second molecule (diverged), and at E_opt + 0.5 kcal/mol for the others."""
+    rows = []
+    for i, smiles in enumerate(SMILES):
+        mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+        AllChem.EmbedMolecule(mol, randomSeed=1)
+        x0 = mol.GetConformer().GetPositions()
+        AllChem.MMFFOptimizeMolecule(mol)
+        x_opt = mol.GetConformer().GetPositions()
+        conf = data.Conformation(numbers=np.array([a.GetAtomicNum() for a in mol.GetAtoms()]),
+                                 positions=x0, smiles=smiles, id=i + 1,
+                                 optimal_positions=x_opt, optimal_energy=-100.0)
+        rmsd = lambda x, c=conf: evaluate.best_rmsd(x, c.optimal_positions, c.smiles, c.numbers)  # noqa: E731
+        e_b = -99.98 if i == 1 else -100.0 + 0.5 / data.HARTREE_TO_KCAL
+        x_a = x_opt + np.random.default_rng(i).normal(0, 0.05, x_opt.shape)
+        rows.append(report.conformation_row(conf, -99.99, [("A: NNP-optimized s_100", x_a, -99.999),
+                                                           ("B: final conformation", x_opt, e_b)],
+                                            rmsd))
     return rows
 
 
@@ -60,6 +82,13 @@ def test_rows_captions_and_molecules():
     ethanol = rows[0]
     assert [p["title"] for p in ethanol["panels"]] == ["initial s_0", "NNP-optimized s_100",
                                                        "DFT optimum"]
+    # pct_T (Eq. 4) by hand: (E_0 - E_T) / (E_0 - E_opt) = 0.009 / 0.01 = 90 %
+    assert ethanol["panels"][1]["pct"] == pytest.approx(90.0)
+    assert "pct<sub>T</sub> = 90.0 %" in report.caption(ethanol["panels"][1], ethanol["e_opt"])
+    assert "pct" not in ethanol["panels"][0] and "pct" not in ethanol["panels"][2]
+    assert rows[2]["panels"][1]["pct"] == "no E_T"
+    assert report.pct_of_final(-1.0, -0.5, -2.0) == "diverged"          # E_T > E_0
+    assert ethanol["drawing"].startswith("<svg") and "<path" in ethanol["drawing"]
     assert ethanol["panels"][2]["rmsd"] == pytest.approx(0.0, abs=1e-6)
     assert ethanol["panels"][1]["rmsd"] > 0.0
     # SDF with the SMILES's bonds: ethanol has 8 bonds (C-C, C-O, 6 X-H)
@@ -184,10 +213,11 @@ PANELS_JS = """[...document.querySelectorAll('.grid')].map(g => {
   const r = g.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })"""
 
 
-def drawn_share(image, rect, k):
-    """Share of the pixels of panel k (of 3) of a row's rect that are not white background."""
+def drawn_share(image, rect, k, n_panels=3):
+    """Share of the pixels of panel k (of n_panels) of a row's rect that are not white
+    background."""
     left, top, width, height = (int(round(v)) for v in rect)
-    w = width // 3
+    w = width // n_panels
     region = image[top + 10:top + height - 10, left + k * w + 10:left + (k + 1) * w - 10]
     return float((np.abs(region.astype(int) - 255).sum(axis=-1) > 60).mean())
 
@@ -267,3 +297,66 @@ def test_evaluate_writes_the_page(browser, tmp_path):
     image = browser.screenshot()
     rect = browser.evaluate(PANELS_JS)[0]
     assert all(drawn_share(image, rect, k) > 0.005 for k in range(3))
+
+    # another method's final conformations (here GOLF-10k's own, as an external method
+    # named by --name), then both side by side on one page (--task page)
+    external = tmp_path / "eval_external"
+    evaluate.main(["--model", "external", "--positions", str(out / "final.db"),
+                   "--name", "Uni-Mol+", "--db", test_db, "--out_dir", str(external),
+                   "--page_conformations", "1", *oracle])
+    page = (external / "conformations.html").read_text()
+    assert "<title>Uni-Mol+ on " in page and "Uni-Mol+: final conformation" in page
+    assert "NNP-optimized" not in page and "None on" not in page
+    assert json.load(open(external / "summary.json"))["name"] == "Uni-Mol+"
+    both = tmp_path / "page.html"
+    evaluate.main(["--task", "page", "--evaluations", str(out), str(external),
+                   "--names", "f_GOLF-10k", "UMP", "--out", str(both),
+                   "--page_conformations", "2"])
+    page = both.read_text()
+    assert page.count('class="grid"') == 2 and page.count('<div class="drawing"><svg') == 2
+    assert "f_GOLF-10k: NNP-optimized s_5" in page and "UMP: final conformation" in page
+    # the same s_T scored twice: the same pct_T under both
+    pct = re.findall(r"pct<sub>T</sub> = ([^<]*)<", page)
+    assert len(pct) == 4 and pct[0] == pct[1] and pct[2] == pct[3]
+    browser.send("Emulation.setDeviceMetricsOverride", session=True, width=1700, height=1400,
+                 deviceScaleFactor=1, mobile=False)
+    try:
+        assert console_errors(browser.open(both.as_uri())) == []
+        image = browser.screenshot()
+        for rect in browser.evaluate(PANELS_JS):
+            assert all(drawn_share(image, rect, k, 4) > 0.005 for k in range(4))
+    finally:
+        browser.send("Emulation.clearDeviceMetricsOverride", session=True)
+
+
+def test_two_methods_side_by_side_in_chromium(browser, tmp_path):
+    """Appendix H / Fig. 5: two methods of one test set in a row: 2D drawing, s_0, A's and
+    B's s_T and the optimum, every 3D panel drawn, each method's pct_T under it."""
+    browser.send("Emulation.setDeviceMetricsOverride", session=True, width=1700, height=1400,
+                 deviceScaleFactor=1, mobile=False)
+    try:
+        path = tmp_path / "two.html"
+        rows = two_method_rows()
+        report.write_conformations_page(str(path), rows, "A, B", methods="A's and B's s_T")
+        events = browser.open(path.as_uri())
+        assert console_errors(events) == []
+        assert browser.evaluate("document.querySelectorAll('.grid canvas').length") == 3
+        assert browser.evaluate("document.querySelectorAll('.drawing svg').length") == 3
+        captions = browser.evaluate("[...document.querySelectorAll('.captions')]"
+                                    ".map(c => c.children.length)")
+        assert captions == [4, 4, 4]
+        text = browser.evaluate("document.body.innerText")
+        # A: 90 % everywhere; B: 0.01 - 0.5/627.5 over 0.01 = 92.0 %, and diverged once
+        assert text.count("pctT = ") == 6 and "pctT = 90.0 %" in text
+        assert "pctT = 92.0 %" in text and "pctT = none: diverged" in text
+        image = browser.screenshot()
+        for rect in browser.evaluate(PANELS_JS):
+            assert rect[2] == 4 * report.PANEL_SIZE[0]
+            for k in range(4):
+                assert 0.01 < drawn_share(image, rect, k, 4) < 0.5, (rect, k)
+        drawing = browser.evaluate("[...document.querySelectorAll('.drawing svg')].map(s => {"
+                                   "const r = s.getBoundingClientRect(); return [r.width, "
+                                   "r.height]; })")
+        assert all(w > 100 and h > 100 for w, h in drawing)
+    finally:
+        browser.send("Emulation.clearDeviceMetricsOverride", session=True)

@@ -64,7 +64,9 @@ def run(tmp_path, db, *extra):
     out = tmp_path / "run"
     argv = ["--db", db, "--out_dir", str(out), "--n_atom_basis", "16", "--n_interactions", "2",
             "--n_rbf", "8", "--cutoff", "4.0", "--batch_size", "8", "--lr", "3e-3",
-            "--val_fraction", "0.25", "--dtype", "float64", *extra]
+            "--dtype", "float64", *extra]
+    if "--val_db" not in extra and "--val_fraction" not in extra:
+        argv += ["--val_fraction", "0.25"]
     train_baseline.main(argv)
     return out
 
@@ -171,3 +173,22 @@ def test_update_on_device_tensors_equals_update_on_conformations():
         runs.append((losses, model.state_dict()))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_all_of_d0_is_trained_on_unless_val_fraction_holds_some_out(tmp_path, capsys):
+    """The paper trains f_baseline on all of D0: no hold-out by default; --val_fraction 0.25
+    holds out a quarter of the molecules (whole molecules, seeded) and validates on them."""
+    confs = teacher_labelled(["C", "CO", "CCO", "CN"], 3)
+    db = write(tmp_path / "d0.db", confs)
+    out = run(tmp_path / "all", db, "--val_fraction", "0", "--total_steps", "2",
+              "--eval_every", "1")
+    assert "12 training and 0 validation conformations" in capsys.readouterr().out
+    assert not (out / "metrics.jsonl").exists()            # nothing to validate on
+    out = run(tmp_path / "held", db, "--val_fraction", "0.25", "--total_steps", "2",
+              "--eval_every", "2")
+    assert "9 training and 3 validation conformations" in capsys.readouterr().out
+    (record,) = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert record["n_conformations"] == 3
+    assert train_baseline.parse_args(["--db", db, "--out_dir", "x"]).val_fraction == 0.0
+    with pytest.raises(SystemExit, match="pass one of them"):
+        run(tmp_path / "both", db, "--val_db", db, "--val_fraction", "0.25")
