@@ -39,11 +39,14 @@ exception). When every slot waits (K needs no more jobs), the steps until the ol
 due would change nothing and are skipped.
 
 The jobs in flight scale with the pool, not with the trajectories (--n_parallel): by
-default 2 x the jobs the pool runs at once (its local workers, or the Dask cluster's
-threads, read once at the start), so its queue holds the next jobs when a worker frees up.
-No more jobs are sent than K needs. --pipelined adds each result when it arrives instead,
-and a slot that finds no room waits (the run then depends on the oracle's timing). Like
-the official code, the learning-rate schedule spans K * U updates.
+default 3 x the jobs the pool runs at once (its local workers, or the Dask cluster's
+threads, read once at the start), so its queue holds the next jobs when a worker frees up
+(benchmarks/golf_scale.py: 2 x leaves workers idle behind a slow oldest job). By default L
+is cap x T / --n_parallel: every slot sends a job at least every T steps, so by then the
+cap has made the job enter; a smaller L makes the loop wait for jobs before the pool is
+full. No more jobs are sent than K needs. --pipelined adds each result when it arrives
+instead, and a slot that finds no room waits (the run then depends on the oracle's
+timing). Like the official code, the learning-rate schedule spans K * U updates.
 """
 import argparse
 import collections
@@ -65,8 +68,7 @@ import painn
 from train_baseline import (Trainer, add_compile_arg, add_training_args, prediction_errors,
                             rng_state, set_rng_state)
 
-JOBS_PER_WORKER = 2     # default --max_jobs_in_flight: this many jobs per job the pool runs
-ORACLE_LAG = 100        # default --oracle_lag L (benchmarks/golf_scale.py)
+JOBS_PER_WORKER = 3     # default --max_jobs_in_flight: this many per job the pool runs at once
 
 
 def parse_args(argv=None):
@@ -95,13 +97,16 @@ def parse_args(argv=None):
                         "--grad_threshold; the official code). Default: only on an MMFF "
                         "rise or at T (Algorithm 1, line 7)")
     g = p.add_argument_group("oracle jobs beside the NNP")
-    g.add_argument("--oracle_lag", type=int, default=ORACLE_LAG,
+    g.add_argument("--oracle_lag", type=int, default=None,
                    help="L: a job sent at optimization step t is added to D and trained on "
-                        "after step t + L (waiting for it if it is not done); 0: after the "
-                        "step that sent it, as Algorithm 1. Deterministic for every L "
-                        "(default: %(default)s)")
+                        "after step t + L at the latest (waiting for it if it is not done); "
+                        "0: after the step that sent it, as Algorithm 1. Deterministic for "
+                        "every L. Default: --max_jobs_in_flight x T / --n_parallel, the steps "
+                        "in which the trajectories surely send that many jobs, so that the "
+                        "cap decides while the pool is busy")
     g.add_argument("--max_jobs_in_flight", type=int, default=None,
-                   help="most jobs sent and not yet added (default: "
+                   help="most jobs sent and not yet added; at the cap the oldest is added "
+                        "before the next is sent (default: "
                         f"{JOBS_PER_WORKER} x the jobs the pool runs at once)")
     g.add_argument("--pipelined", action="store_true",
                    help="add each result as soon as it arrives, ignoring --oracle_lag "
@@ -130,7 +135,7 @@ def parse_args(argv=None):
                 f"added conformation, and its schedule spans K * U "
                 f"= {args.max_oracle_steps * args.utd_ratio}; set --max_oracle_steps and "
                 "--utd_ratio instead")
-    if args.oracle_lag < 0:
+    if args.oracle_lag is not None and args.oracle_lag < 0:
         p.error(f"--oracle_lag must be 0 or more, not {args.oracle_lag}")
     if args.max_jobs_in_flight is not None and args.max_jobs_in_flight < 1:
         p.error(f"--max_jobs_in_flight must be at least 1, not {args.max_jobs_in_flight}")
@@ -173,6 +178,9 @@ class Golf:
         self.last_progress = self.clock.now()
         # the pool's capacity, read once: the run then depends on counts only
         self.max_jobs_in_flight = args.max_jobs_in_flight or JOBS_PER_WORKER * pool.n_parallel
+        # every slot sends a job at least every T steps: in L steps the cap is reached
+        self.oracle_lag = args.oracle_lag if args.oracle_lag is not None else math.ceil(
+            self.max_jobs_in_flight * args.timelimit_train / args.n_parallel)
         self.step = 0                # optimization steps of the loop (each moves every slot)
         self.in_flight = {}          # future -> (step it was sent at, conformation), sent order
         self.stats = dict(n_added=0, n_failed=0, n_rejected_mmff=0, n_rise_at_start=0,
@@ -187,6 +195,8 @@ class Golf:
         self.start_time = self.last_progress = self.clock.now()
         self.bar = tqdm(total=self.args.max_oracle_steps, initial=self.stats["n_added"],
                         desc="GOLF: conformations added", dynamic_ncols=True)
+        self.log({"event": "start", "max_jobs_in_flight": self.max_jobs_in_flight,
+                  "oracle_lag": None if self.args.pipelined else self.oracle_lag})
         self.start_trajectories()                      # line 3
         self.train()                                   # updates a resumed run owes
         while True:
@@ -201,7 +211,7 @@ class Golf:
                 # every slot waits (K needs no more jobs, or --pipelined and no room): nothing
                 # would happen in the steps before the oldest job is due, so go to that step
                 oldest_sent = next(iter(self.in_flight.values()))[0]
-                self.step = max(self.step, oldest_sent + self.args.oracle_lag)
+                self.step = max(self.step, oldest_sent + self.oracle_lag)
             else:
                 raise RuntimeError("no trajectory can move and no oracle job is running")
             self.submit_waiting()                      # line 8 for the ended trajectories
@@ -337,7 +347,7 @@ class Golf:
                               return_when=concurrent.futures.FIRST_COMPLETED)
             return [f for f in self.in_flight if f.done()]
         return [f for f, (sent, _) in self.in_flight.items()
-                if sent <= self.step - self.args.oracle_lag]
+                if sent <= self.step - self.oracle_lag]
 
     def take_result(self, future):
         self.add_result(future)                      # lines 8-9

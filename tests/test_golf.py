@@ -207,7 +207,7 @@ def test_total_steps_is_refused_not_silently_replaced(capsys):
     assert "--total_steps is not a golf.py flag" in capsys.readouterr().err
     args = golf.parse_args([*needed, "--max_oracle_steps", "7", "--utd_ratio", "3"])
     assert args.total_steps == 21 and args.start_from == "d" and not args.pipelined
-    assert args.oracle_lag == golf.ORACLE_LAG and args.max_jobs_in_flight is None
+    assert args.oracle_lag is None and args.max_jobs_in_flight is None   # from the pool
     assert not args.end_on_convergence
     with pytest.raises(SystemExit):                       # GOLF fine-tunes f_baseline
         golf.parse_args(needed[:4])
@@ -325,19 +325,21 @@ def test_default_loop_gives_the_same_run_whatever_the_oracle_timing(simulated):
 
 
 def test_jobs_in_flight_follow_the_pool_not_the_trajectories(simulated):
-    """2 trajectories, 8 workers: up to 2 x 8 jobs in flight (the default cap), or
+    """2 trajectories, 8 workers: up to 3 x 8 jobs in flight (the default cap), or
     --max_jobs_in_flight; at the cap, the oldest job enters before a new one is sent
     (before its step t + L), in the order sent, whatever the timing."""
     run, _, collected = simulated("pool_sized")
-    assert run.max_jobs_in_flight == 16 and 2 < run.most_in_flight <= 12   # K = 12
+    assert run.max_jobs_in_flight == golf.JOBS_PER_WORKER * 8 == 24
+    assert 2 < run.most_in_flight <= 12                                    # K = 12
     capped = [simulated(f"capped_{seed}", "--max_jobs_in_flight", "3", latency_seed=seed)
               for seed in (1, 2)]
     run = capped[0][0]
     assert run.max_jobs_in_flight == run.most_in_flight == 3
     sent = [s for s, _ in run.added_at]
     assert sent == sorted(sent) and len(sent) == 12
-    assert all(added <= s + golf.ORACLE_LAG for s, added in run.added_at)
-    assert any(added < s + golf.ORACLE_LAG for s, added in run.added_at)
+    assert run.oracle_lag == 3 * 4 // 2                 # cap x T / n_parallel
+    assert all(added <= s + run.oracle_lag for s, added in run.added_at)
+    assert any(added < s + run.oracle_lag for s, added in run.added_at)
     assert same_run(*capped)
 
 
