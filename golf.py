@@ -1,4 +1,4 @@
-"""Stage 3: GOLF, Algorithm 1 of Tsypin et al. (ICLR 2024), batched (--pipelined: pipelined).
+"""Stage 3: GOLF, Algorithm 1 of Tsypin et al. (ICLR 2024), batched, oracle jobs beside the NNP.
 
     python golf.py --d0 D0.db --load_baseline runs/baseline/checkpoint.pt --out_dir runs/golf
 
@@ -8,7 +8,7 @@ Algorithm 1 (line numbers in the comments below):
      5  s_{t+1} <- Opt(s_t, F(s_t))                one batched L-BFGS step of all slots
      6  E^S_{t+1} <- O_S(s_{t+1})                  MMFF energy of every new conformation
      7  if E^S_{t+1} > E^S_t or t = T:             the trajectory ends
-     8      (E, F) <- O_G(s)                       s = s_t on a rise, s_{T} at the time limit
+     8      (E, F) <- O_G(s)                       s = s_t on a rise, s_T at the time limit
      9      D <- D + {(s, E, F)}
     10      update f U times on minibatches of D   (a share --initial_conf_pct from D0)
     12      s_0 ~ D                                the slot restarts; other slots go on
@@ -17,23 +17,45 @@ Algorithm 1 (line numbers in the comments below):
 s_0 ~ D (lines 3, 12): uniform over D = D0 plus every conformation collected so far (the
 replay buffer holds D). --start_from d0 draws from D0 only, as the official code does.
 
-A slot whose trajectory ended submits its conformation and restarts at once. At most
---n_parallel jobs are in flight; a slot waits (inactive) when the pool is full. No more jobs
-are submitted than are needed to reach K. By default (deterministic) the loop then waits
-for every job in flight and adds the results in submission order before it trains or
-optimizes again, so the same command gives the same collected.db and checkpoint whatever
-the oracle's timing (an oracle timeout is the exception). --pipelined keeps optimizing and
-training while jobs run, and adds each result whenever it arrives (faster with a slow
-oracle, but the run depends on timing). Like the official code, the learning-rate schedule
-spans K * U updates (--total_steps is train_baseline.py's).
+A trajectory ends only as line 7 says: on a rise of the MMFF energy or at t = T. An L-BFGS
+slot at the NNP's minimum goes on stepping: torch's L-BFGS moves it by tiny steps while
+max |F| > 1e-7 and not at all below, so it stays where it is (or a tiny rise of MMFF ends
+it) and that conformation is sent at T. --end_on_convergence is the official code's rule:
+a slot also ends, and sends its conformation, once max |F| <= --grad_threshold.
+
+The genuine oracle (lines 8-10) takes minutes a label (DFT), and many workers label at
+once. A slot whose trajectory ended sends its conformation to the pool and restarts at
+once; jobs run while the NNP trains and optimizes. The loop counts its optimization steps
+t (one step moves every slot), and a job sent at step t enters D after step t + L
+(--oracle_lag L), or earlier when its room in the pool is needed: at most
+--max_jobs_in_flight jobs are sent and not yet added, and a slot that ends with that many
+in flight first makes the oldest enter. Jobs enter in the order they were sent, each
+waited for if it is not done, then trained on with its U updates (line 10). So a label
+enters D, and training, up to L steps later than in Algorithm 1, where it enters before
+the next step (--oracle_lag 0: the synchronous loop). Every choice depends on counts
+(steps, jobs), never on when a result arrives: the same command gives the same
+collected.db and checkpoint whatever the oracle's timing (an oracle timeout is the
+exception). When every slot waits (K needs no more jobs), the steps until the oldest job is
+due would change nothing and are skipped.
+
+The jobs in flight scale with the pool, not with the trajectories (--n_parallel): by
+default 3 x the jobs the pool runs at once (its local workers, or the Dask cluster's
+threads, read once at the start), so its queue holds the next jobs when a worker frees up
+(benchmarks/golf_scale.py: 2 x leaves workers idle behind a slow oldest job). By default L
+is cap x T / --n_parallel: every slot sends a job at least every T steps, so by then the
+cap has made the job enter; a smaller L makes the loop wait for jobs before the pool is
+full. No more jobs are sent than K needs. --pipelined adds each result when it arrives
+instead, and a slot that finds no room waits (the run then depends on the oracle's
+timing). Like the official code, the learning-rate schedule spans K * U updates.
 """
 import argparse
 import collections
+import concurrent.futures
 import json
+import math
 import os
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
 
 import numpy as np
 import torch
@@ -45,18 +67,21 @@ import oracle_pool
 import oracles
 import painn
 import safe_io
-from train_baseline import (Trainer, add_model_args, add_training_args, prediction_errors,
+from train_baseline import (Trainer, add_compile_arg, add_training_args, prediction_errors,
                             rng_state, set_rng_state)
+
+JOBS_PER_WORKER = 3     # default --max_jobs_in_flight: this many per job the pool runs at once
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                conflict_handler="resolve")   # see --load_baseline below
     p.add_argument("--d0", required=True, help="the initial training data D0 (labelled ASE db)")
     p.add_argument("--out_dir", required=True,
                    help="checkpoint.pt, collected.db (the new data), metrics.jsonl")
     g = p.add_argument_group("GOLF (Table 5)")
     g.add_argument("--n_parallel", type=int, default=120,
-                   help="concurrent trajectories, and the most oracle jobs in flight")
+                   help="concurrent trajectories (the jobs in flight are --max_jobs_in_flight)")
     g.add_argument("--max_oracle_steps", type=int, default=10_000,
                    help="K: genuine-oracle conformations to add")
     g.add_argument("--utd_ratio", type=int, default=50, help="U: NNP updates per added conformation")
@@ -69,9 +94,26 @@ def parse_args(argv=None):
     g.add_argument("--start_from", choices=("d", "d0"), default="d",
                    help="s_0 ~ D (Algorithm 1, lines 3 and 12: D0 plus the collected "
                         "conformations) or ~ D0 only (the official code)")
+    g.add_argument("--end_on_convergence", action="store_true",
+                   help="a trajectory also ends when the optimizer converges (max |F| <= "
+                        "--grad_threshold; the official code). Default: only on an MMFF "
+                        "rise or at T (Algorithm 1, line 7)")
+    g = p.add_argument_group("oracle jobs beside the NNP")
+    g.add_argument("--oracle_lag", type=int, default=None,
+                   help="L: a job sent at optimization step t is added to D and trained on "
+                        "after step t + L at the latest (waiting for it if it is not done); "
+                        "0: after the step that sent it, as Algorithm 1. Deterministic for "
+                        "every L. Default: --max_jobs_in_flight x T / --n_parallel, the steps "
+                        "in which the trajectories surely send that many jobs, so that the "
+                        "cap decides while the pool is busy")
+    g.add_argument("--max_jobs_in_flight", type=int, default=None,
+                   help="most jobs sent and not yet added; at the cap the oldest is added "
+                        "before the next is sent (default: "
+                        f"{JOBS_PER_WORKER} x the jobs the pool runs at once)")
     g.add_argument("--pipelined", action="store_true",
-                   help="optimize and train while oracle jobs run (faster with a slow oracle; "
-                        "the run then depends on timing). Default: deterministic")
+                   help="add each result as soon as it arrives, ignoring --oracle_lag "
+                        "(the run then depends on the oracle's timing)")
+    g = p.add_argument_group("GOLF's run")
     g.add_argument("--val_db", default=None,
                    help="labelled db to report validation errors on at the end (the same one "
                         "train_baseline.py --val_db uses; GOLF never trains on it)")
@@ -80,8 +122,13 @@ def parse_args(argv=None):
                    help="stop when the genuine oracle fails this many times in a row (0: never)")
     g.add_argument("--max_seconds_without_progress", type=float, default=3600.0,
                    help="stop when nothing was added for this long (0: never)")
-    add_model_args(p)        # used only without --load_baseline
+    add_compile_arg(p)
     add_training_args(p, total_steps=None)
+    # the shared training flags, redefined (conflict_handler="resolve"): GOLF fine-tunes
+    # f_baseline, and its schedule spans K * U updates, so --total_steps is refused below
+    p.add_argument("--load_baseline", required=True,
+                   help="f_baseline's checkpoint (train_baseline.py), the NNP GOLF fine-tunes")
+    p.add_argument("--total_steps", type=int, default=None, help=argparse.SUPPRESS)
     optimizers.add_optimizer_args(p)
     oracles.add_oracle_args(p)
     args = optimizers.parse_args_with_preset(p, argv)   # --optimizer_preset: Table 6
@@ -90,6 +137,10 @@ def parse_args(argv=None):
                 f"added conformation, and its schedule spans K * U "
                 f"= {args.max_oracle_steps * args.utd_ratio}; set --max_oracle_steps and "
                 "--utd_ratio instead")
+    if args.oracle_lag is not None and args.oracle_lag < 0:
+        p.error(f"--oracle_lag must be 0 or more, not {args.oracle_lag}")
+    if args.max_jobs_in_flight is not None and args.max_jobs_in_flight < 1:
+        p.error(f"--max_jobs_in_flight must be at least 1, not {args.max_jobs_in_flight}")
     args.total_steps = args.max_oracle_steps * args.utd_ratio   # the schedule spans K * U
     return args
 
@@ -98,12 +149,19 @@ class Stalled(RuntimeError):
     """The run makes no progress (the oracle fails every job, or nothing is added): one line."""
 
 
+class WallClock:
+    """The time golf.py reads and how it waits for oracle jobs: real time. (The benchmark
+    benchmarks/golf_scale.py runs the same loop on a virtual clock with a simulated pool.)"""
+    now = staticmethod(time.perf_counter)
+    wait = staticmethod(concurrent.futures.wait)
+
+
 class Slot:
-    """One trajectory: where it started in D (d0_index < len(D0): a D0 row, else a collected
+    """One trajectory: where it started in D (d_index < len(D0): a D0 row, else a collected
     conformation), its MMFF surrogate and its last MMFF energy."""
 
-    def __init__(self, d0_index, conf, surrogate):
-        self.d0_index, self.conf, self.surrogate = d0_index, conf, surrogate
+    def __init__(self, d_index, conf, surrogate):
+        self.d_index, self.conf, self.surrogate = d_index, conf, surrogate
         self.energy_mmff = surrogate.energy(conf.positions)   # E^S_0, kcal/mol
         self.waiting = None          # a conformation that ended, waiting for room in the pool
 
@@ -111,20 +169,59 @@ class Slot:
 class Golf:
     """The state of a GOLF run: model, trainer, replay buffer, trajectories, oracle jobs."""
 
-    def __init__(self, args, d0, model, pool, rng):
+    def __init__(self, args, d0, model, pool, rng, clock=None):
         self.args, self.d0, self.model, self.pool, self.rng = args, d0, model, pool, rng
+        self.clock = clock or WallClock()
         self.dtype = getattr(torch, args.dtype)
         self.trainer = Trainer(model, args, args.total_steps)
         self.buffer = data.ReplayBuffer(d0, args.initial_conf_pct, rng)
         self.updates_owed = 0        # U per added conformation, paid as training steps
         self.failures_in_a_row = collections.Counter()   # reason -> count, since the last addition
-        self.last_progress = time.perf_counter()
-        self.in_flight = {}          # future -> (slot's D0 index, the conformation sent)
+        self.last_progress = self.clock.now()
+        # the pool's capacity, read once: the run then depends on counts only
+        self.max_jobs_in_flight = args.max_jobs_in_flight or JOBS_PER_WORKER * pool.n_parallel
+        # every slot sends a job at least every T steps: in L steps the cap is reached
+        self.oracle_lag = args.oracle_lag if args.oracle_lag is not None else math.ceil(
+            self.max_jobs_in_flight * args.timelimit_train / args.n_parallel)
+        self.step = 0                # optimization steps of the loop (each moves every slot)
+        self.in_flight = {}          # future -> (step it was sent at, conformation), sent order
         self.stats = dict(n_added=0, n_failed=0, n_rejected_mmff=0, n_rise_at_start=0,
                           n_submitted=0, wait_seconds=0.0, loss=float("nan"))
         self.collected_db = data.connect_for_writing(
             os.path.join(args.out_dir, "collected.db"), atomrefs=None, source="golf.py")
         self.slots, self.opt, self.z = [], None, None
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def run(self):
+        self.start_time = self.last_progress = self.clock.now()
+        self.bar = safe_io.progress(total=self.args.max_oracle_steps, initial=self.stats["n_added"],
+                        desc="GOLF: conformations added", dynamic_ncols=True)
+        self.log({"event": "start", "max_jobs_in_flight": self.max_jobs_in_flight,
+                  "oracle_lag": None if self.args.pipelined else self.oracle_lag})
+        self.start_trajectories()                      # line 3
+        self.train()                                   # updates a resumed run owes
+        while True:
+            for future in self.due():                  # in the order they were sent
+                self.take_result(future)               # lines 8-10 (waits if it is not done)
+            if self.stats["n_added"] >= self.args.max_oracle_steps:
+                break                                  # line 18
+            self.check_progress()
+            if self.can_move():
+                self.optimization_step()               # lines 5-7
+            elif self.in_flight:
+                # every slot waits (K needs no more jobs, or --pipelined and no room): nothing
+                # would happen in the steps before the oldest job is due, so go to that step
+                oldest_sent = next(iter(self.in_flight.values()))[0]
+                self.step = max(self.step, oldest_sent + self.oracle_lag)
+            else:
+                raise RuntimeError("no trajectory can move and no oracle job is running")
+            self.submit_waiting()                      # line 8 for the ended trajectories
+        self.bar.close()
+        for future in self.in_flight:        # K reached: jobs still running are not needed
+            future.cancel()
+        self.save()
+        self.log({"event": "done"})
 
     # ---- trajectories -------------------------------------------------------------------
 
@@ -148,6 +245,8 @@ class Golf:
         batch = torch.repeat_interleave(torch.arange(len(self.slots)), counts)
         self.opt = optimizers.optimizer_from_args(self.args, torch.as_tensor(positions), batch,
                                                   len(self.slots), model_dtype=self.dtype)
+        if not self.args.end_on_convergence:   # line 7 knows no convergence: never converged
+            self.opt.grad_threshold = -math.inf
         self.refresh_atomic_numbers()
 
     def refresh_atomic_numbers(self):
@@ -166,9 +265,16 @@ class Golf:
                                     self.opt.n_slots)
         return energy.detach(), forces.detach()
 
+    def moving(self, k):
+        return bool(self.opt.active[k]) and not bool(self.opt.converged[k])
+
+    def can_move(self):
+        return bool((self.opt.active & ~self.opt.converged).any())
+
     def optimization_step(self):
         """Lines 5-7 for every moving slot; ended trajectories go to `end_trajectory`."""
         self.model.eval()
+        self.step += 1
         before = {k: self.opt.slot_positions(k).numpy().copy()
                   for k in range(len(self.slots)) if self.moving(k)}
         self.opt.step(self.energy_and_forces)                          # line 5
@@ -176,21 +282,18 @@ class Golf:
             slot = self.slots[k]
             positions = self.opt.slot_positions(k).numpy()
             energy_mmff = slot.surrogate.energy(positions)             # line 6
-            t = int(self.opt.n_steps[k])
+            t = int(self.opt.n_steps[k]) - 1           # this step took s_t to s_{t+1}
             if energy_mmff > slot.energy_mmff:                          # line 7: a rise
-                # s_t is sent even for t = 0, as Algorithm 1 says (s_0 is a D0 conformation,
-                # relabelled); skipping it can stall a poor f_baseline whose every first
-                # step goes uphill
-                self.stats["n_rise_at_start"] += t == 1
+                # s_t is sent. At t = 0 it is s_0, a conformation of D, relabelled, as
+                # Algorithm 1 says; skipping it can stall a poor f_baseline whose every
+                # first step goes uphill
+                self.stats["n_rise_at_start"] += t == 0
                 self.end_trajectory(k, positions_before, slot.energy_mmff)
-            elif t >= self.args.timelimit_train or bool(self.opt.converged[k]):
-                self.end_trajectory(k, positions, energy_mmff)          # t = T: s_T is sent
-            else:
+            elif t + 1 >= self.args.timelimit_train or bool(self.opt.converged[k]):
+                self.end_trajectory(k, positions, energy_mmff)   # t + 1 = T: s_T is sent
+            else:                                  # (converged: --end_on_convergence only)
                 slot.energy_mmff = energy_mmff
         self.refresh_atomic_numbers()
-
-    def moving(self, k):
-        return bool(self.opt.active[k]) and not bool(self.opt.converged[k])
 
     def end_trajectory(self, k, positions, energy_mmff):
         """Line 8: send the conformation to the genuine oracle, unless MMFF calls it broken."""
@@ -199,84 +302,109 @@ class Golf:
             self.stats["n_rejected_mmff"] += 1
             self.restart(k)
             return
-        from_d0 = slot.d0_index < len(self.d0)
+        from_d0 = slot.d_index < len(self.d0)
         conf = data.Conformation(numbers=slot.conf.numbers, positions=positions.copy(),
                                  smiles=slot.conf.smiles,
                                  info={"d0_row": int(slot.conf.id or 0) if from_d0
                                        else int(slot.conf.info.get("d0_row", 0)),
                                        "start_collected": -1 if from_d0    # index in collected
-                                       else slot.d0_index - len(self.d0),
+                                       else slot.d_index - len(self.d0),
                                        "trajectory_step": int(self.opt.n_steps[k])})
-        slot.waiting = conf
+        slot.waiting = conf           # sent by submit_waiting after the step
         self.opt.deactivate(k)
-        self.submit_waiting()
-
-    def jobs_wanted(self):
-        """Jobs the pool may take now: room in the pool, and no more than K needs."""
-        needed = self.args.max_oracle_steps - self.stats["n_added"] - len(self.in_flight)
-        return min(self.args.n_parallel - len(self.in_flight), needed)
 
     def submit_waiting(self):
+        """Line 8: send the conformations of ended trajectories to the pool, in slot order,
+        and restart their slots (line 12). With --max_jobs_in_flight jobs in flight the
+        oldest enters D first (before its step t + L, waited for if not done), so no
+        trajectory waits for room; --pipelined: the slot waits for room instead. No more
+        jobs are sent than K needs."""
+        restarted = False
         for k, slot in enumerate(self.slots):
-            if slot.waiting is not None and self.jobs_wanted() > 0:
-                future = self.pool.submit(slot.waiting, self.stats["n_submitted"])
-                self.in_flight[future] = slot.waiting
-                self.stats["n_submitted"] += 1
-                self.restart(k)
-        self.refresh_atomic_numbers()
+            needed = self.args.max_oracle_steps - self.stats["n_added"] - len(self.in_flight)
+            if slot.waiting is None or needed <= 0:
+                continue
+            if len(self.in_flight) >= self.max_jobs_in_flight:
+                if self.args.pipelined:
+                    continue
+                self.take_result(next(iter(self.in_flight)))     # makes room
+            future = self.pool.submit(slot.waiting, self.stats["n_submitted"])
+            self.in_flight[future] = (self.step, slot.waiting)
+            self.stats["n_submitted"] += 1
+            self.restart(k)
+            restarted = True
+        if restarted:
+            self.refresh_atomic_numbers()
 
     # ---- oracle results and training ---------------------------------------------------
 
-    def harvest(self, timeout=0.0):
-        """Lines 8-10 for every finished job: add the labelled conformation to D (and to
-        collected.db at once), and owe U training updates for it."""
-        if not self.in_flight:
-            return
-        t0 = time.perf_counter()
+    def due(self):
+        """The jobs whose results enter D now, in the order they were sent: every job sent
+        at step t - L or before (--oracle_lag L), done or not. --pipelined: the jobs done by
+        now, after waiting (at most 1 s) for one if no slot can move."""
         if self.args.pipelined:
-            done, _ = wait(list(self.in_flight), timeout=timeout, return_when=FIRST_COMPLETED)
-        else:                               # deterministic: every job in flight
-            done, _ = wait(list(self.in_flight))
-        if timeout or not self.args.pipelined:
-            self.stats["wait_seconds"] += time.perf_counter() - t0
-        for future in [f for f in self.in_flight if f in done]:      # in submission order
-            conf = self.in_flight.pop(future)
-            result = future.result()
-            if not result.ok:
-                self.stats["n_failed"] += 1
-                self.failures_in_a_row[result.reason[:120]] += 1
-                self.log({"event": "oracle_failure", "reason": result.reason,
-                          "seconds": result.seconds})
-                continue
-            self.failures_in_a_row.clear()
-            self.last_progress = time.perf_counter()
-            labelled = data.Conformation(numbers=conf.numbers, positions=conf.positions,
-                                         energy=result.energy, forces=result.forces,
-                                         smiles=conf.smiles, info=conf.info)
-            data.write_conformation(self.collected_db, labelled, **conf.info,
-                                    oracle_seconds=float(result.seconds))   # never lost
-            self.buffer.add(labelled)                                          # line 9
-            self.stats["n_added"] += 1
-            self.updates_owed += self.args.utd_ratio                           # line 10
-            self.bar.update(1)
-            if self.stats["n_added"] % self.args.log_every == 0:
-                self.log({"event": "progress"})
+            if self.in_flight and not self.can_move() and \
+                    not any(f.done() for f in self.in_flight):
+                self.wait_for(list(self.in_flight), timeout=1.0,
+                              return_when=concurrent.futures.FIRST_COMPLETED)
+            return [f for f in self.in_flight if f.done()]
+        return [f for f, (sent, _) in self.in_flight.items()
+                if sent <= self.step - self.oracle_lag]
 
-    def train(self, max_updates=None):
-        """Line 10: pay owed updates, each on a minibatch with a D0 share."""
-        n = self.updates_owed if max_updates is None else min(self.updates_owed, max_updates)
-        # no oracle job in flight (always so here, unless --pipelined): torch takes every core
+    def take_result(self, future):
+        self.add_result(future)                      # lines 8-9
+        self.train()                                 # line 10
+
+    def add_result(self, future):
+        """Lines 8-9: wait for the job if it is not done, then add its labelled conformation
+        to D (and to collected.db at once), owing U training updates for it (line 10)."""
+        self.wait_for([future])
+        _, conf = self.in_flight.pop(future)
+        result = future.result()
+        if not result.ok:
+            self.stats["n_failed"] += 1
+            self.failures_in_a_row[result.reason[:120]] += 1
+            self.log({"event": "oracle_failure", "reason": result.reason,
+                      "seconds": result.seconds})
+            return
+        self.failures_in_a_row.clear()
+        self.last_progress = self.clock.now()
+        labelled = data.Conformation(numbers=conf.numbers, positions=conf.positions,
+                                     energy=result.energy, forces=result.forces,
+                                     smiles=conf.smiles, info=conf.info)
+        data.write_conformation(self.collected_db, labelled, **conf.info,
+                                oracle_seconds=float(result.seconds))   # never lost
+        self.buffer.add(labelled)                                          # line 9
+        self.stats["n_added"] += 1
+        self.updates_owed += self.args.utd_ratio                           # line 10
+        self.bar.update(1)
+        if self.stats["n_added"] % self.args.log_every == 0:
+            self.log({"event": "progress"})
+
+    def wait_for(self, futures, **how):
+        """Wait on the oracle (the trainer idles meanwhile; counted in wait_seconds)."""
+        if all(f.done() for f in futures):
+            return
+        t0 = self.clock.now()
+        self.clock.wait(futures, **how)
+        self.stats["wait_seconds"] += self.clock.now() - t0
+
+    def train(self):
+        """Line 10: pay the owed updates, each on a minibatch of D with a D0 share."""
+        if not self.updates_owed:
+            return
+        # every core for torch while no job is in flight (the synchronous loop,
+        # --oracle_lag 0, trains only then)
         torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(self.args,
                                                                     pool_idle=not self.in_flight))
-        for _ in range(n):
+        while self.updates_owed:
             loss = self.trainer.update(self.buffer.sample_batch(self.args.batch_size,
                                                                 self.args.device, self.dtype))
             self.updates_owed -= 1
             if self.trainer.step % self.args.checkpoint_every == 0:
                 self.save()
         torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(self.args))
-        if n:
-            self.stats["loss"] = float(loss)     # read once: it waits for the device
+        self.stats["loss"] = float(loss)     # read once: it waits for the device
         self.bar.set_postfix(added=self.stats["n_added"], jobs=len(self.in_flight),
                              failed=self.stats["n_failed"], loss=f"{self.stats['loss']:.2e}",
                              lr=f"{self.trainer.lr:.1e}")
@@ -284,7 +412,7 @@ class Golf:
     def check_progress(self):
         """Progress or stop: N oracle failures in a row, or no addition for a set time."""
         n_failed, limit = sum(self.failures_in_a_row.values()), self.args.max_consecutive_failures
-        idle, max_idle = time.perf_counter() - self.last_progress, \
+        idle, max_idle = self.clock.now() - self.last_progress, \
             self.args.max_seconds_without_progress
         if (limit and n_failed >= limit) or (max_idle and idle > max_idle):
             reasons = "; ".join(f"{n} x {r}" for r, n in self.failures_in_a_row.most_common(3))
@@ -300,39 +428,13 @@ class Golf:
                           f"The {self.stats['n_added']} conformations added are saved: fix "
                           "it and rerun with --resume")
 
-    # ---- the loop -----------------------------------------------------------------------
-
-    def run(self):
-        self.start_time = self.last_progress = time.perf_counter()
-        self.bar = tqdm(total=self.args.max_oracle_steps, initial=self.stats["n_added"],
-                        desc="GOLF: conformations added", dynamic_ncols=True)
-        self.start_trajectories()
-        while self.stats["n_added"] < self.args.max_oracle_steps or self.updates_owed:
-            self.harvest()
-            if self.updates_owed:
-                # train U updates at a time, so trajectories and the pool keep moving
-                self.train(max_updates=self.args.utd_ratio)
-                continue
-            if self.stats["n_added"] >= self.args.max_oracle_steps:
-                break
-            self.check_progress()
-            self.submit_waiting()
-            if any(self.moving(k) for k in range(len(self.slots))):
-                self.optimization_step()
-            elif self.in_flight:
-                self.harvest(timeout=1.0)    # nothing to move or train: wait on the oracle
-            else:
-                raise RuntimeError("no trajectory can move and no oracle job is running")
-        self.bar.close()
-        for future in self.in_flight:        # K reached: jobs still running are not needed
-            future.cancel()
-        self.save()
-        self.log({"event": "done"})
+    # ---- records ------------------------------------------------------------------------
 
     def log(self, record):
-        elapsed = time.perf_counter() - self.start_time
+        elapsed = self.clock.now() - self.start_time
         record = {**record, **self.stats, "updates": self.trainer.step, "lr": self.trainer.lr,
-                  "in_flight": len(self.in_flight), "elapsed_seconds": elapsed,
+                  "in_flight": len(self.in_flight), "step": self.step,
+                  "elapsed_seconds": elapsed,
                   "wait_share": self.stats["wait_seconds"] / max(elapsed, 1e-9)}
         safe_io.append_jsonl(os.path.join(self.args.out_dir, "metrics.jsonl"), record)
         if record["event"] != "progress":
@@ -375,9 +477,6 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    if not args.load_baseline:
-        sys.exit("error: --load_baseline is required: GOLF fine-tunes f_baseline "
-                 "(train it with train_baseline.py)")
     d0, _ = data.read_db(args.d0, args.energy_kind, require_energy=True, require_forces=True)
     val = data.read_db(args.val_db, args.energy_kind, require_energy=True,
                        require_forces=True)[0] if args.val_db else []

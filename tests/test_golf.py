@@ -11,13 +11,16 @@ import torch
 
 import data
 import golf
+import oracle_pool
 import oracles
 import painn
 from test_train_baseline import SMALL, teacher_labelled, write
 
 
 class FakePool:
-    """Labels every conformation at once: E = -n_atoms Hartree, F = 0. Records what was sent."""
+    """Labels every conformation at once: E = -n_atoms Hartree, F = 0. Records what was sent.
+    Runs one job at a time (n_parallel)."""
+    n_parallel = 1
 
     def __init__(self):
         self.submitted = []
@@ -25,7 +28,7 @@ class FakePool:
     def submit(self, conf, conf_id, kind="gradient"):
         self.submitted.append(conf)
         future = Future()
-        future.set_result(oracles.OracleResult(conf_id, True, energy=-float(conf.n_atoms),
+        future.set_result(oracle_pool.OracleResult(conf_id, True, energy=-float(conf.n_atoms),
                                                forces=np.zeros((conf.n_atoms, 3)), seconds=0.0))
         return future
 
@@ -59,7 +62,7 @@ def setup(tmp_path, monkeypatch):
     ckpt = tmp_path / "baseline.pt"
     painn.save_checkpoint(painn.PaiNN(**SMALL, atomrefs={1: -0.5, 6: -37.8, 8: -75.0}), ckpt)
     pool = FakePool()
-    monkeypatch.setattr(golf.oracles, "make_oracle_pool", lambda args: pool)
+    monkeypatch.setattr(golf.oracle_pool, "make_oracle_pool", lambda args: pool)
     monkeypatch.setattr(golf.oracles, "MMFFSurrogate", ScriptedSurrogate)
     ScriptedSurrogate.scripts, ScriptedSurrogate.built, ScriptedSurrogate.confs = [], [], []
 
@@ -75,7 +78,7 @@ def test_rise_sends_the_conformation_before_the_step(setup):
     run, pool, out = setup
     ScriptedSurrogate.scripts = [[10, 9, 8, 9.5],        # rises at step 3: s_2 is sent
                                  [10, 9, 8, 7, 6],       # reaches T = 4: s_4 is sent
-                                 [10]]                   # the restart after K is reached
+                                 [10, 9, 8, 7, 6]]       # moves while the jobs are in flight
     run("--max_oracle_steps", "2", "--utd_ratio", "3", "--timelimit_train", "4")
     first, second = ScriptedSurrogate.built[:2]
     np.testing.assert_array_equal(pool.submitted[0].positions, first.seen[2])
@@ -94,7 +97,7 @@ def test_rise_at_the_first_step_sends_s0_and_mmff_threshold_sends_nothing(setup)
     ScriptedSurrogate.scripts = [[10, 11],                  # rise at step 1: s_0 is sent
                                  [400, 399, 398],           # ends at T = 2 above 300 kcal/mol
                                  [10, 9, 8],                # ends at T = 2: s_2 is sent
-                                 [10]]
+                                 [10, 9, 8]]                # waits: K needs no more jobs
     run("--max_oracle_steps", "2", "--utd_ratio", "2", "--timelimit_train", "2")
     assert len(pool.submitted) == 2
     np.testing.assert_array_equal(pool.submitted[0].positions, ScriptedSurrogate.built[0].seen[0])
@@ -146,7 +149,7 @@ def test_golf_with_real_xtb(tmp_path):
             d0.append(data.Conformation(numbers, positions, energy,
                                         -gradient / data.BOHR_TO_ANGSTROM, smiles=smiles))
     d0_path = write(tmp_path / "d0.db", d0)
-    with oracles.LocalOraclePool("gfn2-xtb", n_workers=1) as pool:
+    with oracle_pool.LocalOraclePool("gfn2-xtb", n_workers=1) as pool:
         atomrefs = oracles.isolated_atom_energies(pool, [1, 6, 7, 8])
     torch.manual_seed(0)
     ckpt = tmp_path / "baseline.pt"
@@ -199,12 +202,23 @@ def test_start_from_d_draws_collected_conformations_and_d0_does_not(setup):
 
 
 def test_total_steps_is_refused_not_silently_replaced(capsys):
+    needed = ["--d0", "x.db", "--out_dir", "o", "--load_baseline", "b.pt"]
     with pytest.raises(SystemExit):
-        golf.parse_args(["--d0", "x.db", "--out_dir", "o", "--total_steps", "100"])
+        golf.parse_args([*needed, "--total_steps", "100"])
     assert "--total_steps is not a golf.py flag" in capsys.readouterr().err
-    args = golf.parse_args(["--d0", "x.db", "--out_dir", "o", "--max_oracle_steps", "7",
-                            "--utd_ratio", "3"])
+    args = golf.parse_args([*needed, "--max_oracle_steps", "7", "--utd_ratio", "3"])
     assert args.total_steps == 21 and args.start_from == "d" and not args.pipelined
+    assert args.oracle_lag is None and args.max_jobs_in_flight is None   # from the pool
+    assert not args.end_on_convergence
+    with pytest.raises(SystemExit):                       # GOLF fine-tunes f_baseline
+        golf.parse_args(needed[:4])
+    assert "--load_baseline" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        golf.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    # neither train_baseline's schedule length nor PaiNN's sizes (the checkpoint's) are flags
+    assert "--total_steps" not in help_text and "--n_atom_basis" not in help_text
+    assert help_text.count("--load_baseline LOAD_BASELINE") == 2    # usage, and its help
 
 
 class SlowPool(FakePool):
@@ -229,7 +243,7 @@ def test_deterministic_mode_does_not_depend_on_arrival_order(setup, monkeypatch)
     results = []
     for seed in (1, 2):                                    # two different arrival orders
         pool = SlowPool(seed)
-        monkeypatch.setattr(golf.oracles, "make_oracle_pool", lambda args: pool)
+        monkeypatch.setattr(golf.oracle_pool, "make_oracle_pool", lambda args: pool)
         ScriptedSurrogate.scripts = [[10, 9, 8]] * 40
         run("--max_oracle_steps", "8", "--utd_ratio", "2", "--timelimit_train", "2",
             "--n_parallel", "3", "--out_dir", f"{out}_{seed}")
@@ -240,3 +254,140 @@ def test_deterministic_mode_does_not_depend_on_arrival_order(setup, monkeypatch)
     assert len(pos_a) == len(pos_b) == 8
     assert all(np.array_equal(a, b) for a, b in zip(pos_a, pos_b))
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_a_converged_trajectory_goes_on_to_T_unless_end_on_convergence(setup):
+    """Algorithm 1, line 7: a trajectory ends on an MMFF rise or at t = T, never because
+    the optimizer converged; --end_on_convergence (the official code) also ends it then."""
+    run, pool, out = setup
+    lbfgs = ["--conf_opt", "lbfgs", "--grad_threshold", "1e3"]   # converged after one step
+    flags = ["--max_oracle_steps", "2", "--utd_ratio", "1", "--timelimit_train", "4", *lbfgs]
+    ScriptedSurrogate.scripts = [[10, 9, 8, 7, 6]] * 20            # never a rise
+    run(*flags)
+    collected, _ = data.read_db(str(out / "collected.db"), "total")
+    assert [c.info["trajectory_step"] for c in collected] == [4, 4]  # s_T, T = 4
+    first = ScriptedSurrogate.built[0]
+    np.testing.assert_array_equal(pool.submitted[0].positions, first.seen[4])
+
+    ScriptedSurrogate.scripts, ScriptedSurrogate.built = [[10, 9, 8, 7, 6]] * 20, []
+    pool.submitted = []
+    run(*flags, "--end_on_convergence", "--out_dir", f"{out}_official")
+    collected, _ = data.read_db(f"{out}_official/collected.db", "total")
+    assert [c.info["trajectory_step"] for c in collected] == [1, 1]  # s_1, converged
+    np.testing.assert_array_equal(pool.submitted[0].positions,
+                                  ScriptedSurrogate.built[0].seen[1])
+
+
+# ---------------------------------------------------------------------------------------
+# The oracle jobs beside the NNP, on benchmarks/golf_scale.py's simulated pool: W workers,
+# job durations from a seeded lognormal (~590 s) on a virtual clock, MMFF labels, and the
+# real golf.Golf loop, MMFF surrogate and L-BFGS
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def simulated(tmp_path):
+    from benchmarks import golf_scale
+    d0 = write(tmp_path / "d0.db", golf_scale.mmff_labelled(3, 2))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "baseline.pt"
+    painn.save_checkpoint(painn.PaiNN(**SMALL), ckpt)
+
+    def run(name, *flags, workers=8, latency_seed=1):
+        argv = ["--d0", d0, "--load_baseline", str(ckpt), "--out_dir", str(tmp_path / name),
+                "--n_parallel", "2", "--batch_size", "4", "--checkpoint_every", "1000",
+                "--max_oracle_steps", "12", "--utd_ratio", "2", "--timelimit_train", "4",
+                "--energy_kind", "total", *flags]          # MMFF energies: near zero
+        golf_run, pool = golf_scale.golf_on_virtual_clock(argv, workers, latency_seed)
+        collected, _ = data.read_db(str(tmp_path / name / "collected.db"), "total")
+        return golf_run, pool, collected
+    return run
+
+
+def same_run(a, b):
+    (run_a, _, collected_a), (run_b, _, collected_b) = a, b
+    weights_a, weights_b = run_a.model.state_dict(), run_b.model.state_dict()
+    return len(collected_a) == len(collected_b) and all(
+        np.array_equal(x.positions, y.positions) and x.energy == y.energy and
+        np.array_equal(x.forces, y.forces) for x, y in zip(collected_a, collected_b)) and \
+        all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_default_loop_gives_the_same_run_whatever_the_oracle_timing(simulated):
+    """Two latency seeds: the jobs finish in other orders at other times, yet the default
+    loop collects the same conformations and trains the same weights; --pipelined does not."""
+    runs = {seed: simulated(f"lagged_{seed}", latency_seed=seed) for seed in (1, 2)}
+    ends = [[end for _, end in pool.jobs] for _, pool, _ in runs.values()]
+    assert np.argsort(ends[0][:12]).tolist() != np.argsort(ends[1][:12]).tolist()
+    assert len(runs[1][2]) == 12 and same_run(runs[1], runs[2])
+    assert runs[1][0].trainer.step == 12 * 2
+    pipelined = [simulated(f"pipelined_{seed}", "--pipelined", latency_seed=seed)
+                 for seed in (1, 2)]
+    assert not same_run(*pipelined)
+
+
+def test_jobs_in_flight_follow_the_pool_not_the_trajectories(simulated):
+    """2 trajectories, 8 workers: up to 3 x 8 jobs in flight (the default cap), or
+    --max_jobs_in_flight; at the cap, the oldest job enters before a new one is sent
+    (before its step t + L), in the order sent, whatever the timing."""
+    run, _, collected = simulated("pool_sized")
+    assert run.max_jobs_in_flight == golf.JOBS_PER_WORKER * 8 == 24
+    assert 2 < run.most_in_flight <= 12                                    # K = 12
+    capped = [simulated(f"capped_{seed}", "--max_jobs_in_flight", "3", latency_seed=seed)
+              for seed in (1, 2)]
+    run = capped[0][0]
+    assert run.max_jobs_in_flight == run.most_in_flight == 3
+    sent = [s for s, _ in run.added_at]
+    assert sent == sorted(sent) and len(sent) == 12
+    assert run.oracle_lag == 3 * 4 // 2                 # cap x T / n_parallel
+    assert all(added <= s + run.oracle_lag for s, added in run.added_at)
+    assert any(added < s + run.oracle_lag for s, added in run.added_at)
+    assert same_run(*capped)
+
+
+@pytest.mark.parametrize("lag", [0, 3, 40])
+def test_a_job_sent_at_step_t_is_added_after_step_t_plus_L(simulated, lag):
+    run, _, collected = simulated(f"lag_{lag}", "--oracle_lag", str(lag))
+    assert len(run.added_at) == len(collected) == 12
+    assert all(added == sent + lag for sent, added in run.added_at)
+    assert run.trainer.step == 12 * 2
+
+
+def test_default_loop_twice_with_real_xtb_gives_the_same_run(tmp_path):
+    """The same command twice, GFN2-xTB with 2 workers (results arrive in any order): the
+    same collected db (only oracle_seconds, a timing, may differ) and weights."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+    d0 = []
+    for smiles in ("CO", "CCO", "CC(=O)N"):
+        mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+        AllChem.EmbedMolecule(mol, randomSeed=1)
+        numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
+        positions = mol.GetConformer().GetPositions()
+        energy, gradient = oracles.xtb_gradient("gfn2-xtb", numbers, positions, 0, 1, {})
+        d0.append(data.Conformation(numbers, positions, energy,
+                                    -gradient / data.BOHR_TO_ANGSTROM, smiles=smiles))
+    d0_path = write(tmp_path / "d0.db", d0)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "baseline.pt"
+    painn.save_checkpoint(painn.PaiNN(**SMALL, atomrefs={1: -0.4, 6: -1.8, 7: -2.6, 8: -3.9}),
+                          ckpt)
+    runs = []
+    for attempt in ("a", "b"):
+        out = tmp_path / attempt
+        golf.main(["--d0", d0_path, "--load_baseline", str(ckpt), "--out_dir", str(out),
+                   "--max_oracle_steps", "8", "--utd_ratio", "2", "--timelimit_train", "5",
+                   "--n_parallel", "3", "--batch_size", "4", "--checkpoint_every", "1000",
+                   "--oracle_method", "gfn2-xtb", "--n_workers", "2"])
+        collected, _ = data.read_db(str(out / "collected.db"), "total")
+        runs.append((collected, torch.load(out / "checkpoint.pt", weights_only=True)))
+    (a, ckpt_a), (b, ckpt_b) = runs
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.positions, y.positions)
+        np.testing.assert_array_equal(x.forces, y.forces)
+        assert x.energy == y.energy
+        assert {k: v for k, v in x.info.items() if k != "oracle_seconds"} == \
+            {k: v for k, v in y.info.items() if k != "oracle_seconds"}
+    weights_a, weights_b = ckpt_a["model"]["state_dict"], ckpt_b["model"]["state_dict"]
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert ckpt_a["trainer"]["step"] == 8 * 2

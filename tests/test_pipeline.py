@@ -136,9 +136,10 @@ def test_evaluate_end_to_end(stages):
 
 
 def test_golf_twice_gives_the_same_collected_db_and_weights(stages):
-    """Deterministic mode (the default) with real Psi4 and 2 workers: the same command
-    twice adds the same conformations with the same labels and trains the same weights
-    (only the oracle_seconds key, a timing, may differ)."""
+    """The default loop (jobs enter in the order sent, oracle lag L) with real Psi4 and 2
+    workers, whose results arrive in any order: the same command twice adds the same
+    conformations with the same labels and trains the same weights (only the
+    oracle_seconds key, a timing, may differ)."""
     root, d0, _ = stages
     runs = []
     for attempt in ("a", "b"):

@@ -1,0 +1,368 @@
+"""golf.py's loop at the paper's scale: K genuine labels from W oracle workers at ~590 s a
+job (Sec. 6: 240 workers, K = 10,000), on a virtual clock, for each way the loop adds results.
+
+    nice -n 10 .venv/bin/python benchmarks/golf_scale.py --workers 240 --max_oracle_steps 2000
+
+The loop is golf.py's own (`golf.Golf.run`: real PaiNN, batched L-BFGS, MMFF surrogate,
+replay buffer and training) with two things replaced:
+  - the oracle pool: W simulated workers take the jobs in the order they are sent; a job's
+    label is its MMFF94 energy and forces (in Hartree), and its duration is drawn from a
+    seeded lognormal (mean --latency_mean, standard deviation --latency_spread x mean);
+  - the clock: golf.py reads the time from, and waits on jobs through, a virtual clock.
+    NNP work is charged on it at modeled GPU costs: --update_ms per update of the paper's
+    U = --charged_utd_ratio per added conformation, whatever U the run itself uses
+    (--utd_ratio, low to keep this cheap), and --step_ms per batched optimization step.
+    A job's future completes when the clock passes its end.
+Virtual times do not depend on this machine or its load; only the run's own wall time does.
+
+For each mode it runs golf.py twice, with two latency seeds (different timings), and prints
+    MODE: K=.. W=.. wall/ideal=.. busy=..% wait=..% most_in_flight=.. identical=yes|no
+wall: virtual seconds from the start to the last update; ideal = K x (mean latency of the
+jobs run) / W; busy: the workers' share of W x wall spent on jobs; wait: the trainer's share
+of wall spent waiting for the oracle; most_in_flight: most jobs sent and not yet added;
+identical: both runs collected the same conformations and labels and trained the same
+weights. Modes: default (golf.py's defaults), synchronous (--oracle_lag 0) and pipelined.
+A second line per mode gives the hours, the steps, how many steps after it was sent a job
+entered D on average, and the run's time on this machine.
+
+The toy world: D0 is 180 conformations of 60 small molecules (data/small_molecules.smi)
+with MMFF labels; f_baseline a tiny PaiNN (16 features, 2 blocks, 8 RBF, 4 A cutoff, 8.5k
+parameters) trained on it for a few seconds. Its L-BFGS trajectories are short: most end
+on an MMFF rise within 1-3 steps (the paper's run longer, up to T = 100). Short
+trajectories end many at a step, which flatters the synchronous loop (it waits once a
+step for the slowest of them), and charge few steps per added conformation; `--golf_flags
+"--conf_opt adam"` gives ~9-step trajectories, and a larger --step_ms charges more per step.
+"""
+import argparse
+import concurrent.futures
+import heapq
+import itertools
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import golf  # noqa: E402
+import oracle_pool  # noqa: E402
+import oracles  # noqa: E402
+import painn  # noqa: E402
+from train_baseline import Trainer  # noqa: E402
+
+SMILES = os.path.join(ROOT, "data", "small_molecules.smi")
+MODEL = dict(n_atom_basis=16, n_interactions=2, n_rbf=8, cutoff=4.0)   # a tiny PaiNN
+MODES = {"default": [], "synchronous": ["--oracle_lag", "0"], "pipelined": ["--pipelined"]}
+
+
+class VirtualClock:
+    """golf.py's clock (now, wait) on virtual seconds. Jobs of SimulatedPool complete when
+    the clock passes their end; `advance` charges modeled compute."""
+
+    def __init__(self):
+        self.time = 0.0
+        self.ends = []               # heap of (end, seq, future, result)
+        self.end_of = {}             # future -> end
+        self.seq = itertools.count()
+
+    def now(self):
+        return self.time
+
+    def schedule(self, future, end, result):
+        heapq.heappush(self.ends, (end, next(self.seq), future, result))
+        self.end_of[future] = end
+
+    def advance(self, seconds):
+        self.advance_to(self.time + seconds)
+
+    def advance_to(self, time_):
+        self.time = max(self.time, time_)
+        while self.ends and self.ends[0][0] <= self.time:
+            _, _, future, result = heapq.heappop(self.ends)
+            if not future.cancelled():
+                future.set_result(result)
+
+    def wait(self, futures, timeout=None, return_when=concurrent.futures.ALL_COMPLETED):
+        pending = [self.end_of[f] for f in futures if not f.done()]
+        if pending:
+            until = max(pending) if return_when == concurrent.futures.ALL_COMPLETED \
+                else min(pending)
+            self.advance_to(until if timeout is None else min(until, self.time + timeout))
+        done = {f for f in futures if f.done()}
+        return done, set(futures) - done
+
+
+class SimulatedPool:
+    """W workers on the virtual clock, jobs first come first served. A job's label is its
+    MMFF94 energy and forces (Hartree, Hartree/Angstrom); its duration the n-th draw of a
+    seeded lognormal (n: the order it was sent in)."""
+
+    def __init__(self, n_workers, clock, latency_mean, latency_spread, seed):
+        self.n_parallel = n_workers
+        self.clock = clock
+        self.free_at = [0.0] * n_workers             # heap: when each worker is free
+        sigma = math.sqrt(math.log(1 + latency_spread ** 2))
+        self.mu, self.sigma = math.log(latency_mean) - sigma ** 2 / 2, sigma
+        self.rng = np.random.default_rng(seed)
+        self.jobs = []                               # (start, end) of every job
+
+    def submit(self, conf, conf_id, kind="gradient"):
+        surrogate = oracles.MMFFSurrogate(conf)
+        flat = np.asarray(conf.positions, dtype=np.float64).ravel().tolist()
+        energy = surrogate.energy(conf.positions) / data.HARTREE_TO_KCAL
+        forces = -np.array(surrogate.force_field.CalcGrad(flat)).reshape(-1, 3) \
+            / data.HARTREE_TO_KCAL
+        duration = float(self.rng.lognormal(self.mu, self.sigma))
+        start = max(self.clock.now(), heapq.heappop(self.free_at))
+        heapq.heappush(self.free_at, start + duration)
+        self.jobs.append((start, start + duration))
+        future = concurrent.futures.Future()
+        self.clock.schedule(future, start + duration, oracle_pool.OracleResult(
+            conf_id, True, energy=energy, forces=forces, seconds=duration))
+        return future
+
+    def busy_seconds(self, until):
+        return sum(max(0.0, min(end, until) - min(start, until)) for start, end in self.jobs)
+
+
+class TimedGolf(golf.Golf):
+    """golf.Golf whose NNP work advances the virtual clock at modeled GPU costs, and which
+    records the most jobs in flight and, for every job added, (step sent, step added)."""
+
+    def __init__(self, *args, update_seconds, step_seconds, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_seconds, self.most_in_flight, self.added_at = step_seconds, 0, []
+        self.n_optimization_steps = 0
+        update = self.trainer.update
+
+        def timed_update(minibatch):
+            self.clock.advance(update_seconds)
+            return update(minibatch)
+        self.trainer.update = timed_update
+
+    def optimization_step(self):
+        self.clock.advance(self.step_seconds)
+        self.n_optimization_steps += 1
+        super().optimization_step()
+
+    def submit_waiting(self):
+        super().submit_waiting()
+        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+
+    def add_result(self, future):
+        self.added_at.append((self.in_flight[future][0], self.step))
+        super().add_result(future)
+
+
+# ---------------------------------------------------------------------------------------
+# The toy world: D0 of small molecules labelled by MMFF, and a tiny f_baseline
+# ---------------------------------------------------------------------------------------
+
+def mmff_labelled(n_molecules, n_conformers, seed=0, noise=0.1):
+    """D0: ETKDG conformers of the first molecules of data/small_molecules.smi, moved by
+    0.1 A noise, with MMFF94 energies and forces in Hartree."""
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem import AllChem
+    RDLogger.DisableLog("rdApp.*")
+    rng = np.random.default_rng(seed)
+    confs, n = [], 0
+    for line in open(SMILES):
+        if line.startswith("#") or not line.strip() or n == n_molecules:
+            continue
+        smiles = line.split()[0]
+        mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+        if AllChem.EmbedMolecule(mol, randomSeed=seed) != 0:
+            continue
+        numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
+        try:
+            surrogate = oracles.MMFFSurrogate(data.Conformation(
+                numbers, mol.GetConformer().GetPositions(), smiles=smiles))
+        except data.DataError:
+            continue
+        n += 1
+        for _ in range(n_conformers):
+            positions = mol.GetConformer().GetPositions() + rng.normal(scale=noise,
+                                                                       size=(len(numbers), 3))
+            gradient = np.array(surrogate.force_field.CalcGrad(positions.ravel().tolist()))
+            confs.append(data.Conformation(
+                numbers, positions, surrogate.energy(positions) / data.HARTREE_TO_KCAL,
+                -gradient.reshape(-1, 3) / data.HARTREE_TO_KCAL, smiles=smiles))
+    return confs
+
+
+def make_world(root, opts):
+    """d0.db and baseline.pt (the tiny PaiNN trained on D0) under root."""
+    d0 = mmff_labelled(opts.molecules, opts.conformers)
+    db = data.connect_for_writing(os.path.join(root, "d0.db"))
+    for conf in d0:
+        data.write_conformation(db, conf)
+    torch.manual_seed(0)
+    model = painn.PaiNN(**MODEL)
+    args = golf.parse_args(["--d0", "-", "--out_dir", "-", "--load_baseline", "-",
+                            "--lr", "3e-3", "--batch_size", str(opts.batch_size)])
+    trainer = Trainer(model, args, opts.baseline_steps)
+    buffer = data.ReplayBuffer(d0, 1.0, np.random.default_rng(0))
+    for _ in range(opts.baseline_steps):
+        trainer.update(buffer.sample_batch(opts.batch_size))
+    painn.save_checkpoint(model, os.path.join(root, "baseline.pt"))
+    return len(d0), sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# One golf.py run on the virtual clock
+# ---------------------------------------------------------------------------------------
+
+def golf_on_virtual_clock(argv, workers, latency_seed, latency_mean=590.0, latency_spread=0.5,
+                          update_seconds=0.025, step_seconds=0.03):
+    """golf.py's main() with SimulatedPool and VirtualClock: returns the finished TimedGolf
+    (its model trained, out_dir/collected.db written) and the pool."""
+    args = golf.parse_args(argv)
+    torch.manual_seed(args.seed)                      # as golf.main
+    rng = np.random.default_rng(args.seed)
+    d0, _ = data.read_db(args.d0, args.energy_kind, require_energy=True, require_forces=True,
+                         verbose=False)
+    model = painn.load_checkpoint(args.load_baseline).to(args.device, getattr(torch, args.dtype))
+    os.makedirs(args.out_dir, exist_ok=True)
+    clock = VirtualClock()
+    pool = SimulatedPool(workers, clock, latency_mean, latency_spread, latency_seed)
+    run = TimedGolf(args, d0, model, pool, rng, clock=clock, update_seconds=update_seconds,
+                    step_seconds=step_seconds)
+    run.run()
+    return run, pool
+
+
+def run_mode(root, mode, latency_seed, opts):
+    """One benchmark run (in a worker process): its numbers, its collected conformations
+    (positions, energy, forces) and final weights."""
+    sys.stdout = sys.stderr = open(os.devnull, "w")   # runs side by side: no bars, no logs
+    torch.set_num_threads(1)
+    oracle_pool.torch_threads_beside_the_pool = lambda args, pool_idle=False: 1
+    out_dir = os.path.join(root, f"{mode}_{latency_seed}")
+    extra = list(MODES[mode])
+    if mode != "synchronous":
+        extra += [] if opts.oracle_lag is None else ["--oracle_lag", str(opts.oracle_lag)]
+        extra += [] if opts.max_jobs_in_flight is None else \
+            ["--max_jobs_in_flight", str(opts.max_jobs_in_flight)]
+    argv = ["--d0", os.path.join(root, "d0.db"), "--load_baseline",
+            os.path.join(root, "baseline.pt"), "--out_dir", out_dir,
+            "--max_oracle_steps", str(opts.max_oracle_steps), "--utd_ratio", str(opts.utd_ratio),
+            "--n_parallel", str(opts.n_parallel), "--timelimit_train", str(opts.timelimit_train),
+            "--batch_size", str(opts.batch_size), "--lr", "1e-3", "--energy_kind", "total",
+            "--checkpoint_every", str(10 ** 9), "--log_every", "100",
+            "--max_seconds_without_progress", "0", "--lbfgs_history", str(opts.lbfgs_history),
+            *opts.golf_flags.split(), *extra]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    run, pool = golf_on_virtual_clock(
+        argv, opts.workers, latency_seed, opts.latency_mean, opts.latency_spread,
+        update_seconds=opts.update_ms / 1000 * opts.charged_utd_ratio / opts.utd_ratio,
+        step_seconds=opts.step_ms / 1000)
+    wall = run.clock.now()
+    durations = [end - start for start, end in pool.jobs]
+    collected, _ = data.read_db(os.path.join(out_dir, "collected.db"), "total", verbose=False)
+    numbers = dict(wall=wall, ideal=opts.max_oracle_steps * np.mean(durations) / opts.workers,
+                   busy=pool.busy_seconds(wall) / (opts.workers * wall),
+                   wait=run.stats["wait_seconds"] / wall, most_in_flight=run.most_in_flight,
+                   steps=run.step, seconds=time.perf_counter() - t0,
+                   cpu_seconds=time.process_time() - cpu0, lag=run.oracle_lag,
+                   cap=run.max_jobs_in_flight, opt_steps=run.n_optimization_steps,
+                   trajectory=np.mean([c.info["trajectory_step"] for c in collected]),
+                   delay=np.mean([added - sent for sent, added in run.added_at]))
+    labels = [(c.positions, c.energy, c.forces) for c in collected]
+    return mode, latency_seed, numbers, labels, run.model.state_dict()
+
+
+def same(a, b):
+    (labels_a, weights_a), (labels_b, weights_b) = a, b
+    return len(labels_a) == len(labels_b) and all(
+        np.array_equal(pa, pb) and ea == eb and np.array_equal(fa, fb)
+        for (pa, ea, fa), (pb, eb, fb) in zip(labels_a, labels_b)) and \
+        all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workers", type=int, default=240, help="W: oracle workers")
+    p.add_argument("--max_oracle_steps", type=int, default=2000, help="K")
+    p.add_argument("--modes", default="default,synchronous,pipelined",
+                   help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--oracle_lag", type=int, default=None,
+                   help="golf.py's --oracle_lag for the default and pipelined modes "
+                        "(default: golf.py's)")
+    p.add_argument("--max_jobs_in_flight", type=int, default=None,
+                   help="golf.py's --max_jobs_in_flight (default: golf.py's)")
+    p.add_argument("--latency_mean", type=float, default=590.0,
+                   help="seconds a job takes on average (the paper's DFT: ~590 CPU-s)")
+    p.add_argument("--latency_spread", type=float, default=0.5,
+                   help="standard deviation of a job's duration / its mean")
+    p.add_argument("--latency_seeds", default="1,2", help="two seeds: two timings")
+    p.add_argument("--n_parallel", type=int, default=120, help="trajectories (Table 5)")
+    p.add_argument("--timelimit_train", type=int, default=100, help="T (Table 5)")
+    p.add_argument("--utd_ratio", type=int, default=1,
+                   help="U the run trains with (low: this machine trains the tiny PaiNN)")
+    p.add_argument("--charged_utd_ratio", type=int, default=50,
+                   help="U whose cost the virtual clock is charged (Table 5: 50)")
+    p.add_argument("--update_ms", type=float, default=25.0,
+                   help="modeled GPU time of one update (batch 64, Table 5 PaiNN)")
+    p.add_argument("--step_ms", type=float, default=30.0,
+                   help="modeled GPU time of one batched L-BFGS step (up to 6 NNP calls)")
+    p.add_argument("--batch_size", type=int, default=8, help="minibatch of the tiny PaiNN")
+    p.add_argument("--lbfgs_history", type=int, default=10,
+                   help="L-BFGS memory (Table 5: 100). The toy trajectories end within a few "
+                        "steps (<= 5 pairs a step), and here the memory of 120 slots costs "
+                        "CPU time only: the clock is charged --step_ms a step either way")
+    p.add_argument("--molecules", type=int, default=60, help="molecules of D0")
+    p.add_argument("--conformers", type=int, default=3, help="conformations of each in D0")
+    p.add_argument("--baseline_steps", type=int, default=300,
+                   help="updates that train f_baseline on D0")
+    p.add_argument("--golf_flags", default="",
+                   help="more golf.py flags for every run, e.g. '--conf_opt adam'")
+    p.add_argument("--processes", type=int, default=2, help="runs at once")
+    opts = p.parse_args(argv)
+    modes = opts.modes.split(",")
+    seeds = [int(s) for s in opts.latency_seeds.split(",")]
+    if any(m not in MODES for m in modes) or len(seeds) != 2:
+        p.error(f"--modes takes {', '.join(MODES)}; --latency_seeds two seeds")
+    t0 = time.perf_counter()
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as root:
+        n_d0, n_params = make_world(root, opts)
+        print(f"D0: {n_d0} MMFF-labelled conformations of {opts.molecules} small molecules; "
+              f"f_baseline: PaiNN {MODEL}, {n_params} parameters; U = {opts.utd_ratio} run, "
+              f"{opts.charged_utd_ratio} x {opts.update_ms:g} ms charged per conformation; "
+              f"{opts.step_ms:g} ms per optimization step; {opts.n_parallel} trajectories, "
+              f"T = {opts.timelimit_train}; jobs {opts.latency_mean:g} s "
+              f"+- {100 * opts.latency_spread:g} % (lognormal)", flush=True)
+        jobs = [(root, mode, seed, opts) for mode in modes for seed in seeds]
+        with multiprocessing.get_context("fork").Pool(opts.processes) as workers:
+            results = workers.starmap(run_mode, jobs)
+    by_mode = {}
+    for mode, seed, numbers, labels, weights in results:
+        by_mode.setdefault(mode, []).append((numbers, (labels, weights)))
+    for mode in modes:
+        (n, a), (_, b) = by_mode[mode]
+        name = mode if mode == "synchronous" or (opts.oracle_lag is None and
+                                                  opts.max_jobs_in_flight is None) \
+            else f"{mode}[lag={n['lag']},cap={n['cap']}]"
+        print(f"{name}: K={opts.max_oracle_steps} W={opts.workers} "
+              f"wall/ideal={n['wall'] / n['ideal']:.2f} busy={100 * n['busy']:.0f}% "
+              f"wait={100 * n['wait']:.0f}% most_in_flight={n['most_in_flight']} "
+              f"identical={'yes' if same(a, b) else 'no'}", flush=True)
+        print(f"    wall {n['wall'] / 3600:.2f} h, ideal {n['ideal'] / 3600:.2f} h; "
+              f"{n['opt_steps']} optimization steps (loop counter {n['steps']}), a job added "
+              f"{n['delay']:.1f} steps after it was sent (lag {n['lag']}, cap {n['cap']}); "
+              f"trajectories of the added conformations ended at step {n['trajectory']:.1f} "
+              f"on average; {n['seconds']:.0f} s ({n['cpu_seconds']:.0f} s of CPU) on this machine",
+              flush=True)
+    print(f"benchmark wall time {time.perf_counter() - t0:.0f} s; load average "
+          f"{load:.1f} -> {os.getloadavg()[0]:.1f} (virtual times do not depend on it)")
+
+
+if __name__ == "__main__":
+    main()
