@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import oracle_pool
 import painn
 import safe_io
 
@@ -229,6 +230,7 @@ def main(argv=None):
         sys.exit("error: --val_db and --val_fraction both validate; pass one of them")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
+    torch.set_num_threads(oracle_pool.usable_cores()[1])   # the cores other jobs leave idle
     confs, atomrefs = read_training_dbs(args.db, args.energy_kind)
     if args.val_db:
         train, val = confs, read_training_dbs([args.val_db], args.energy_kind)[0]
