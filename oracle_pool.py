@@ -639,8 +639,8 @@ class DaskOraclePool:
     dask worker tcp://HOST:8786 --nthreads N` (N jobs at a time, each with `threads`
     threads). Each Dask worker keeps N engine processes per pool setting (engines_plugin,
     registered here), so a task costs ~15 ms more than a local job (Dask's scheduling;
-    benchmarks/oracle_pool.py --dask). Same arguments and
-    API as LocalOraclePool; scratch is each Dask worker's $PSI_SCRATCH or /tmp."""
+    benchmarks/oracle_pool.py --dask). Same arguments and API as LocalOraclePool; scratch
+    is each Dask worker's $PSI_SCRATCH or /tmp."""
 
     def __init__(self, scheduler, method=oracles.DEFAULT_METHOD, threads=1, memory="2 GB",
                  timeout=600.0, retries=1, max_opt_steps=None, psi4_options=None,
