@@ -584,11 +584,11 @@ def engines_plugin():
     """The Dask worker plugin that keeps each Dask worker's engine processes: per pool
     setting (method, threads, memory, timeout, retries, max_opt_steps, psi4_options), a
     LocalOraclePool with one engine per Dask thread, started by the first task that needs
-    it and reused by the next ones (an engine starts in ~0.6 s, worth 10-100 xTB
-    gradients). The engines are children of the Dask worker, so a segfault or a stuck SCF
-    costs one engine, which the pool replaces, never the Dask worker. Closed with the worker.
-    Defined in a function: an engine process, which runs this file, starts without
-    importing distributed (~0.7 s)."""
+    it and reused by the next ones (an engine starts in 0.4 s for xTB, 1-1.5 s for Psi4:
+    tens of xTB gradients). The engines are children of the Dask worker, so a segfault or
+    a stuck SCF costs one engine, which the pool replaces, never the Dask worker. Closed
+    with the worker. Defined in a function: an engine process, which runs this file,
+    starts without importing distributed (~0.7 s)."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class OracleEngines(WorkerPlugin):
@@ -643,8 +643,9 @@ class DaskOraclePool:
     machine with this repo and Psi4 (or tblite), from the repo directory, `PYTHONPATH=.
     dask worker tcp://HOST:8786 --nthreads N` (N jobs at a time, each with `threads`
     threads). Each Dask worker keeps N engine processes per pool setting (engines_plugin,
-    registered here), so a task costs a few ms more than a local job. Same arguments and
-    API as LocalOraclePool; scratch is each Dask worker's $PSI_SCRATCH or /tmp."""
+    registered here), so a task costs ~15 ms more than a local job (Dask's scheduling;
+    benchmarks/oracle_pool.py --dask). Same arguments and API as LocalOraclePool; scratch
+    is each Dask worker's $PSI_SCRATCH or /tmp."""
 
     def __init__(self, scheduler, method=oracles.DEFAULT_METHOD, threads=1, memory="2 GB",
                  timeout=600.0, retries=1, max_opt_steps=None, psi4_options=None,

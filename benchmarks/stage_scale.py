@@ -66,7 +66,7 @@ class SimulatedPool:
         self.sigma = sigma
         self.count_stage_time = count_stage_time
         self.real_start, self.skipped = time.perf_counter(), 0.0
-        self.ends = []                  # heap of (end time, order, future, job seconds)
+        self.ends = []                  # heap of (end time, order, future, result): running
         self.queue = collections.deque()   # (future, job seconds, result) waiting
         self.order = itertools.count()
         self.runs = []                  # (start, end) of every job
