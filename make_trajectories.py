@@ -185,6 +185,9 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be at least 1")
     if args.spice and not args.out_test:
         parser.error("--spice needs --out_test (the D_test^SPICE db)")
+    if args.spice and args.mode != "single_point":
+        parser.error("--spice labels the chosen conformations (as --mode single_point); "
+                     "optimize D_test^SPICE afterwards with --db OUT_TEST --mode optimize")
     if args.skip_molecules < 0:
         parser.error("--skip_molecules must be at least 0")
     if args.conformer_selection == "butina":

@@ -383,6 +383,13 @@ def plot(summary, out_dir):
 THREEDMOL_JS = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                             "third_party", "3dmol", "3Dmol-min.js")
 PANEL_SIZE = (300, 260)   # pixels, width x height of one 3D panel
+ROW_WIDTH = 1200          # pixels: a row of more than 4 panels gets narrower ones
+
+
+def panel_size(n_panels):
+    """(width, height) in pixels of each of a row's n_panels 3D panels."""
+    width, height = PANEL_SIZE
+    return (width, height) if n_panels * width <= ROW_WIDTH else (ROW_WIDTH // n_panels, height)
 
 
 def kabsch_align(positions, reference):
@@ -518,10 +525,10 @@ def write_conformations_page(path, rows, title, methods=None):
     what the middle panels show (for the text above the rows)."""
     with open(THREEDMOL_JS) as f:
         threedmol = f.read()
-    width, height = PANEL_SIZE
     body = []
     for i, row in enumerate(rows):
         n = len(row["panels"])
+        width, height = panel_size(n)
         captions = "".join(f"<div>{caption(p, row['e_opt'])}</div>" for p in row["panels"])
         drawing = f'<div class="drawing">{row["drawing"]}</div>' if row.get("drawing") else ""
         body.append(f'<div class="row"><h3>{html.escape(row["title"])}</h3>'
