@@ -16,7 +16,7 @@ import make_trajectories
 
 METHOD = "hf/sto-3g"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLF_ARGS = ["--d0", "d0.db", "--out_dir", "out"]
+GOLF_ARGS = ["--d0", "d0.db", "--out_dir", "out", "--load_baseline", "baseline.pt"]
 
 
 # ---------------------------------------------------------------------------------------
