@@ -326,11 +326,11 @@ def test_default_loop_gives_the_same_run_whatever_the_oracle_timing(simulated):
 
 
 def test_jobs_in_flight_follow_the_pool_not_the_trajectories(simulated):
-    """2 trajectories, 8 workers: up to 3 x 8 jobs in flight (the default cap), or
+    """2 trajectories, 8 workers: up to 5 x 8 jobs in flight (the default cap), or
     --max_jobs_in_flight; at the cap, the oldest job enters before a new one is sent
     (before its step t + L), in the order sent, whatever the timing."""
     run, _, collected = simulated("pool_sized")
-    assert run.max_jobs_in_flight == golf.JOBS_PER_WORKER * 8 == 24
+    assert run.max_jobs_in_flight == golf.JOBS_PER_WORKER * 8 == 40
     assert 2 < run.most_in_flight <= 12                                    # K = 12
     capped = [simulated(f"capped_{seed}", "--max_jobs_in_flight", "3", latency_seed=seed)
               for seed in (1, 2)]
