@@ -375,6 +375,7 @@ class Golf:
             self.failures_in_a_row[result.reason[:120]] += 1
             self.log({"event": "oracle_failure", "reason": result.reason,
                       "seconds": result.seconds})
+            self.check_progress()            # stops at exactly N failures in a row
             return
         self.failures_in_a_row.clear()
         self.last_progress = self.clock.now()
