@@ -13,7 +13,6 @@ runs 20 seeded chains of 5 per stage: 100 kill points per stage.
 """
 import json
 import os
-import re
 import signal
 import sqlite3
 import subprocess
@@ -331,11 +330,9 @@ def test_golf_stops_when_the_oracle_fails_every_job(clean, tmp_path):
                      "--max_consecutive_failures", "6", timeout=120)
     last = err.strip().splitlines()[-1]
     assert rc != 0 and "Traceback" not in err and time.monotonic() - t0 < 100
-    # the loop adds results (and counts failures) a step's worth at a time, so it may count
-    # a few more than the limit before it stops
-    stop = re.match(r"error: GOLF stopped: the genuine oracle failed (\d+) times in a row "
-                    r"\(\1 x timeout: no result within 0\.01 s", last)
-    assert stop and int(stop.group(1)) >= 6
+    # several failed results may come in one loop iteration; it stops at the sixth
+    assert last.startswith("error: GOLF stopped: the genuine oracle failed 6 times in a row "
+                           "(6 x timeout: no result within 0.01 s")
     assert "--oracle_timeout" in last and "--resume" in last
     log = assert_clean_jsonl(tmp_path / "golf" / "metrics.jsonl")
     assert log[-1]["event"] == "stopped" and log[-1]["n_added"] == 0
