@@ -27,6 +27,16 @@ weights. Modes: default (golf.py's defaults), synchronous (--oracle_lag 0) and p
 A second line per mode gives the hours, the steps, how many steps after it was sent a job
 entered D on average, and the run's time on this machine.
 
+`--dask_workers N` checks the simulation against a real cluster: the default loop runs
+against a local Dask cluster of N workers with the GFN2-xTB oracle on the real clock, and
+again against SimulatedPool (N workers, the same xTB labels, durations drawn like the real
+jobs', the NNP charged the time it took in the real run). It prints `dask:` and `simulated:`
+lines; same_as_simulated=yes when both added the same jobs at the same steps, collected the
+same labels and trained the same weights:
+
+    .venv/bin/python benchmarks/golf_scale.py --dask_workers 2 --max_oracle_steps 200 \
+        --n_parallel 8 --molecules 20 --smiles data/moses_sample.smi
+
 The toy world: D0 is 180 conformations of 60 small molecules (data/small_molecules.smi)
 with MMFF labels; f_baseline a tiny PaiNN (16 features, 2 blocks, 8 RBF, 4 A cutoff, 8.5k
 parameters) trained on it for a few seconds. Its L-BFGS trajectories are short: most end
@@ -37,6 +47,7 @@ step for the slowest of them), and charge few steps per added conformation; `--g
 """
 import argparse
 import concurrent.futures
+import dataclasses
 import heapq
 import itertools
 import math
@@ -103,12 +114,13 @@ class VirtualClock:
 
 class SimulatedPool:
     """W workers on the virtual clock, jobs first come first served. A job's label is its
-    MMFF94 energy and forces (Hartree, Hartree/Angstrom); its duration the n-th draw of a
-    seeded lognormal (n: the order it was sent in)."""
+    MMFF94 energy and forces (Hartree, Hartree/Angstrom), or, with a `labeller` (a real
+    oracle pool), that pool's result; its duration the n-th draw of a seeded lognormal
+    (n: the order it was sent in)."""
 
-    def __init__(self, n_workers, clock, latency_mean, latency_spread, seed):
+    def __init__(self, n_workers, clock, latency_mean, latency_spread, seed, labeller=None):
         self.n_parallel = n_workers
-        self.clock = clock
+        self.clock, self.labeller = clock, labeller
         self.free_at = [0.0] * n_workers             # heap: when each worker is free
         sigma = math.sqrt(math.log(1 + latency_spread ** 2))
         self.mu, self.sigma = math.log(latency_mean) - sigma ** 2 / 2, sigma
@@ -116,18 +128,22 @@ class SimulatedPool:
         self.jobs = []                               # (start, end) of every job
 
     def submit(self, conf, conf_id, kind="gradient"):
-        surrogate = oracles.MMFFSurrogate(conf)
-        flat = np.asarray(conf.positions, dtype=np.float64).ravel().tolist()
-        energy = surrogate.energy(conf.positions) / data.HARTREE_TO_KCAL
-        forces = -np.array(surrogate.force_field.CalcGrad(flat)).reshape(-1, 3) \
-            / data.HARTREE_TO_KCAL
         duration = float(self.rng.lognormal(self.mu, self.sigma))
+        if self.labeller is not None:
+            result = dataclasses.replace(self.labeller.submit(conf, conf_id, kind).result(),
+                                         seconds=duration)
+        else:
+            surrogate = oracles.MMFFSurrogate(conf)
+            flat = np.asarray(conf.positions, dtype=np.float64).ravel().tolist()
+            forces = -np.array(surrogate.force_field.CalcGrad(flat)).reshape(-1, 3)
+            result = oracle_pool.OracleResult(
+                conf_id, True, energy=surrogate.energy(conf.positions) / data.HARTREE_TO_KCAL,
+                forces=forces / data.HARTREE_TO_KCAL, seconds=duration)
         start = max(self.clock.now(), heapq.heappop(self.free_at))
         heapq.heappush(self.free_at, start + duration)
         self.jobs.append((start, start + duration))
         future = concurrent.futures.Future()
-        self.clock.schedule(future, start + duration, oracle_pool.OracleResult(
-            conf_id, True, energy=energy, forces=forces, seconds=duration))
+        self.clock.schedule(future, start + duration, result)
         return future
 
     def floor_seconds(self):
@@ -149,18 +165,24 @@ class TimedGolf(golf.Golf):
     def __init__(self, *args, update_seconds, step_seconds, **kwargs):
         super().__init__(*args, **kwargs)
         self.step_seconds, self.most_in_flight, self.added_at = step_seconds, 0, []
-        self.n_optimization_steps = 0
+        self.n_optimization_steps, self.job_seconds = 0, []
+        self.machine_seconds = {"update": 0.0, "step": 0.0}     # this machine's time
         update = self.trainer.update
 
         def timed_update(minibatch):
             self.clock.advance(update_seconds)
-            return update(minibatch)
+            t0 = time.perf_counter()
+            loss = update(minibatch)
+            self.machine_seconds["update"] += time.perf_counter() - t0
+            return loss
         self.trainer.update = timed_update
 
     def optimization_step(self):
         self.clock.advance(self.step_seconds)
         self.n_optimization_steps += 1
+        t0 = time.perf_counter()
         super().optimization_step()
+        self.machine_seconds["step"] += time.perf_counter() - t0
 
     def submit_waiting(self):
         super().submit_waiting()
@@ -169,21 +191,31 @@ class TimedGolf(golf.Golf):
     def add_result(self, future):
         self.added_at.append((self.in_flight[future][0], self.step))
         super().add_result(future)
+        self.job_seconds.append(future.result().seconds)
+
+
+class RealClock(golf.WallClock):
+    """golf.py's own clock, for a run against a real pool: the NNP work takes its own time
+    there, so TimedGolf's charges are nothing."""
+
+    @staticmethod
+    def advance(seconds):
+        pass
 
 
 # ---------------------------------------------------------------------------------------
 # The toy world: D0 of small molecules labelled by MMFF, and a tiny f_baseline
 # ---------------------------------------------------------------------------------------
 
-def mmff_labelled(n_molecules, n_conformers, seed=0, noise=0.1):
-    """D0: ETKDG conformers of the first molecules of data/small_molecules.smi, moved by
-    0.1 A noise, with MMFF94 energies and forces in Hartree."""
+def mmff_labelled(n_molecules, n_conformers, seed=0, noise=0.1, smiles_file=SMILES):
+    """D0: ETKDG conformers of the first molecules of a SMILES file (data/small_molecules.smi),
+    moved by 0.1 A noise, with MMFF94 energies and forces in Hartree."""
     from rdkit import Chem, RDLogger
     from rdkit.Chem import AllChem
     RDLogger.DisableLog("rdApp.*")
     rng = np.random.default_rng(seed)
     confs, n = [], 0
-    for line in open(SMILES):
+    for line in open(smiles_file):
         if line.startswith("#") or not line.strip() or n == n_molecules:
             continue
         smiles = line.split()[0]
@@ -207,9 +239,15 @@ def mmff_labelled(n_molecules, n_conformers, seed=0, noise=0.1):
     return confs
 
 
-def make_world(root, opts):
-    """d0.db and baseline.pt (the tiny PaiNN trained on D0) under root."""
-    d0 = mmff_labelled(opts.molecules, opts.conformers)
+def make_world(root, opts, labeller=None):
+    """d0.db and baseline.pt (the tiny PaiNN trained on D0) under root. With a `labeller`
+    (a real oracle pool), D0's labels are its results instead of MMFF's."""
+    d0 = mmff_labelled(opts.molecules, opts.conformers, smiles_file=opts.smiles)
+    if labeller is not None:
+        futures = [labeller.submit(conf, i) for i, conf in enumerate(d0)]
+        d0 = [dataclasses.replace(conf, energy=future.result().energy,
+                                  forces=future.result().forces)
+              for conf, future in zip(d0, futures) if future.result().ok]
     db = data.connect_for_writing(os.path.join(root, "d0.db"))
     for conf in d0:
         data.write_conformation(db, conf)
@@ -229,10 +267,9 @@ def make_world(root, opts):
 # One golf.py run on the virtual clock
 # ---------------------------------------------------------------------------------------
 
-def golf_on_virtual_clock(argv, workers, latency_seed, latency_mean=590.0, latency_spread=0.5,
-                          update_seconds=0.025, step_seconds=0.03):
-    """golf.py's main() with SimulatedPool and VirtualClock: returns the finished TimedGolf
-    (its model trained, out_dir/collected.db written) and the pool."""
+def golf_on(argv, pool, clock, update_seconds=0.0, step_seconds=0.0):
+    """golf.py's main() with this pool and clock: returns the finished TimedGolf (its model
+    trained, out_dir/collected.db written)."""
     args = golf.parse_args(argv)
     torch.manual_seed(args.seed)                      # as golf.main
     rng = np.random.default_rng(args.seed)
@@ -240,12 +277,30 @@ def golf_on_virtual_clock(argv, workers, latency_seed, latency_mean=590.0, laten
                          verbose=False)
     model = painn.load_checkpoint(args.load_baseline).to(args.device, getattr(torch, args.dtype))
     os.makedirs(args.out_dir, exist_ok=True)
-    clock = VirtualClock()
-    pool = SimulatedPool(workers, clock, latency_mean, latency_spread, latency_seed)
     run = TimedGolf(args, d0, model, pool, rng, clock=clock, update_seconds=update_seconds,
                     step_seconds=step_seconds)
     run.run()
-    return run, pool
+    return run
+
+
+def golf_on_virtual_clock(argv, workers, latency_seed, latency_mean=590.0, latency_spread=0.5,
+                          update_seconds=0.025, step_seconds=0.03, labeller=None):
+    """golf.py's main() with SimulatedPool and VirtualClock: the finished TimedGolf and
+    the pool."""
+    clock = VirtualClock()
+    pool = SimulatedPool(workers, clock, latency_mean, latency_spread, latency_seed, labeller)
+    return golf_on(argv, pool, clock, update_seconds, step_seconds), pool
+
+
+def golf_argv(root, out_name, opts, extra=()):
+    return ["--d0", os.path.join(root, "d0.db"), "--load_baseline",
+            os.path.join(root, "baseline.pt"), "--out_dir", os.path.join(root, out_name),
+            "--max_oracle_steps", str(opts.max_oracle_steps), "--utd_ratio", str(opts.utd_ratio),
+            "--n_parallel", str(opts.n_parallel), "--timelimit_train", str(opts.timelimit_train),
+            "--batch_size", str(opts.batch_size), "--lr", "1e-3", "--energy_kind", "total",
+            "--checkpoint_every", str(10 ** 9), "--log_every", "100",
+            "--max_seconds_without_progress", "0", "--lbfgs_history", str(opts.lbfgs_history),
+            *opts.golf_flags.split(), *extra]
 
 
 def run_mode(root, mode, latency_seed, opts):
@@ -260,14 +315,7 @@ def run_mode(root, mode, latency_seed, opts):
         extra += [] if opts.oracle_lag is None else ["--oracle_lag", str(opts.oracle_lag)]
         extra += [] if opts.max_jobs_in_flight is None else \
             ["--max_jobs_in_flight", str(opts.max_jobs_in_flight)]
-    argv = ["--d0", os.path.join(root, "d0.db"), "--load_baseline",
-            os.path.join(root, "baseline.pt"), "--out_dir", out_dir,
-            "--max_oracle_steps", str(opts.max_oracle_steps), "--utd_ratio", str(opts.utd_ratio),
-            "--n_parallel", str(opts.n_parallel), "--timelimit_train", str(opts.timelimit_train),
-            "--batch_size", str(opts.batch_size), "--lr", "1e-3", "--energy_kind", "total",
-            "--checkpoint_every", str(10 ** 9), "--log_every", "100",
-            "--max_seconds_without_progress", "0", "--lbfgs_history", str(opts.lbfgs_history),
-            *opts.golf_flags.split(), *extra]
+    argv = golf_argv(root, f"{mode}_{latency_seed}", opts, extra)
     t0, cpu0 = time.perf_counter(), time.process_time()
     run, pool = golf_on_virtual_clock(
         argv, opts.workers, latency_seed, opts.latency_mean, opts.latency_spread,
@@ -295,6 +343,78 @@ def same(a, b):
         np.array_equal(pa, pb) and ea == eb and np.array_equal(fa, fb)
         for (pa, ea, fa), (pb, eb, fb) in zip(labels_a, labels_b)) and \
         all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def real_dask_check(opts):
+    """--dask_workers N: golf.py's default loop twice on the same xTB-labelled toy world,
+    once against a real local Dask cluster of N one-thread workers with the GFN2-xTB oracle
+    on the real clock, once against SimulatedPool (N workers, xTB labels from a local pool,
+    durations drawn like the real jobs', the NNP charged what it took in the real run) on
+    the virtual clock. Prints one line for each, and whether both added the same jobs at the
+    same steps and trained the same weights."""
+    threads, rule = torch.get_num_threads(), oracle_pool.torch_threads_beside_the_pool
+    torch.set_num_threads(1)       # the same torch arithmetic in both runs
+    oracle_pool.torch_threads_beside_the_pool = lambda args, pool_idle=False: 1
+    try:
+        return compare_dask_and_simulated(opts)
+    finally:
+        torch.set_num_threads(threads)
+        oracle_pool.torch_threads_beside_the_pool = rule
+
+
+def compare_dask_and_simulated(opts):
+    from dask.distributed import LocalCluster
+    xtb = dict(method="gfn2-xtb", threads=1)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root, \
+            oracle_pool.LocalOraclePool(n_workers=opts.dask_workers, **xtb) as labeller:
+        n_d0, _ = make_world(root, opts, labeller)
+        argv = golf_argv(root, "dask", opts, ["--oracle_method", "gfn2-xtb"])
+        with LocalCluster(n_workers=opts.dask_workers, threads_per_worker=1, processes=True,
+                          host="127.0.0.1", dashboard_address=None) as cluster, \
+                oracle_pool.DaskOraclePool(cluster.scheduler_address, **xtb) as pool:
+            warm_up = [pool.submit(mmff_labelled(1, 1)[0], 0) for _ in range(4 * pool.n_parallel)]
+            concurrent.futures.wait(warm_up)      # every Dask worker has started its engine
+            start = time.perf_counter()
+            real = golf_on(argv, pool, RealClock())
+            wall = time.perf_counter() - start
+        mean = float(np.mean(real.job_seconds))
+        spread = float(np.std(real.job_seconds) / mean)
+        simulated, sim_pool = golf_on_virtual_clock(
+            golf_argv(root, "simulated", opts, ["--oracle_method", "gfn2-xtb"]),
+            opts.dask_workers, latency_seed=1, latency_mean=mean, latency_spread=spread,
+            update_seconds=real.machine_seconds["update"] / max(1, real.trainer.step),
+            step_seconds=real.machine_seconds["step"] / max(1, real.n_optimization_steps),
+            labeller=labeller)
+        collected = [[(c.positions, c.energy, c.forces) for c in
+                      data.read_db(os.path.join(root, name, "collected.db"), "total",
+                                   verbose=False)[0]] for name in ("dask", "simulated")]
+    identical = same((collected[0], real.model.state_dict()),
+                     (collected[1], simulated.model.state_dict())) and \
+        real.added_at == simulated.added_at
+    k, w = opts.max_oracle_steps, opts.dask_workers
+    sim_wall = simulated.clock.now()
+    sim_ideal = k * np.mean([end - start for start, end in sim_pool.jobs]) / w
+    print(f"D0: {n_d0} conformations of {opts.molecules} molecules of "
+          f"{os.path.basename(opts.smiles)} labelled by GFN2-xTB; "
+          f"jobs: GFN2-xTB gradients of {mean * 1000:.0f} ms +- {100 * spread:.0f} % in the "
+          f"Dask workers' engines; {opts.n_parallel} trajectories, T = {opts.timelimit_train}, "
+          f"U = {opts.utd_ratio}", flush=True)
+    print(f"dask: K={k} W={w} wall/ideal={wall / (k * mean / w):.2f} "
+          f"busy={100 * sum(real.job_seconds) / (w * wall):.0f}% "
+          f"wait={100 * real.stats['wait_seconds'] / wall:.0f}% "
+          f"most_in_flight={real.most_in_flight} same_as_simulated={'yes' if identical else 'no'}")
+    print(f"simulated: K={k} W={w} wall/ideal={sim_wall / sim_ideal:.2f} "
+          f"busy={100 * sim_pool.busy_seconds(sim_wall) / (w * sim_wall):.0f}% "
+          f"wait={100 * simulated.stats['wait_seconds'] / sim_wall:.0f}% "
+          f"most_in_flight={simulated.most_in_flight}")
+    print(f"    real: wall {wall:.1f} s, {real.n_optimization_steps} optimization steps "
+          f"({1000 * real.machine_seconds['step'] / max(1, real.n_optimization_steps):.0f} ms "
+          f"each), {real.trainer.step} updates "
+          f"({1000 * real.machine_seconds['update'] / max(1, real.trainer.step):.0f} ms each), "
+          f"lag {real.oracle_lag}, cap {real.max_jobs_in_flight}; simulated wall "
+          f"{sim_wall:.1f} s; benchmark {time.perf_counter() - t0:.0f} s", flush=True)
+    return identical
 
 
 def main(argv=None):
@@ -329,13 +449,20 @@ def main(argv=None):
                         "steps (<= 5 pairs a step), and here the memory of 120 slots costs "
                         "CPU time only: the clock is charged --step_ms a step either way")
     p.add_argument("--molecules", type=int, default=60, help="molecules of D0")
+    p.add_argument("--smiles", default=SMILES, help="D0's molecules: the first of this file")
     p.add_argument("--conformers", type=int, default=3, help="conformations of each in D0")
     p.add_argument("--baseline_steps", type=int, default=300,
                    help="updates that train f_baseline on D0")
     p.add_argument("--golf_flags", default="",
                    help="more golf.py flags for every run, e.g. '--conf_opt adam'")
     p.add_argument("--processes", type=int, default=2, help="runs at once")
+    p.add_argument("--dask_workers", type=int, default=0,
+                   help="N > 0: instead, the default loop against a real local Dask cluster "
+                        "of N workers with the GFN2-xTB oracle, beside the simulated pool "
+                        "(e.g. --dask_workers 2 --max_oracle_steps 200 --n_parallel 16)")
     opts = p.parse_args(argv)
+    if opts.dask_workers > 0:
+        return real_dask_check(opts)
     modes = opts.modes.split(",")
     seeds = [int(s) for s in opts.latency_seeds.split(",")]
     if any(m not in MODES for m in modes) or len(seeds) != 2:

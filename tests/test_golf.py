@@ -391,3 +391,17 @@ def test_default_loop_twice_with_real_xtb_gives_the_same_run(tmp_path):
     weights_a, weights_b = ckpt_a["model"]["state_dict"], ckpt_b["model"]["state_dict"]
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert ckpt_a["trainer"]["step"] == 8 * 2
+
+
+def test_a_real_dask_cluster_with_xtb_drives_the_loop_as_the_simulated_pool(capsys):
+    """benchmarks/golf_scale.py --dask_workers 2: the default loop against a real local Dask
+    cluster (GFN2-xTB, real clock) and against the simulated pool of the scale benchmark
+    (the same xTB labels, other timings, virtual clock) adds the same jobs at the same steps
+    and trains the same weights."""
+    from benchmarks import golf_scale
+    golf_scale.main(["--dask_workers", "2", "--max_oracle_steps", "16", "--n_parallel", "3",
+                     "--molecules", "4", "--conformers", "2", "--baseline_steps", "20"])
+    lines = capsys.readouterr().out.splitlines()
+    dask = next(line for line in lines if line.startswith("dask: "))
+    assert dask.startswith("dask: K=16 W=2 ") and dask.endswith(" same_as_simulated=yes")
+    assert any(line.startswith("simulated: K=16 W=2 ") for line in lines)
