@@ -19,7 +19,7 @@
 #                               the paper's claims (its own stages; ~40 min a model on 2
 #                               cores, about 8 h, each evaluation resumes)
 #   --test_db DB        official only: score on DB instead, e.g. data/moses_test60.db (the
-#                       first 60 of the 220, with their xTB optima; ~12 min a model)
+#                       first 60 of the 220, with their xTB optima; ~5 min a model, 65 min in all)
 #   --oracle xtb|psi4   genuine oracle: GFN2-xTB (tblite, default) or Psi4 hf/sto-3g (slow)
 #   --seeds "0 1 2"     the seeds to run (default: demo 0, laptop 0 1 2), a run dir per seed
 #   --max_step A        also evaluate every NNP with L-BFGS steps capped at A Angstrom per
