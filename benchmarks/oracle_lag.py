@@ -12,7 +12,8 @@ trajectories, lr 5e-4, batch 32) and GFN2-xTB on 2 local workers; then evaluate.
 60 held-out conformations of data/moses_test60.db (T = 100, as run.sh). Prints one line per
 run, then each loop's mean and seed-to-seed standard deviation of pct_T, pct_div and E_res,
 and the difference of the means against its standard error: "within seed noise" when the
-difference is under two standard errors. Every run resumes; a second call only prints.
+difference is under two standard errors (two seeds at least). Every run resumes: a second
+call only reads what is done ("golf.py s" is then the few seconds of the resumed call).
 """
 import argparse
 import json
@@ -90,7 +91,8 @@ def main(argv=None):
     for i, (_, name) in enumerate(METRICS):
         diff = means["default"][i] - means["synchronous"][i]
         se = float(np.sqrt((sds["default"][i] ** 2 + sds["synchronous"][i] ** 2) / n))
-        verdict = "within seed noise" if abs(diff) < 2 * se else "beyond seed noise"
+        verdict = "one seed: no seed noise to compare with" if n < 2 else \
+            "within seed noise" if abs(diff) < 2 * se else "beyond seed noise"
         print(f"default - synchronous, {name}: {diff:+.2f} (standard error {se:.2f}): {verdict}")
 
 
