@@ -333,8 +333,12 @@ def run_mode(root, mode, latency_seed, opts):
                    cap=run.max_jobs_in_flight, opt_steps=run.n_optimization_steps,
                    trajectory=np.mean([c.info["trajectory_step"] for c in collected]),
                    delay=np.mean([added - sent for sent, added in run.added_at]))
-    labels = [(c.positions, c.energy, c.forces) for c in collected]
-    return mode, latency_seed, numbers, labels, run.model.state_dict()
+    return mode, latency_seed, numbers, labels_of(collected), run.model.state_dict()
+
+
+def labels_of(collected):
+    """(positions, energy, forces) of each collected conformation: what `same` compares."""
+    return [(c.positions, c.energy, c.forces) for c in collected]
 
 
 def same(a, b):
@@ -380,15 +384,14 @@ def compare_dask_and_simulated(opts):
             wall = time.perf_counter() - start
         mean = float(np.mean(real.job_seconds))
         spread = float(np.std(real.job_seconds) / mean)
+        update_seconds = real.machine_seconds["update"] / max(1, real.trainer.step)
+        step_seconds = real.machine_seconds["step"] / max(1, real.n_optimization_steps)
         simulated, sim_pool = golf_on_virtual_clock(
             golf_argv(root, "simulated", opts, ["--oracle_method", "gfn2-xtb"]),
             opts.dask_workers, latency_seed=1, latency_mean=mean, latency_spread=spread,
-            update_seconds=real.machine_seconds["update"] / max(1, real.trainer.step),
-            step_seconds=real.machine_seconds["step"] / max(1, real.n_optimization_steps),
-            labeller=labeller)
-        collected = [[(c.positions, c.energy, c.forces) for c in
-                      data.read_db(os.path.join(root, name, "collected.db"), "total",
-                                   verbose=False)[0]] for name in ("dask", "simulated")]
+            update_seconds=update_seconds, step_seconds=step_seconds, labeller=labeller)
+        collected = [labels_of(data.read_db(os.path.join(root, name, "collected.db"), "total",
+                                            verbose=False)[0]) for name in ("dask", "simulated")]
     identical = same((collected[0], real.model.state_dict()),
                      (collected[1], simulated.model.state_dict())) and \
         real.added_at == simulated.added_at
@@ -409,9 +412,8 @@ def compare_dask_and_simulated(opts):
           f"wait={100 * simulated.stats['wait_seconds'] / sim_wall:.0f}% "
           f"most_in_flight={simulated.most_in_flight}")
     print(f"    real: wall {wall:.1f} s, {real.n_optimization_steps} optimization steps "
-          f"({1000 * real.machine_seconds['step'] / max(1, real.n_optimization_steps):.0f} ms "
-          f"each), {real.trainer.step} updates "
-          f"({1000 * real.machine_seconds['update'] / max(1, real.trainer.step):.0f} ms each), "
+          f"({1000 * step_seconds:.0f} ms each), {real.trainer.step} updates "
+          f"({1000 * update_seconds:.0f} ms each), "
           f"lag {real.oracle_lag}, cap {real.max_jobs_in_flight}; simulated wall "
           f"{sim_wall:.1f} s; benchmark {time.perf_counter() - t0:.0f} s", flush=True)
     return identical
@@ -459,7 +461,7 @@ def main(argv=None):
     p.add_argument("--dask_workers", type=int, default=0,
                    help="N > 0: instead, the default loop against a real local Dask cluster "
                         "of N workers with the GFN2-xTB oracle, beside the simulated pool "
-                        "(e.g. --dask_workers 2 --max_oracle_steps 200 --n_parallel 16)")
+                        "(e.g. --dask_workers 2 --max_oracle_steps 200 --n_parallel 8)")
     opts = p.parse_args(argv)
     if opts.dask_workers > 0:
         return real_dask_check(opts)
