@@ -24,20 +24,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMILES = ["CCO", "C=CC(=O)N", "c1ccncc1"]
 
 
-def tiny_rows():
-    """Three rows: ETKDG s_0, an MMFF optimum as 'DFT optimum', s_T = optimum + noise."""
-    rows = []
+def molecules_with_optima():
+    """(i, conformation, RMSD to its optimum) for each of SMILES: positions the ETKDG s_0,
+    optimal_positions its MMFF optimum as 'DFT optimum', optimal_energy -100 Hartree."""
     for i, smiles in enumerate(SMILES):
         mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
         AllChem.EmbedMolecule(mol, randomSeed=1)
         x0 = mol.GetConformer().GetPositions()
         AllChem.MMFFOptimizeMolecule(mol)
-        x_opt = mol.GetConformer().GetPositions()
-        x_T = x_opt + np.random.default_rng(i).normal(0, 0.05, x_opt.shape)
         conf = data.Conformation(numbers=np.array([a.GetAtomicNum() for a in mol.GetAtoms()]),
                                  positions=x0, smiles=smiles, id=i + 1,
-                                 optimal_positions=x_opt, optimal_energy=-100.0)
-        rmsd = lambda x, c=conf: evaluate.best_rmsd(x, c.optimal_positions, c.smiles, c.numbers)  # noqa: E731
+                                 optimal_positions=mol.GetConformer().GetPositions(),
+                                 optimal_energy=-100.0)
+        yield i, conf, lambda x, c=conf: evaluate.best_rmsd(x, c.optimal_positions, c.smiles,
+                                                            c.numbers)
+
+
+def tiny_rows():
+    """Three rows: ETKDG s_0, an MMFF optimum as 'DFT optimum', s_T = optimum + noise."""
+    rows = []
+    for i, conf, rmsd in molecules_with_optima():
+        x_opt = conf.optimal_positions
+        x_T = x_opt + np.random.default_rng(i).normal(0, 0.05, x_opt.shape)
         rows.append(report.conformation_row(conf, -99.99, [
             ("NNP-optimized s_100", x_T, None if i == 2 else -99.999)], rmsd))
     return rows
@@ -47,16 +55,8 @@ def two_method_rows():
     """tiny_rows with a second method: method B ends at the optimum but uphill of s_0 for
     the second molecule (diverged), and at E_opt + 0.5 kcal/mol for the others."""
     rows = []
-    for i, smiles in enumerate(SMILES):
-        mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
-        AllChem.EmbedMolecule(mol, randomSeed=1)
-        x0 = mol.GetConformer().GetPositions()
-        AllChem.MMFFOptimizeMolecule(mol)
-        x_opt = mol.GetConformer().GetPositions()
-        conf = data.Conformation(numbers=np.array([a.GetAtomicNum() for a in mol.GetAtoms()]),
-                                 positions=x0, smiles=smiles, id=i + 1,
-                                 optimal_positions=x_opt, optimal_energy=-100.0)
-        rmsd = lambda x, c=conf: evaluate.best_rmsd(x, c.optimal_positions, c.smiles, c.numbers)  # noqa: E731
+    for i, conf, rmsd in molecules_with_optima():
+        x_opt = conf.optimal_positions
         e_b = -99.98 if i == 1 else -100.0 + 0.5 / data.HARTREE_TO_KCAL
         x_a = x_opt + np.random.default_rng(i).normal(0, 0.05, x_opt.shape)
         rows.append(report.conformation_row(conf, -99.99, [("A: NNP-optimized s_100", x_a, -99.999),
