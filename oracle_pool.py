@@ -7,7 +7,8 @@ optimizations (Psi4 or GFN2-xTB); this module runs them:
 
     pool = LocalOraclePool(method, n_workers, threads, memory, timeout, retries, max_opt_steps)
     pool = DaskOraclePool(scheduler, method, ...)    the same jobs on a Dask cluster
-    pool = make_oracle_pool(args)                    either, from oracles.add_oracle_args' flags
+    pool = make_oracle_pool(args, journal)           either, from oracles.add_oracle_args' flags,
+                                                     its results kept in an OracleJournal
 
     future = pool.submit(conf, conf_id)                    energy and forces of conf
     future = pool.submit(conf, conf_id, kind="optimize")   geometry optimization from conf
@@ -29,9 +30,15 @@ more ('step', energy, gradient, positions) and one ('done', payload) or ('failed
 Units on the pipe are Psi4's and tblite's (Hartree, Hartree/Bohr, Angstrom); OracleResult
 holds Hartree and Hartree/Angstrom.
 
+The journal (OracleJournal, JournalledPool) writes every finished result to an SQLite file
+before anyone sees it, keyed by what the job asks (elements, positions, charge,
+multiplicity, kind, method): a stage killed, preempted or stopped loses no finished label,
+and a rerun that asks the same question gets the stored answer instead of a new DFT job.
+
 Neither this module nor oracles.py imports torch: a worker starts in well under a second.
 """
 import collections
+import hashlib
 import json
 import math
 import multiprocessing.connection
@@ -40,6 +47,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -417,6 +425,12 @@ class LocalOraclePool:
         return future
 
     @property
+    def result_settings(self):
+        """The settings that decide a result (the journal's key)."""
+        return result_settings(self.settings["method"], self.settings["options"],
+                               self.settings["max_opt_steps"], self.settings["opt_coordinates"])
+
+    @property
     def n_parallel(self):
         """Jobs the pool runs at once: its n_workers."""
         return self.n_workers
@@ -668,6 +682,13 @@ class DaskOraclePool:
         self._lock = threading.Lock()
 
     @property
+    def result_settings(self):
+        """The settings that decide a result (the journal's key)."""
+        kw = self.pool_kwargs
+        return result_settings(kw["method"], kw["psi4_options"], kw["max_opt_steps"],
+                               kw["opt_coordinates"])
+
+    @property
     def n_parallel(self):
         """Jobs the cluster runs at once now: the threads of all Dask workers."""
         return max(1, sum(self.client.nthreads().values()))
@@ -717,6 +738,154 @@ class DaskOraclePool:
 
 
 # ---------------------------------------------------------------------------------------
+# The journal: every finished result on disk before it is used, found again by its question
+# ---------------------------------------------------------------------------------------
+
+def result_settings(method, options=None, max_opt_steps=None, opt_coordinates=None):
+    """The settings that decide a result (not threads, memory, timeout or retries)."""
+    return {"method": method.strip().lower(), "options": dict(options or {}),
+            "max_opt_steps": None if max_opt_steps is None else int(max_opt_steps),
+            "opt_coordinates": opt_coordinates}
+
+
+def job_key(message, settings):
+    """SHA-256 of a job's question: kind, charge, multiplicity, the settings that decide
+    its result (an optimization's step cap and coordinates only for kind 'optimize'), the
+    elements and the exact bits of the float64 positions. conf_id is not part of it."""
+    question = {"kind": message["kind"], "charge": int(message["charge"]),
+                "multiplicity": int(message["multiplicity"]),
+                "method": settings["method"], "options": settings["options"]}
+    if message["kind"] == "optimize":
+        question.update(max_opt_steps=settings["max_opt_steps"],
+                        opt_coordinates=settings["opt_coordinates"])
+    h = hashlib.sha256(json.dumps(question, sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(message["numbers"], dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(message["positions"], dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
+_ARRAYS = ("forces", "trajectory_positions", "trajectory_energy", "trajectory_forces")
+
+
+def result_to_json(result):
+    """An OracleResult as JSON text; floats round-trip exactly (Python writes the shortest
+    repr that reads back to the same float64)."""
+    record = {name: getattr(result, name) for name in OracleResult.__dataclass_fields__}
+    for name in _ARRAYS:
+        if record[name] is not None:
+            record[name] = np.asarray(record[name], dtype=np.float64).tolist()
+    return json.dumps(record)
+
+
+def result_from_json(text):
+    record = json.loads(text)
+    for name in _ARRAYS:
+        if record[name] is not None:
+            record[name] = np.array(record[name], dtype=np.float64)
+    return OracleResult(**record)
+
+
+class OracleJournal:
+    """Finished genuine-oracle results in an SQLite file, one committed transaction each,
+    keyed by job_key. Only successful results are kept: a failure (a timeout, a worker
+    lost) may not repeat, so a rerun asks again. Several processes may share one file
+    (SQLite locks it); one process may call put() from any thread."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, timeout=60.0, check_same_thread=False,
+                                       isolation_level=None)   # autocommit: put() is durable
+            self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, "
+                             "kind TEXT, n_atoms INTEGER, result TEXT)")
+        except sqlite3.DatabaseError as err:
+            raise data.DataError(f"{path}: not an oracle journal ({err}); move it away, or "
+                                 "name another file with --oracle_journal") from None
+        self._lock = threading.Lock()
+        self.n_reused = self.n_stored = 0      # this process' hits and new results
+
+    def __len__(self):
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    def get(self, key):
+        """The stored OracleResult of this question, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT result FROM results WHERE key = ?",
+                                   (key,)).fetchone()
+        return None if row is None else result_from_json(row[0])
+
+    def put(self, key, result):
+        n_atoms = None if result.forces is None else len(result.forces)
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
+                             (key, result.kind, n_atoms, result_to_json(result)))
+            self.n_stored += 1
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+
+class JournalledPool:
+    """A pool (Local, Dask or a simulated one) whose results pass through an OracleJournal.
+    submit() of a question the journal answers returns that result at once (the same
+    energy, forces and seconds as when it was computed); any other job runs in the pool,
+    and its result is written to the journal before its future is done, so that whatever
+    reads the future can be killed without losing it. Same API as the pool it wraps."""
+
+    def __init__(self, pool, journal):
+        self.pool, self.journal = pool, journal
+        self.settings = pool.result_settings
+
+    def __getattr__(self, name):          # n_parallel, worker_pids, ...: the pool's own
+        return getattr(self.pool, name)
+
+    def submit(self, conf, conf_id, kind="gradient", charge=None, multiplicity=None):
+        return self.submit_job(make_job(conf, conf_id, kind, charge, multiplicity))
+
+    def submit_job(self, message):
+        key = job_key(message, self.settings)
+        future = Future()
+        stored = self.journal.get(key)
+        if stored is not None:
+            stored.conf_id = message["conf_id"]
+            self.journal.n_reused += 1
+            future.set_result(stored)
+            return future
+        inner = self.pool.submit_job(message)
+
+        def journal_then_settle(inner):   # in the pool's thread, when the job ends
+            if inner.cancelled():
+                future.cancel()
+                return
+            result = inner.result()
+            if result.ok:
+                try:
+                    self.journal.put(key, result)
+                except sqlite3.Error as err:
+                    print(f"warning: could not write {self.journal.path} ({err}); the "
+                          "result is used but not kept", file=sys.stderr)
+            _settle(future, result)
+
+        inner.add_done_callback(journal_then_settle)
+        future.add_done_callback(lambda f: f.cancelled() and inner.cancel())  # still queued: drop it
+        return future
+
+    def close(self):
+        try:
+            self.pool.close()
+        finally:
+            self.journal.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------
 # From the command-line flags of oracles.add_oracle_args
 # ---------------------------------------------------------------------------------------
 
@@ -741,16 +910,26 @@ def check_settings(n_workers, threads, timeout, retries, max_opt_steps, method,
         raise OracleError(f"--oracle_timeout must be positive, not {timeout}")
 
 
-def make_oracle_pool(args):
-    """A DaskOraclePool with --dask_scheduler, else a LocalOraclePool."""
+def make_oracle_pool(args, journal=None):
+    """A DaskOraclePool with --dask_scheduler, else a LocalOraclePool; with a journal path
+    (--oracle_journal, else the stage's default beside its output) a JournalledPool of it."""
     common = dict(method=args.oracle_method, threads=args.oracle_threads,
                   memory=args.psi4_memory, timeout=args.oracle_timeout,
                   retries=args.oracle_retries, max_opt_steps=args.max_opt_steps,
                   opt_coordinates=getattr(args, "opt_coordinates", oracles.DEFAULT_OPT_COORDINATES))
     if args.dask_scheduler:
         check_dask_scheduler(args.dask_scheduler)
-        return DaskOraclePool(args.dask_scheduler, **common)
-    return LocalOraclePool(n_workers=args.n_workers, **common)
+        pool = DaskOraclePool(args.dask_scheduler, **common)
+    else:
+        pool = LocalOraclePool(n_workers=args.n_workers, **common)
+    journal = getattr(args, "oracle_journal", None) or journal
+    if journal is None:
+        return pool
+    try:
+        return JournalledPool(pool, OracleJournal(journal))
+    except BaseException:
+        pool.close()
+        raise
 
 
 def check_dask_scheduler(address, timeout=5.0):

@@ -259,6 +259,12 @@ def add_oracle_args(parser):
                        help="coordinates of Psi4's optimizer, optking's opt_coordinates "
                             "(default: %(default)s, as App. D's nablaDFT trajectories; "
                             "redundant: optking's own default). xTB's BFGS is Cartesian only")
+    group.add_argument("--oracle_journal", default=None,
+                       help="SQLite file that keeps every finished oracle result, keyed by "
+                            "its question (elements, positions, charge, multiplicity, "
+                            "method), so a rerun never computes one twice (default: "
+                            "oracle_journal.sqlite beside the stage's output; several "
+                            "stages and runs may share one)")
     return parser
 
 

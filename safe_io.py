@@ -6,6 +6,8 @@
     append_jsonl(path, record)              one record per line, in one write
     read_jsonl(path)                        the records; a line torn by a kill is dropped
     progress(total=..., desc=...)           a tqdm bar on a terminal, plain lines in a log
+    with StopSignals() as stop: ...         SIGTERM and Ctrl-C: stop at a safe point, save,
+                                            say how to continue (stop.check(), Interrupted)
 
 A genuine-oracle label costs CPU-minutes, so no stage may lose or corrupt one: dbs take one
 SQLite transaction per result (data.py), and every other output is either appended a
@@ -14,6 +16,8 @@ one file system).
 """
 import json
 import os
+import shlex
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -188,3 +192,73 @@ class LogLinesProgress(tqdm):
             return False
         self._last_line = time.monotonic()
         return super().refresh(nolock=nolock, lock_args=lock_args)
+
+
+# ---------------------------------------------------------------------------------------
+# SIGTERM (a cluster scheduler's) and SIGINT (Ctrl-C): stop at a safe point, say how to go on
+# ---------------------------------------------------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal reached the stage. A KeyboardInterrupt, so that no `except Exception`
+    swallows it; exit_code is the shell's 128 + signal number (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.name = signum, signal.Signals(signum).name
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """SIGTERM and SIGINT as a request to stop, for the `with` block.
+
+    deferred=False: the signal raises Interrupted where the program is (for stages whose
+    outputs are written whole, one result at a time). deferred=True: the signal is only
+    noted, and the stage calls check() at its safe points (between updates, between
+    optimization steps, while it waits for the oracle), which raises Interrupted there, so
+    that the state it saves is whole; a second signal raises at once. A SIGINT that the
+    process inherited as ignored (a background job of a script) stays ignored, as the shell
+    meant. The previous handlers come back when the block ends."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, deferred=False):
+        self.deferred, self.received, self._previous = deferred, None, {}
+
+    def __enter__(self):
+        for signum in self.SIGNALS:
+            previous = signal.getsignal(signum)
+            if signum == signal.SIGINT and previous == signal.SIG_IGN:
+                continue
+            self._previous[signum] = previous
+            signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if not self.deferred or self.received is not None:
+            raise Interrupted(signum)
+        self.received = signum
+
+    def check(self):
+        """Raise Interrupted if a stop signal came (deferred mode's safe point)."""
+        if self.received is not None:
+            raise Interrupted(self.received)
+
+
+def continue_command(add_flag=None, argv=None):
+    """The command that continues this run, for the line printed at a stop: this process'
+    own command line, plus `add_flag` (e.g. --resume) when it is not there yet."""
+    argv = list(sys.argv if argv is None else argv)
+    if add_flag and add_flag not in argv:
+        argv.append(add_flag)
+    return "python " + shlex.join(argv)
+
+
+def stopped_line(stop, saved, command):
+    """The one line a stage prints when a signal stopped it: which signal, what is saved,
+    the command to continue."""
+    return f"stopped by {stop.name}: {saved}; continue with: {command}"
