@@ -135,6 +135,24 @@ class BatchedOptimizer:
     def _reset_state(self, k):
         """Fresh optimizer state for slot k."""
 
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self):
+        """Every slot's positions and optimizer state (tensors, and the thresholds a caller
+        may have changed), enough to go on exactly where it stopped."""
+        state = {name: value.clone() for name, value in vars(self).items()
+                 if torch.is_tensor(value)}
+        state["grad_threshold"] = self.grad_threshold
+        return state
+
+    def load_state_dict(self, state):
+        """Take back a state_dict() of an optimizer made with the same settings."""
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(self.device))
+        self.grad_threshold = state["grad_threshold"]
+        self.n_slots = len(self.active)
+        self._build_layout()
+
     # ---------------------------------------------------------------- slots
     def replace(self, k, positions_k):
         """Put a new molecule (positions_k [n_k, 3]) in slot k with a fresh optimizer state.
