@@ -42,15 +42,21 @@ The jobs in flight scale with the pool, not with the trajectories (--n_parallel)
 default 5 x the jobs the pool runs at once (its local workers, or the Dask cluster's
 threads, read once at the start). Results enter in order, so while the oldest job runs
 long the jobs done behind it keep their room, and the pool's queue must last until it
-ends: benchmarks/golf_scale.py (240 workers, jobs of 590 s +- 50 %, K = 2000) measured
-wall/ideal 1.60 with 3 x, 1.47 with 4 x and 1.35 with 5 x, where sending every job at
-once gives 1.34. The price is freshness: a job waits ~4 job lengths in the queue.
+ends; the price is freshness, a job waits a few job lengths in the queue
+(benchmarks/README.md, golf_scale.py, measures the cap against sending every job at once).
 
 By default L is cap x T / --n_parallel: every slot sends a job at least every T steps, so
 by then the cap has made the job enter; a smaller L makes the loop wait for jobs before
 the pool is full. No more jobs are sent than K needs. --pipelined adds each result when
 it arrives instead, and a slot that finds no room waits (the run then depends on the
 oracle's timing). Like the official code, the learning-rate schedule spans K * U updates.
+
+Nothing is lost to a kill, SIGTERM or Ctrl-C (docs/reliability.md). Every finished oracle
+result is in oracle_journal.sqlite before the loop sees it; checkpoint.pt holds the model
+and the whole loop (trajectories, optimizer state, jobs in flight), written every
+--checkpoint_every updates and at a signal. `--resume` replays from there: the jobs in
+flight are sent again and the journal answers those that finished, so on a CPU the resumed
+run's collected.db and checkpoint equal those of a run that never stopped.
 """
 import argparse
 import collections
@@ -78,8 +84,7 @@ JOBS_PER_WORKER = 5     # default --max_jobs_in_flight: this many per job the po
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                conflict_handler="resolve")   # see --load_baseline below
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d0", required=True, help="the initial training data D0 (labelled ASE db)")
     p.add_argument("--out_dir", required=True,
                    help="checkpoint.pt, collected.db (the new data), metrics.jsonl")
@@ -128,20 +133,10 @@ def parse_args(argv=None):
     g.add_argument("--max_seconds_without_progress", type=float, default=3600.0,
                    help="stop when nothing was added for this long (0: never)")
     add_compile_arg(p)
-    add_training_args(p, total_steps=None)
-    # the shared training flags, redefined (conflict_handler="resolve"): GOLF fine-tunes
-    # f_baseline, and its schedule spans K * U updates, so --total_steps is refused below
-    p.add_argument("--load_baseline", required=True,
-                   help="f_baseline's checkpoint (train_baseline.py), the NNP GOLF fine-tunes")
-    p.add_argument("--total_steps", type=int, default=None, help=argparse.SUPPRESS)
+    add_training_args(p, fine_tune=True)   # no --total_steps: the schedule spans K * U
     optimizers.add_optimizer_args(p)
-    oracles.add_oracle_args(p)
+    oracles.add_oracle_args(p, optimize=False)        # GOLF's oracle jobs are gradients
     args = optimizers.parse_args_with_preset(p, argv)   # --optimizer_preset: Table 6
-    if args.total_steps is not None:
-        p.error(f"--total_steps is not a golf.py flag: GOLF trains U = --utd_ratio updates per "
-                f"added conformation, and its schedule spans K * U "
-                f"= {args.max_oracle_steps * args.utd_ratio}; set --max_oracle_steps and "
-                "--utd_ratio instead")
     if args.oracle_lag is not None and args.oracle_lag < 0:
         p.error(f"--oracle_lag must be 0 or more, not {args.oracle_lag}")
     if args.max_jobs_in_flight is not None and args.max_jobs_in_flight < 1:
@@ -155,10 +150,24 @@ class Stalled(RuntimeError):
 
 
 class WallClock:
-    """The time golf.py reads and how it waits for oracle jobs: real time. (The benchmark
+    """The time golf.py reads and how it waits for oracle jobs: real time, waited in slices
+    of a second so that a stop signal (stop.check()) is seen within one. (The benchmark
     benchmarks/golf_scale.py runs the same loop on a virtual clock with a simulated pool.)"""
     now = staticmethod(time.perf_counter)
-    wait = staticmethod(concurrent.futures.wait)
+
+    def __init__(self, stop=None):
+        self.stop = stop
+
+    def wait(self, futures, timeout=None, return_when=concurrent.futures.ALL_COMPLETED):
+        end = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            left = 1.0 if end is None else min(1.0, max(0.0, end - time.perf_counter()))
+            done, not_done = concurrent.futures.wait(futures, left, return_when)
+            if self.stop is not None:
+                self.stop.check()
+            if not not_done or (done and return_when == concurrent.futures.FIRST_COMPLETED) \
+                    or (end is not None and time.perf_counter() >= end):
+                return done, not_done
 
 
 class Slot:
@@ -176,9 +185,10 @@ class Slot:
 class Golf:
     """The state of a GOLF run: model, trainer, replay buffer, trajectories, oracle jobs."""
 
-    def __init__(self, args, d0, model, pool, rng, clock=None):
+    def __init__(self, args, d0, model, pool, rng, clock=None, stop=None):
         self.args, self.d0, self.model, self.pool, self.rng = args, d0, model, pool, rng
-        self.clock = clock or WallClock()
+        self.clock = clock or WallClock(stop)
+        self.stop = stop             # safe_io.StopSignals: SIGTERM / Ctrl-C, seen at safe points
         self.dtype = getattr(torch, args.dtype)
         self.trainer = Trainer(model, args, args.total_steps)
         self.buffer = data.ReplayBuffer(d0, args.initial_conf_pct, rng)
@@ -192,7 +202,9 @@ class Golf:
         self.oracle_lag = args.oracle_lag if args.oracle_lag is not None else math.ceil(
             self.max_jobs_in_flight * args.timelimit_train / args.n_parallel)
         self.step = 0                # optimization steps of the loop (each moves every slot)
-        self.in_flight = {}          # future -> (step it was sent at, conformation), sent order
+        self.in_flight = {}          # future -> (step sent at, job number, conformation), in order
+        self.submitting = False      # inside submit_waiting (a resumed run finishes it first)
+        self.rows_to_confirm = []    # collected.db rows past the checkpoint (see record)
         self.stats = dict(n_added=0, n_failed=0, n_rejected_mmff=0, n_rise_at_start=0,
                           n_submitted=0, wait_seconds=0.0, loss=float("nan"))
         self.collected_db = data.connect_for_writing(
@@ -207,47 +219,69 @@ class Golf:
                         desc="GOLF: conformations added", dynamic_ncols=True)
         self.log({"event": "start", "max_jobs_in_flight": self.max_jobs_in_flight,
                   "oracle_lag": None if self.args.pipelined else self.oracle_lag})
-        self.start_trajectories()                      # line 3
-        self.train()                                   # updates a resumed run owes
-        while True:
-            for future in self.due():                  # in the order they were sent
-                self.take_result(future)               # lines 8-10 (waits if it is not done)
-            if self.stats["n_added"] >= self.args.max_oracle_steps:
-                break                                  # line 18
-            self.check_progress()
-            if self.can_move():
-                self.optimization_step()               # lines 5-7
-            elif self.in_flight:
-                # every slot waits (K needs no more jobs, or --pipelined and no room): nothing
-                # would happen in the steps before the oldest job is due, so go to that step
-                oldest_sent = next(iter(self.in_flight.values()))[0]
-                self.step = max(self.step, oldest_sent + self.oracle_lag)
-            else:
-                raise RuntimeError("no trajectory can move and no oracle job is running")
-            self.submit_waiting()                      # line 8 for the ended trajectories
+        if not self.slots:                             # a resumed run has its trajectories
+            self.start_trajectories()                  # line 3
+            self.save()                                # from here on a kill resumes them
+        try:
+            self.train()                               # a resumed run first ends what it
+            if self.submitting:                        # was doing when it stopped
+                self.submit_waiting()
+            while True:
+                self.check_stop()
+                for future in self.due():              # in the order they were sent
+                    self.take_result(future)           # lines 8-10 (waits if it is not done)
+                if self.stats["n_added"] >= self.args.max_oracle_steps:
+                    break                              # line 18
+                self.check_progress()
+                if self.can_move():
+                    self.optimization_step()           # lines 5-7
+                elif self.in_flight:
+                    # every slot waits (K needs no more jobs, or --pipelined and no room):
+                    # nothing would happen in the steps before the oldest job is due, so go
+                    # to that step
+                    oldest_sent = next(iter(self.in_flight.values()))[0]
+                    self.step = max(self.step, oldest_sent + self.oracle_lag)
+                # else: the jobs failed, and the ended trajectories send new ones just below
+                self.submit_waiting()                  # line 8 for the ended trajectories
+        except safe_io.Interrupted:
+            self.save()                                # the state at the signal, whole
+            raise
         self.bar.close()
         for future in self.in_flight:        # K reached: jobs still running are not needed
             future.cancel()
         self.save()
         self.log({"event": "done"})
 
+    def check_stop(self):
+        """A safe point: SIGTERM or Ctrl-C came -> safe_io.Interrupted (run() saves)."""
+        if self.stop is not None:
+            self.stop.check()
+
     # ---- trajectories -------------------------------------------------------------------
 
     def sample_start(self):
         """Line 3 / 12: s_0 ~ D (uniform over D0 and the collected conformations; --start_from
         d0: D0 only), with its MMFF surrogate. Index i < len(D0) is a D0 row."""
-        collected = self.buffer.collected if self.args.start_from == "d" else []
+        n_collected = len(self.buffer.collected) if self.args.start_from == "d" else 0
         while True:
-            i = int(self.rng.integers(len(self.d0) + len(collected)))
-            conf = self.d0[i] if i < len(self.d0) else collected[i - len(self.d0)]
+            i = int(self.rng.integers(len(self.d0) + n_collected))
+            conf = self.start_conformation(i)
             try:
                 return Slot(i, conf, oracles.MMFFSurrogate(conf))
             except data.DataError as err:       # no MMFF parameters for this molecule
                 tqdm.write(f"skipping {'D0 row' if i < len(self.d0) else 'collected'} "
                            f"{conf.id} as a start: {err}")
 
+    def start_conformation(self, i):
+        """Row i of D = D0 followed by the collected conformations."""
+        return self.d0[i] if i < len(self.d0) else self.buffer.collected[i - len(self.d0)]
+
     def start_trajectories(self):
         self.slots = [self.sample_start() for _ in range(self.args.n_parallel)]
+        self.build_optimizer()
+
+    def build_optimizer(self):
+        """One batched optimizer (L-BFGS by default) over the slots' start conformations."""
         positions = np.concatenate([s.conf.positions for s in self.slots])
         counts = torch.tensor([s.conf.n_atoms for s in self.slots])
         batch = torch.repeat_interleave(torch.arange(len(self.slots)), counts)
@@ -328,7 +362,7 @@ class Golf:
         oldest enters D first (before its step t + L, waited for if not done), so no
         trajectory waits for room; --pipelined: the slot waits for room instead. No more
         jobs are sent than K needs."""
-        restarted = False
+        restarted, self.submitting = False, True
         for k, slot in enumerate(self.slots):
             needed = self.args.max_oracle_steps - self.stats["n_added"] - len(self.in_flight)
             if slot.waiting is None or needed <= 0:
@@ -338,12 +372,13 @@ class Golf:
                     continue
                 self.take_result(next(iter(self.in_flight)))     # makes room
             future = self.pool.submit(slot.waiting, self.stats["n_submitted"])
-            self.in_flight[future] = (self.step, slot.waiting)
+            self.in_flight[future] = (self.step, self.stats["n_submitted"], slot.waiting)
             self.stats["n_submitted"] += 1
             self.restart(k)
             restarted = True
         if restarted:
             self.refresh_atomic_numbers()
+        self.submitting = False
 
     # ---- oracle results and training ---------------------------------------------------
 
@@ -357,7 +392,7 @@ class Golf:
                 self.wait_for(list(self.in_flight), timeout=1.0,
                               return_when=concurrent.futures.FIRST_COMPLETED)
             return [f for f in self.in_flight if f.done()]
-        return [f for f, (sent, _) in self.in_flight.items()
+        return [f for f, (sent, _, _) in self.in_flight.items()
                 if sent <= self.step - self.oracle_lag]
 
     def take_result(self, future):
@@ -368,7 +403,7 @@ class Golf:
         """Lines 8-9: wait for the job if it is not done, then add its labelled conformation
         to D (and to collected.db at once), owing U training updates for it (line 10)."""
         self.wait_for([future])
-        _, conf = self.in_flight.pop(future)
+        _, _, conf = self.in_flight.pop(future)
         result = future.result()
         if not result.ok:
             self.stats["n_failed"] += 1
@@ -382,14 +417,30 @@ class Golf:
         labelled = data.Conformation(numbers=conf.numbers, positions=conf.positions,
                                      energy=result.energy, forces=result.forces,
                                      smiles=conf.smiles, info=conf.info)
-        data.write_conformation(self.collected_db, labelled, **conf.info,
-                                oracle_seconds=float(result.seconds))   # never lost
+        self.record(labelled, result.seconds)
         self.buffer.add(labelled)                                          # line 9
         self.stats["n_added"] += 1
         self.updates_owed += self.args.utd_ratio                           # line 10
         self.bar.update(1)
         if self.stats["n_added"] % self.args.log_every == 0:
             self.log({"event": "progress"})
+
+    def record(self, labelled, oracle_seconds):
+        """Write an added conformation to collected.db (the label itself is already in the
+        oracle journal). A resumed run replays the steps after its checkpoint and adds the
+        rows a stopped run wrote after it again: an identical row is kept as it is; a row
+        that differs (a replay on a GPU need not be bitwise) is dropped with every row after
+        it, and the new one written."""
+        if self.rows_to_confirm:
+            row = self.rows_to_confirm.pop(0)
+            if np.array_equal(row.numbers, labelled.numbers) and \
+                    np.array_equal(row.positions, labelled.positions) and \
+                    row.energy == labelled.energy:
+                return
+            self.collected_db.delete([row.id] + [r.id for r in self.rows_to_confirm])
+            self.rows_to_confirm = []
+        data.write_conformation(self.collected_db, labelled, **labelled.info,
+                                oracle_seconds=float(oracle_seconds))
 
     def wait_for(self, futures, **how):
         """Wait on the oracle (the trainer idles meanwhile; counted in wait_seconds)."""
@@ -408,6 +459,7 @@ class Golf:
         torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(self.args,
                                                                     pool_idle=not self.in_flight))
         while self.updates_owed:
+            self.check_stop()
             loss = self.trainer.update(self.buffer.sample_batch(self.args.batch_size,
                                                                 self.args.device, self.dtype))
             self.updates_owed -= 1
@@ -451,40 +503,118 @@ class Golf:
             tqdm.write(json.dumps(record))
 
     def save(self):
+        """checkpoint.pt: the model, trainer and RNGs, and the loop (loop_state): everything a
+        resumed run needs to go on as if it had not stopped. Written whole or not at all."""
         painn.save_checkpoint(self.model, os.path.join(self.args.out_dir, "checkpoint.pt"),
                               trainer=self.trainer.state_dict(), rng=rng_state(self.rng),
-                              args=vars(self.args))
+                              loop=self.loop_state(), args=vars(self.args))
+
+    def loop_state(self):
+        """The trajectories (each slot's start in D, its last MMFF energy, a conformation it
+        waits to send), the optimizer's state of every slot, the step counter, the oracle
+        jobs in flight (conformation, job number, step sent), the owed updates and counts.
+        Tensors and plain values only: read back with torch.load(weights_only=True)."""
+        def conf_state(conf):
+            return None if conf is None else {
+                "numbers": torch.as_tensor(np.asarray(conf.numbers, dtype=np.int64)),
+                "positions": torch.as_tensor(np.asarray(conf.positions, dtype=np.float64)),
+                "smiles": conf.smiles, "info": dict(conf.info)}
+        return {"step": self.step, "submitting": self.submitting,
+                "updates_owed": self.updates_owed, "stats": dict(self.stats),
+                "failures_in_a_row": dict(self.failures_in_a_row),
+                "slots": [{"d_index": s.d_index, "energy_mmff": s.energy_mmff,
+                           "waiting": conf_state(s.waiting)} for s in self.slots],
+                "optimizer": self.opt.state_dict() if self.opt is not None else None,
+                "in_flight": [{"sent": sent, "job": job, "conf": conf_state(conf)}
+                              for sent, job, conf in self.in_flight.values()]}
+
+    def load_loop_state(self, loop):
+        """Take back loop_state(): rebuild the slots and their optimizer, and send the jobs
+        that were in flight again, in the same order with the same numbers (the oracle
+        journal answers those that had finished)."""
+        def conf_from(state):
+            return None if state is None else data.Conformation(
+                numbers=state["numbers"].numpy(), positions=state["positions"].numpy(),
+                smiles=state["smiles"], info=state["info"])
+        self.step, self.submitting = loop["step"], loop["submitting"]
+        self.updates_owed = loop["updates_owed"]
+        self.stats.update(loop["stats"])
+        self.failures_in_a_row = collections.Counter(loop["failures_in_a_row"])
+        self.slots = []
+        for state in loop["slots"]:
+            conf = self.start_conformation(state["d_index"])
+            slot = Slot(state["d_index"], conf, oracles.MMFFSurrogate(conf))
+            slot.energy_mmff, slot.waiting = state["energy_mmff"], conf_from(state["waiting"])
+            self.slots.append(slot)
+        self.build_optimizer()
+        self.opt.load_state_dict(loop["optimizer"])
+        self.refresh_atomic_numbers()
+        for job in loop["in_flight"]:
+            conf = conf_from(job["conf"])
+            self.in_flight[self.pool.submit(conf, job["job"])] = (job["sent"], job["job"], conf)
 
     def resume(self):
-        """After a kill: reload the collected data and the last checkpoint; owed updates are
-        U per collected conformation minus the updates the checkpoint has done."""
+        """After a stop or a kill: the last checkpoint (model, trainer, RNGs, the loop) and
+        the conformations collected up to it; the rows collected.db got after it are
+        confirmed or replaced as the replay adds them again (record)."""
         path = os.path.join(self.args.out_dir, "checkpoint.pt")
         collected_path = os.path.join(self.args.out_dir, "collected.db")
         collected = data.read_db(collected_path, "total", verbose=False)[0] \
             if os.path.exists(collected_path) and len(self.collected_db) else []
-        if len(collected) > self.args.max_oracle_steps:   # K changed, or an older run doubled
-            print(f"warning: {collected_path} holds {len(collected)} conformations; "
-                  f"K = {self.args.max_oracle_steps} of them are used", file=sys.stderr)
-            collected = collected[:self.args.max_oracle_steps]
+        ckpt = painn.read_checkpoint(path, self.args.device) if os.path.exists(path) else None
+        loop = ckpt.get("loop") if ckpt else None
+        n_kept = loop["stats"]["n_added"] if loop else len(collected) if ckpt else 0
+        if n_kept > self.args.max_oracle_steps:   # K changed, or an older run doubled
+            print(f"warning: {collected_path} holds {n_kept} conformations; K = "
+                  f"{self.args.max_oracle_steps} of them are used", file=sys.stderr)
+            n_kept, loop = self.args.max_oracle_steps, None
+        collected, self.rows_to_confirm = collected[:n_kept], collected[n_kept:]
         for conf in collected:
             self.buffer.add(conf)
         self.stats["n_added"] = len(collected)
-        if os.path.exists(path):
-            ckpt = painn.read_checkpoint(path, self.args.device)
+        if ckpt:
             self.model.load_state_dict(ckpt["model"]["state_dict"])
             self.trainer.load_state_dict(ckpt["trainer"])
             set_rng_state(self.rng, ckpt["rng"])
-        # the schedule spans K * U updates (total_steps), never more: the cosine lr must
-        # not climb back
-        self.updates_owed = max(0, min(len(collected) * self.args.utd_ratio,
-                                       self.args.total_steps) - self.trainer.step)
-        if collected or self.trainer.step:
+        if loop:
+            self.load_loop_state(loop)
+        else:
+            # a checkpoint without the loop (K changed): the collected data and the model
+            # go on, with new trajectories; the schedule spans K * U updates, never more
+            self.updates_owed = max(0, min(len(collected) * self.args.utd_ratio,
+                                           self.args.total_steps) - self.trainer.step)
+        if ckpt:
             print(f"resumed: {len(collected)} conformations collected, {self.trainer.step} "
-                  f"updates done, {self.updates_owed} owed")
+                  f"updates done, {self.updates_owed} owed, {len(self.in_flight)} oracle "
+                  f"jobs sent again, {len(self.rows_to_confirm)} rows to confirm")
 
 
 def main(argv=None):
+    """Exit code: 0 done, 1 stalled, 2 bad input, 130 / 143 stopped by Ctrl-C / SIGTERM."""
     args = parse_args(argv)
+    journal = args.oracle_journal or os.path.join(args.out_dir, "oracle_journal.sqlite")
+    try:
+        with safe_io.StopSignals(deferred=True) as stop:
+            golf = run_golf(args, journal, stop)
+    except (data.DataError, painn.CheckpointError, oracles.OracleError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Stalled as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except safe_io.Interrupted as stop:
+        print(safe_io.stopped_line(
+            stop, f"{args.out_dir}/checkpoint.pt holds the model, the trajectories and the "
+                  "oracle jobs in flight; every finished label is in " + journal,
+            safe_io.continue_command("--resume", None if argv is None else ["golf.py", *argv])),
+            file=sys.stderr)
+        return stop.exit_code
+    print(f"done: {golf.stats['n_added']} conformations added "
+          f"({args.out_dir}/collected.db), checkpoint {args.out_dir}/checkpoint.pt")
+    return 0
+
+
+def run_golf(args, journal, stop):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     d0, _ = data.read_db(args.d0, args.energy_kind, require_energy=True, require_forces=True)
@@ -496,24 +626,21 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     if not args.resume and (os.path.exists(os.path.join(args.out_dir, "checkpoint.pt")) or
                             os.path.exists(os.path.join(args.out_dir, "collected.db"))):
-        sys.exit(f"error: {args.out_dir} holds a GOLF run; pass --resume to continue it")
+        raise data.DataError(f"{args.out_dir} holds a GOLF run; pass --resume to continue it")
     torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
     if args.compile:
         model.compile_network()
-    with safe_io.output_lock(args.out_dir), oracle_pool.make_oracle_pool(args) as pool:
-        golf = Golf(args, d0, model, pool, rng)
+    with safe_io.output_lock(args.out_dir), \
+            oracle_pool.make_oracle_pool(args, journal) as pool:
+        golf = Golf(args, d0, model, pool, rng, stop=stop)
         if args.resume:
             golf.resume()
         golf.run()
     if val:
         errors = prediction_errors(model, val, args.batch_size, args.device, golf.trainer.dtype)
         golf.log({"event": "validation", "val_db": args.val_db, **errors})
-    print(f"done: {golf.stats['n_added']} conformations added "
-          f"({args.out_dir}/collected.db), checkpoint {args.out_dir}/checkpoint.pt")
+    return golf
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, painn.CheckpointError, oracles.OracleError, Stalled) as err:
-        sys.exit(f"error: {err}")
+    sys.exit(main())

@@ -49,21 +49,28 @@ def add_compile_arg(parser):
                              "graph (NNP-optimization, validation; training steps stay eager)")
 
 
-def add_training_args(parser, total_steps=500_000):
-    """Optimization of the NNP, Table 5 (and the official code's flag names)."""
+def add_training_args(parser, total_steps=500_000, fine_tune=False):
+    """Optimization of the NNP, Table 5 (and the official code's flag names). fine_tune
+    (golf.py): no --total_steps (GOLF's schedule spans K * U updates) and --load_baseline,
+    the NNP to fine-tune, is required."""
     g = parser.add_argument_group("training (Table 5)")
     g.add_argument("--batch_size", type=int, default=64)
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     g.add_argument("--lr_final", type=float, default=1e-7, help="end of the cosine annealing")
-    g.add_argument("--total_steps", type=int, default=total_steps,
-                   help="training updates (paper: 5e5; 1e6 for traj-500k)")
+    if not fine_tune:
+        g.add_argument("--total_steps", type=int, default=total_steps,
+                       help="training updates (paper: 5e5; 1e6 for traj-500k)")
     g.add_argument("--clip_value", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--energy_loss_coef", type=float, default=0.01, help="rho of Eq. 2")
     g.add_argument("--force_loss_coef", type=float, default=0.99)
     g.add_argument("--energy_kind", choices=data.ENERGY_KINDS, default="auto",
                    help="how the db stores energies (nablaDFT: formation; GOLF: total)")
     g.add_argument("--checkpoint_every", type=int, default=1000)
-    g.add_argument("--load_baseline", default=None, help="start from this checkpoint")
+    if fine_tune:
+        g.add_argument("--load_baseline", required=True,
+                       help="f_baseline's checkpoint (train_baseline.py), the NNP to fine-tune")
+    else:
+        g.add_argument("--load_baseline", default=None, help="start from this checkpoint")
     g.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32")

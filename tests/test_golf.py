@@ -17,10 +17,14 @@ import painn
 from test_train_baseline import SMALL, teacher_labelled, write
 
 
+REAL_MMFF = oracles.MMFFSurrogate
+
+
 class FakePool:
     """Labels every conformation at once: E = -n_atoms Hartree, F = 0. Records what was sent.
-    Runs one job at a time (n_parallel)."""
+    Runs one job at a time (n_parallel). Journalled like a real pool (JournalledPool)."""
     n_parallel = 1
+    result_settings = oracle_pool.result_settings("fake")
 
     def __init__(self):
         self.submitted = []
@@ -31,6 +35,13 @@ class FakePool:
         future.set_result(oracle_pool.OracleResult(conf_id, True, energy=-float(conf.n_atoms),
                                                forces=np.zeros((conf.n_atoms, 3)), seconds=0.0))
         return future
+
+    def submit_job(self, message):
+        return self.submit(data.Conformation(message["numbers"], message["positions"]),
+                           message["conf_id"], message["kind"])
+
+    def close(self):
+        pass
 
     def __enter__(self):
         return self
@@ -62,12 +73,13 @@ def setup(tmp_path, monkeypatch):
     ckpt = tmp_path / "baseline.pt"
     painn.save_checkpoint(painn.PaiNN(**SMALL, atomrefs={1: -0.5, 6: -37.8, 8: -75.0}), ckpt)
     pool = FakePool()
-    monkeypatch.setattr(golf.oracle_pool, "make_oracle_pool", lambda args: pool)
+    monkeypatch.setattr(golf.oracle_pool, "make_oracle_pool", lambda args, journal=None:
+                        oracle_pool.JournalledPool(pool, oracle_pool.OracleJournal(journal)))
     monkeypatch.setattr(golf.oracles, "MMFFSurrogate", ScriptedSurrogate)
     ScriptedSurrogate.scripts, ScriptedSurrogate.built, ScriptedSurrogate.confs = [], [], []
 
     def run(*flags):
-        golf.main(["--d0", d0, "--load_baseline", str(ckpt), "--out_dir", str(tmp_path / "golf"),
+        return golf.main(["--d0", d0, "--load_baseline", str(ckpt), "--out_dir", str(tmp_path / "golf"),
                    "--n_parallel", "1", "--batch_size", "4", "--checkpoint_every", "1000",
                    # Adam moves every step by ~lr, so no trajectory converges early
                    "--conf_opt", "adam", *flags])   # a later --out_dir wins
@@ -106,29 +118,69 @@ def test_rise_at_the_first_step_sends_s0_and_mmff_threshold_sends_nothing(setup)
     assert '"n_rise_at_start": 1' in log[-1] and '"n_rejected_mmff": 1' in log[-1]
 
 
-def test_resume_keeps_collected_data_and_owed_updates(setup, monkeypatch):
+def golf_outputs(out):
+    """collected.db's rows (positions, energy, forces, keys) and checkpoint.pt's model,
+    trainer and loop, to compare two runs."""
+    rows = [(c.positions, c.energy, c.forces, c.info) for c in
+            data.read_db(f"{out}/collected.db", "total", verbose=False)[0]]
+    ckpt = torch.load(f"{out}/checkpoint.pt", weights_only=True)
+    return rows, {k: ckpt[k] for k in ("model", "trainer", "rng", "loop")}
+
+
+def same_outputs(a, b):
+    """Equal to the bit: nested dicts, lists, tensors, arrays and numbers."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_outputs(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_outputs(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b or (a != a and b != b)          # nan == nan here
+
+
+@pytest.mark.parametrize("stop", ["kill", "sigterm"])
+def test_a_stopped_run_resumes_to_the_same_run_and_computes_no_label_twice(setup, monkeypatch,
+                                                                           stop):
+    """A kill (no save: the last periodic checkpoint) or a SIGTERM (saved at the signal)
+    in the middle of training; the rerun with --resume replays from the checkpoint, the
+    journal answers every job that had finished, and collected.db and checkpoint.pt end
+    equal to those of a run that never stopped. The real MMFF surrogate: its energies are a
+    function of the positions, so the replay sees what the first run saw."""
+    import os
+    import signal
     run, pool, out = setup
-    ScriptedSurrogate.scripts = [[10, 9, 8]] * 10
+    monkeypatch.setattr(golf.oracles, "MMFFSurrogate", REAL_MMFF)
+    flags = ["--max_oracle_steps", "6", "--utd_ratio", "2", "--timelimit_train", "3",
+             "--n_parallel", "2", "--checkpoint_every", "3"]
+    assert run(*flags, "--out_dir", f"{out}_whole") == 0
+    whole = golf_outputs(f"{out}_whole")
+    assert len(whole[0]) == 6 and whole[1]["trainer"]["step"] == 6 * 2
+
+    pool.submitted = []
     real_update = golf.Trainer.update
 
-    def crash_at_update_4(self, confs):
-        if self.step == 4:
-            raise KeyboardInterrupt           # killed after 2 additions (2 x U=2 updates)
+    def stopped_at_update_7(self, confs):
+        if self.step == 7:
+            if stop == "kill":
+                raise KeyboardInterrupt        # dies here: nothing saved
+            os.kill(os.getpid(), signal.SIGTERM)   # golf.py stops at its next safe point
         return real_update(self, confs)
-    monkeypatch.setattr(golf.Trainer, "update", crash_at_update_4)
-    with pytest.raises(KeyboardInterrupt):
-        run("--max_oracle_steps", "4", "--utd_ratio", "2", "--timelimit_train", "2",
-            "--checkpoint_every", "2")
-    n_sent_before = len(pool.submitted)
-    assert len(data.read_db(str(out / "collected.db"), "total")[0]) == 3
+    monkeypatch.setattr(golf.Trainer, "update", stopped_at_update_7)
+    if stop == "kill":
+        with pytest.raises(KeyboardInterrupt):
+            run(*flags)
+    else:
+        assert run(*flags) == 143
+    n_rows = len(data.read_db(f"{out}/collected.db", "total")[0])
+    assert n_rows >= 3                       # added before the stop, kept in collected.db
     monkeypatch.setattr(golf.Trainer, "update", real_update)
-    with pytest.raises(SystemExit, match="--resume"):
-        run("--max_oracle_steps", "4", "--utd_ratio", "2", "--timelimit_train", "2")
-    run("--max_oracle_steps", "4", "--utd_ratio", "2", "--timelimit_train", "2", "--resume")
-    assert len(pool.submitted) - n_sent_before == 1          # only the 4th is computed
-    assert len(data.read_db(str(out / "collected.db"), "total")[0]) == 4
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["trainer"]["step"] == 4 * 2
+    assert run(*flags) == 2                  # the out_dir holds a run: --resume, or nothing
+    assert run(*flags, "--resume") == 0
+    assert same_outputs(golf_outputs(out), whole)
+    sent = [c.positions.tobytes() for c in pool.submitted]
+    assert len(sent) == len(set(sent))       # no conformation was labelled twice
 
 
 def test_golf_with_real_xtb(tmp_path):
@@ -205,7 +257,11 @@ def test_total_steps_is_refused_not_silently_replaced(capsys):
     needed = ["--d0", "x.db", "--out_dir", "o", "--load_baseline", "b.pt"]
     with pytest.raises(SystemExit):
         golf.parse_args([*needed, "--total_steps", "100"])
-    assert "--total_steps is not a golf.py flag" in capsys.readouterr().err
+    assert "unrecognized arguments: --total_steps" in capsys.readouterr().err
+    for flag in ("--max_opt_steps", "--opt_coordinates"):   # GOLF's jobs are gradients
+        with pytest.raises(SystemExit):
+            golf.parse_args([*needed, flag, "1"])
+        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
     args = golf.parse_args([*needed, "--max_oracle_steps", "7", "--utd_ratio", "3"])
     assert args.total_steps == 21 and args.start_from == "d" and not args.pipelined
     assert args.oracle_lag is None and args.max_jobs_in_flight is None   # from the pool
@@ -218,7 +274,7 @@ def test_total_steps_is_refused_not_silently_replaced(capsys):
     help_text = capsys.readouterr().out
     # neither train_baseline's schedule length nor PaiNN's sizes (the checkpoint's) are flags
     assert "--total_steps" not in help_text and "--n_atom_basis" not in help_text
-    assert help_text.count("--load_baseline LOAD_BASELINE") == 2    # usage, and its help
+    assert help_text.count("--load_baseline LOAD_BASELINE") == 1    # one flag, one help line
 
 
 class SlowPool(FakePool):
@@ -243,7 +299,7 @@ def test_deterministic_mode_does_not_depend_on_arrival_order(setup, monkeypatch)
     results = []
     for seed in (1, 2):                                    # two different arrival orders
         pool = SlowPool(seed)
-        monkeypatch.setattr(golf.oracle_pool, "make_oracle_pool", lambda args: pool)
+        monkeypatch.setattr(golf.oracle_pool, "make_oracle_pool", lambda args, journal=None: pool)
         ScriptedSurrogate.scripts = [[10, 9, 8]] * 40
         run("--max_oracle_steps", "8", "--utd_ratio", "2", "--timelimit_train", "2",
             "--n_parallel", "3", "--out_dir", f"{out}_{seed}")
