@@ -246,7 +246,8 @@ class Golf:
         except safe_io.Interrupted:
             self.save()                                # the state at the signal, whole
             raise
-        self.bar.close()
+        finally:
+            self.bar.close()                           # before any last line is printed
         for future in self.in_flight:        # K reached: jobs still running are not needed
             future.cancel()
         self.save()

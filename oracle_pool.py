@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -796,8 +797,10 @@ class OracleJournal:
         try:
             self._db = sqlite3.connect(path, timeout=60.0, check_same_thread=False,
                                        isolation_level=None)   # autocommit: put() is durable
+            # computed: how many times the job ran to a result; more than 1 only when two
+            # runs asked at once (a check that a resumed run recomputes nothing)
             self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, "
-                             "kind TEXT, n_atoms INTEGER, result TEXT)")
+                             "kind TEXT, n_atoms INTEGER, computed INTEGER, result TEXT)")
         except sqlite3.DatabaseError as err:
             raise data.DataError(f"{path}: not an oracle journal ({err}); move it away, or "
                                  "name another file with --oracle_journal") from None
@@ -818,9 +821,15 @@ class OracleJournal:
     def put(self, key, result):
         n_atoms = None if result.forces is None else len(result.forces)
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
+            self._db.execute("INSERT INTO results VALUES (?, ?, ?, 1, ?) ON CONFLICT(key) "
+                             "DO UPDATE SET computed = computed + 1",
                              (key, result.kind, n_atoms, result_to_json(result)))
             self.n_stored += 1
+
+    def times_computed(self):
+        """[how many times each stored result was computed] (all 1: nothing twice)."""
+        with self._lock:
+            return [n for (n,) in self._db.execute("SELECT computed FROM results")]
 
     def close(self):
         with self._lock:
@@ -830,13 +839,16 @@ class OracleJournal:
 class JournalledPool:
     """A pool (Local, Dask or a simulated one) whose results pass through an OracleJournal.
     submit() of a question the journal answers returns that result at once (the same
-    energy, forces and seconds as when it was computed); any other job runs in the pool,
-    and its result is written to the journal before its future is done, so that whatever
-    reads the future can be killed without losing it. Same API as the pool it wraps."""
+    energy, forces and seconds as when it was computed); a question already running shares
+    that job's answer; any other job runs in the pool, and its result is written to the
+    journal before its future is done, so that whatever reads the future can be killed
+    without losing it. Same API as the pool it wraps."""
 
     def __init__(self, pool, journal):
         self.pool, self.journal = pool, journal
         self.settings = pool.result_settings
+        self._running = {}                 # key -> [(future, conf_id)] waiting for that job
+        self._lock = threading.Lock()
 
     def __getattr__(self, name):          # n_parallel, worker_pids, ...: the pool's own
         return getattr(self.pool, name)
@@ -845,32 +857,40 @@ class JournalledPool:
         return self.submit_job(make_job(conf, conf_id, kind, charge, multiplicity))
 
     def submit_job(self, message):
-        key = job_key(message, self.settings)
-        future = Future()
+        key, future = job_key(message, self.settings), Future()
         stored = self.journal.get(key)
         if stored is not None:
             stored.conf_id = message["conf_id"]
             self.journal.n_reused += 1
             future.set_result(stored)
             return future
-        inner = self.pool.submit_job(message)
-
-        def journal_then_settle(inner):   # in the pool's thread, when the job ends
-            if inner.cancelled():
-                future.cancel()
-                return
-            result = inner.result()
-            if result.ok:
-                try:
-                    self.journal.put(key, result)
-                except sqlite3.Error as err:
-                    print(f"warning: could not write {self.journal.path} ({err}); the "
-                          "result is used but not kept", file=sys.stderr)
-            _settle(future, result)
-
-        inner.add_done_callback(journal_then_settle)
-        future.add_done_callback(lambda f: f.cancelled() and inner.cancel())  # still queued: drop it
+        with self._lock:
+            waiting = self._running.setdefault(key, [])
+            waiting.append((future, message["conf_id"]))
+            if len(waiting) > 1:           # the same question is running: its answer
+                return future
+        self.pool.submit_job(message).add_done_callback(
+            lambda job: self._journal_then_settle(key, job))
         return future
+
+    def _journal_then_settle(self, key, job):
+        """In the pool's thread, when a job ends: keep a success, then answer every future
+        that waits for it."""
+        with self._lock:
+            waiting = self._running.pop(key)
+        if job.cancelled():                # cancelled while queued (the pool closed)
+            for future, _ in waiting:
+                future.cancel()
+            return
+        result = job.result()
+        if result.ok:
+            try:
+                self.journal.put(key, result)
+            except sqlite3.Error as err:
+                print(f"warning: could not write {self.journal.path} ({err}); the result "
+                      "is used but not kept", file=sys.stderr)
+        for future, conf_id in waiting:
+            _settle(future, dataclasses.replace(result, conf_id=conf_id))
 
     def close(self):
         try:
