@@ -259,9 +259,8 @@ def add_oracle_args(parser):
     group.add_argument("--opt_coordinates", choices=OPT_COORDINATES,
                        default=DEFAULT_OPT_COORDINATES,
                        help="coordinates of Psi4's optimizer, optking's opt_coordinates "
-                            "(default: %(default)s, as App. E implies for nablaDFT's "
-                            "trajectories; redundant: optking's own default, our reading of "
-                            "App. E for SPICE). xTB's BFGS is Cartesian only")
+                            "(default: %(default)s, as App. E implies for nablaDFT's data; "
+                            "redundant: optking's own default). xTB's BFGS is Cartesian only")
     group.add_argument("--oracle_journal", default=None,
                        help="SQLite file that keeps every finished oracle result, keyed by "
                             "its question (elements, positions, charge, multiplicity, "
