@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import safe_io
+from safe_io import DataError   # noqa: F401  (data.DataError: bad input, one line)
+
 HARTREE_TO_KCAL = 627.509474          # kcal/mol per Hartree
 BOHR_TO_ANGSTROM = 0.529177210903     # Angstrom per Bohr
 MAX_Z = 100                           # elements the model embeds (painn.MAX_Z)
 ENERGY_KINDS = ("auto", "total", "formation")
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and row, and what to do."""
 
 
 @dataclass
@@ -213,7 +212,6 @@ def rewrite_sorted(path, sort_key):
     own ctime and user columns get the rewrite's. Nothing is done if the rows are already
     in order with ids 1..n. Returns True if the db was rewritten."""
     import ase.db
-    import safe_io     # here, not at the top: safe_io imports this module (DataError)
     db = ase.db.connect(path, type="db")
     rows = list(db.select())
     ordered = sorted(rows, key=sort_key)                   # sorted() is stable

@@ -12,19 +12,11 @@
 
 For every test conformation s (rows carry `optimal_energy`, the DFT minimum E_opt): the NNP
 optimizes s_0 .. s_T in batches, and the genuine oracle labels s_t at the eval steps
-(E_0 from the db when the row has an energy). Then, with E_t = E^DFT(s_t):
-    pct(s_t)   = 100 (E_0 - E_t) / (E_0 - E_opt)             Eq. 4, % of the optimization
-    E_res(s_t) = E_t - E_opt                                 Eq. 6, kcal/mol
-    diverged   : E_t > E_0 (the optimization made it worse), or the oracle failed at s_t
-    success    : E_res(s_t) < 1 kcal/mol                     Eq. 8, chemical accuracy
-pct, E_res and success are averaged over the conformations that did not diverge; pct_div is
-the share of those that did (a failed oracle at s_0, no E_0, counts as diverged too). Per
-step (Fig. 3), pct_div_t is the share diverged at t, and the means are over the conformations
-that did not diverge at T, at every t (Sec. 6). A row whose reference optimization did not
-converge (key converged False) is not scored, only counted. Table cells carry 95 % percentile
-bootstrap intervals over conformations. COV / MAT (Appendix F): per molecule, the share of
-DFT-optimal conformations with an NNP-optimized one within RMSD delta, and the mean smallest
-RMSD.
+(E_0 from the db when the row has an energy). metrics.py scores E_t = E^DFT(s_t): pct
+(Eq. 4), E_res (Eq. 6), pct_div (E_t > E_0, or no E_t, or no E_0), pct_success (Eq. 8),
+per step as Sec. 6 (Fig. 3), with 95 % percentile bootstrap intervals over conformations,
+and COV / MAT (Appendix F) on this module's symmetry-aware RMSD. A row whose reference
+optimization did not converge (key converged False) is not scored, only counted.
 """
 import argparse
 import dataclasses
@@ -38,6 +30,7 @@ import numpy as np
 import torch
 
 import data
+import metrics
 import optimizers
 import oracle_pool
 import oracles
@@ -50,107 +43,8 @@ EVAL_STEPS = "1,2,3,5,8,13,21,30,50,75,100"
 
 
 # ---------------------------------------------------------------------------------------
-# The metrics (pure functions of energies in Hartree)
+# RMSD for COV / MAT (App. F; the metrics themselves: metrics.py)
 # ---------------------------------------------------------------------------------------
-
-def pct_of_optimization(e0, et, e_opt):
-    """Eq. 4: percentage of the DFT optimization s_0 -> s_opt the NNP achieved at s_t."""
-    return 100.0 * (e0 - et) / (e0 - e_opt)
-
-
-def residual_energy(et, e_opt):
-    """Eq. 6: E_res(s_t) = E_t - E_opt, in kcal/mol."""
-    return (et - e_opt) * data.HARTREE_TO_KCAL
-
-
-def aggregate(e0, et, e_opt):
-    """Table 2's numbers for one step over many conformations (arrays of Hartree). Diverged
-    conformations count in pct_div only; the others give pct (mean, std), E_res (mean) and
-    pct_success. Diverged = E_t > E_0, or no E_t at all (NaN: the oracle failed at s_t,
-    which in practice means the SCF did not converge on atoms the NNP pulled apart), or no
-    E_0 (NaN: the oracle failed at s_0 of a db without energies; counted as n_no_e0)."""
-    e0, et, e_opt = (np.asarray(x, dtype=np.float64) for x in (e0, et, e_opt))
-    failed = ~np.isfinite(et)
-    diverged = failed | ~np.isfinite(e0) | (et > e0)
-    keep = ~diverged
-    pct = pct_of_optimization(e0[keep], et[keep], e_opt[keep])
-    e_res = residual_energy(et[keep], e_opt[keep])
-    n = len(et)
-    nan = float("nan")
-    return {"n": int(n), "n_failed": int(failed.sum()), "n_no_e0": int((~np.isfinite(e0)).sum()),
-            "pct_mean": float(pct.mean()) if keep.any() else nan,
-            "pct_std": float(pct.std()) if keep.any() else nan,
-            "pct_div": float(100.0 * diverged.mean()) if n else nan,
-            "e_res_mean_kcal_mol": float(e_res.mean()) if keep.any() else nan,
-            "pct_success": float(100.0 * (e_res < 1.0).mean()) if keep.any() else nan,
-            # the same successes over all n conformations (a diverged one never succeeds)
-            "pct_success_all": float(100.0 * (e_res < 1.0).sum() / n) if n else nan}
-
-
-# aggregate's numbers that summary.json holds at s_T and per eval step
-STEP_METRICS = ("pct_mean", "pct_std", "pct_div", "e_res_mean_kcal_mol", "pct_success",
-                "pct_success_all")
-# the ones whose 95 % bootstrap interval summary.json and the table carry
-INTERVAL_METRICS = ("pct_mean", "pct_div", "e_res_mean_kcal_mol", "pct_success",
-                    "pct_success_all")
-
-
-def aggregate_steps(e0, e_steps, e_opt):
-    """Figure 3's curves: aggregate's numbers at every eval step, e_steps [n, n_steps]
-    Hartree (NaN: oracle failed), its last column s_T. As Sec. 6: pct_div_t is the share of
-    all n diverged at t (E_t > E_0, or no E_t, or no E_0); pct_t, E_res_t and the successes
-    are over the conformations that did not diverge at T, the same set at every t (one that
-    diverged at T is left out at every t; a kept one with E_t > E_0 at t < T counts with its
-    negative pct_t; one whose oracle failed at t < T only is left out at t: n_failed).
-    The last step is exactly aggregate(e0, e_steps[:, -1], e_opt). Also the p10/p50/p90 of
-    pct_t over the kept set (Fig. 3's band)."""
-    e0, e_steps, e_opt = (np.asarray(x, dtype=np.float64) for x in (e0, e_steps, e_opt))
-    n = len(e0)
-    e_T = e_steps[:, -1] if n else np.zeros(0)
-    keep_T = np.isfinite(e0) & np.isfinite(e_T) & ~(e_T > e0)         # [n]
-    out = []
-    for t in range(e_steps.shape[1]):
-        et = e_steps[:, t]
-        step = aggregate(e0, et, e_opt)          # n, n_failed, pct_div at t (over all n)
-        scored = keep_T & np.isfinite(et)        # the T-kept set, with an E_t
-        pct = pct_of_optimization(e0[scored], et[scored], e_opt[scored])
-        e_res = residual_energy(et[scored], e_opt[scored])
-        has = scored.any()
-        nan = float("nan")
-        step.update({
-            "pct_mean": float(pct.mean()) if has else nan,
-            "pct_std": float(pct.std()) if has else nan,
-            "e_res_mean_kcal_mol": float(e_res.mean()) if has else nan,
-            "pct_success": float(100.0 * (e_res < 1.0).mean()) if has else nan,
-            "pct_success_all": float(100.0 * (e_res < 1.0).sum() / n) if n else nan,
-            **{f"pct_p{q}": float(np.percentile(pct, q)) if has else nan for q in (10, 50, 90)}})
-        out.append(step)
-    return out
-
-
-def bootstrap_interval(columns, statistic, n_resamples=2000, seed=0, level=95.0):
-    """Percentile bootstrap interval over conformations: draw n of the n rows with
-    replacement (the same rows of every column, so pct_div and the means over the
-    non-diverged of one resample come from one resampled test set), n_resamples times
-    (numpy default_rng(seed)), and take the (100-level)/2 and (100+level)/2 percentiles of
-    statistic(*resampled columns). statistic returns a float or a dict of floats; returns
-    [lo, hi] or {key: [lo, hi]}. Resamples where a statistic is NaN (e.g. all diverged) are
-    left out of its percentiles; [nan, nan] if none is left."""
-    columns = [np.asarray(c) for c in columns]
-    n = len(columns[0])
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_resamples, n)) if n else np.zeros((0, 0), dtype=int)
-    values = [statistic(*(c[i] for c in columns)) for i in idx]        # [n_resamples]
-    q = [(100.0 - level) / 2, (100.0 + level) / 2]
-
-    def interval(v):
-        v = np.asarray(v, dtype=np.float64)
-        v = v[np.isfinite(v)]
-        return [float(x) for x in np.percentile(v, q)] if len(v) else [float("nan")] * 2
-    if values and isinstance(values[0], dict):
-        return {k: interval([v[k] for v in values]) for k in values[0]}
-    return interval(values)
-
 
 def best_rmsd(conf_a_positions, conf_b_positions, smiles, numbers):
     """Symmetry-aware RMSD (RDKit GetBestRMS, the paper's GetBestRMSD) of two conformations
@@ -193,14 +87,6 @@ def molecule_identity(conf):
     if conf.smiles:
         return conf.smiles, mol
     return "perceived:" + Chem.MolToSmiles(Chem.RemoveHs(mol), isomericSmiles=False), mol
-
-
-def coverage_and_matching(generated, reference, rmsd, delta=0.5):
-    """Appendix F for one molecule: COV = share of reference conformations with a generated
-    one within RMSD < delta (A); MAT = mean over references of the smallest RMSD."""
-    d = np.array([[rmsd(g, r) for g in generated] for r in reference])   # [n_ref, n_gen]
-    closest = d.min(axis=1)
-    return float(100.0 * (closest < delta).mean()), float(closest.mean())
 
 
 # ---------------------------------------------------------------------------------------
@@ -420,13 +306,14 @@ def summarize(args, records, confs_by_id):
     e_opt = np.array([r["e_opt"] for r in records])                                   # [n]
     e_steps = np.array([[nan if e is None else e for e in r["energy_dft"]] for r in records],
                        dtype=np.float64).reshape(len(records), len(steps))         # [n, n_steps]
-    per_step = aggregate_steps(e0, e_steps, e_opt)
-    final = per_step[-1] if per_step else aggregate([], [], [])
+    per_step = metrics.aggregate_steps(e0, e_steps, e_opt)                  # Fig. 3, Sec. 6
+    final = per_step[-1] if per_step else metrics.aggregate([], [], [])     # Table 2
     e_T = e_steps[:, -1] if len(steps) else np.zeros(0)
-    intervals = bootstrap_interval(
-        (e0, e_T, e_opt), lambda *cols: {k: aggregate(*cols)[k] for k in INTERVAL_METRICS},
+    intervals = metrics.bootstrap_interval(
+        (e0, e_T, e_opt),
+        lambda *cols: {k: metrics.aggregate(*cols)[k] for k in metrics.INTERVAL_METRICS},
         args.n_bootstrap, seed=args.bootstrap_seed) if records else {}
-    kept = np.isfinite(e0) & np.isfinite(e_T) & ~(e_T > e0)
+    kept = ~metrics.diverged(e0, e_T)                                       # [n]
 
     def mse_stats(key, i):
         v = np.array([r[key][i] for r in records if r[key][i] is not None])
@@ -443,7 +330,7 @@ def summarize(args, records, confs_by_id):
                "n_no_e0": final["n_no_e0"],                 # oracle failed at s_0: diverged
                "n_failed_oracle": sum(1 for r in records if r["failures"]),   # at any step
                "n_failed_oracle_T": final["n_failed"],      # at s_T: counted in pct_div
-               **{k: final[k] for k in STEP_METRICS},
+               **{k: final[k] for k in metrics.STEP_METRICS},
                **{f"{k}_ci95": [None if np.isnan(x) else x for x in intervals[k]]
                   for k in intervals},
                "bootstrap": {"method": "percentile interval, resampling conformations",
@@ -453,11 +340,11 @@ def summarize(args, records, confs_by_id):
     if args.model == "rdkit":
         summary["n_mmff_unconverged"] = sum(r.get("mmff_converged") is False for r in records)
         summary["mmff_max_iters"] = args.mmff_max_iters
-    for key in STEP_METRICS + ("pct_p10", "pct_p50", "pct_p90", "n_failed"):
+    for key in metrics.STEP_METRICS + ("pct_p10", "pct_p50", "pct_p90", "n_failed"):
         summary[f"{key}_per_step"] = [s[key] for s in per_step]
     # Figure 2's violin: pct_T of every conformation that did not diverge at T
     summary["pct_T_values"] = [float(x) for x in
-                               pct_of_optimization(e0[kept], e_T[kept], e_opt[kept])]
+                               metrics.pct_of_optimization(e0[kept], e_T[kept], e_opt[kept])]
     summary["energy_mse_kcal_mol2_per_step"] = [mse_stats("energy_mse_kcal_mol2", i)
                                                 for i in range(len(steps))]
     summary["forces_mse_kcal_mol_A2_per_step"] = [mse_stats("forces_mse_kcal_mol_A2", i)
@@ -489,7 +376,7 @@ def cov_mat(args, records, confs_by_id):
         gen = [(mol, g) for mol, g, _ in rows]
         ref = [(mol, o) for mol, _, o in rows]
         rmsd = lambda a, b: best_rmsd_of_graphs(*a, *b)   # noqa: E731
-        cov, mat = coverage_and_matching(gen, ref, rmsd, args.cov_delta)
+        cov, mat = metrics.coverage_and_matching(gen, ref, rmsd, args.cov_delta)
         covs.append(cov)
         mats.append(mat)
     identity = ("SMILES key" if all(c.smiles for c in refs) else

@@ -146,8 +146,8 @@ def parse_args(argv=None):
                              "App. D gives no number)")
     parser.add_argument("--butina_threshold", type=float, default=1.25,
                         help="butina: heavy-atom RMSD (Angstrom) within which conformations are "
-                             "neighbours (our choice: 2.9 centroids per molecule of 17-35 atoms "
-                             "of data/moses_sample.smi, nablaDFT: 2.5)")
+                             "neighbours (our choice: 3.1-3.2 centroids per molecule of 17-35 "
+                             "atoms of data/moses_sample.smi in run.sh's D0s, nablaDFT: 2.5)")
     parser.add_argument("--butina_coverage", type=float, default=0.95,
                         help="butina: the kept clusters hold at least this share of the "
                              "conformations (App. D: 95%%)")

@@ -186,8 +186,8 @@ def _settle(future, result):
 def worker_main(job_fd, result_fd):
     """Child side. Reads the settings, then jobs (dicts) until None or the parent is gone;
     sends ('ready', pid), then per job zero or more ('step', energy, gradient, positions)
-    and one ('done', payload) or ('failed', reason). An xTB worker never imports Psi4
-    (~1 s); its threads are OMP_NUM_THREADS, set by OracleWorker."""
+    and one ('done', payload) or ('failed', reason). An xTB worker never imports Psi4 (a
+    slow import); its threads are OMP_NUM_THREADS, set by OracleWorker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to handle
     jobs = multiprocessing.connection.Connection(job_fd, writable=False)
     results = multiprocessing.connection.Connection(result_fd, readable=False)
@@ -599,11 +599,12 @@ def engines_plugin():
     """The Dask worker plugin that keeps each Dask worker's engine processes: per pool
     setting (method, threads, memory, timeout, retries, max_opt_steps, psi4_options), a
     LocalOraclePool with one engine per Dask thread, started by the first task that needs
-    it and reused by the next ones (an engine starts in 0.4 s for xTB, 1-1.5 s for Psi4:
-    tens of xTB gradients). The engines are children of the Dask worker, so a segfault or
+    it and reused by the next ones (an engine's start costs many xTB gradients:
+    benchmarks/oracle_pool.py --dask, an engine per task against engines kept, in
+    benchmarks/README.md). The engines are children of the Dask worker, so a segfault or
     a stuck SCF costs one engine, which the pool replaces, never the Dask worker. Closed
     with the worker. Defined in a function: an engine process, which runs this file,
-    starts without importing distributed (~0.7 s)."""
+    starts without importing distributed (a slow import)."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class OracleEngines(WorkerPlugin):
@@ -658,8 +659,8 @@ class DaskOraclePool:
     machine with this repo and Psi4 (or tblite), from the repo directory, `PYTHONPATH=.
     dask worker tcp://HOST:8786 --nthreads N` (N jobs at a time, each with `threads`
     threads). Each Dask worker keeps N engine processes per pool setting (engines_plugin,
-    registered here), so a task costs ~15 ms more than a local job (Dask's scheduling;
-    benchmarks/oracle_pool.py --dask). Same arguments and API as LocalOraclePool; scratch
+    registered here), so a task costs only Dask's scheduling more than a local job
+    (benchmarks/oracle_pool.py --dask; benchmarks/README.md). Same arguments and API as LocalOraclePool; scratch
     is each Dask worker's $PSI_SCRATCH or /tmp."""
 
     def __init__(self, scheduler, method=oracles.DEFAULT_METHOD, threads=1, memory="2 GB",
@@ -1017,8 +1018,8 @@ def usable_cores(sample_seconds=0.05, proc="/proc", cgroup="/sys/fs/cgroup"):
         return allowed, allowed      # no /proc/stat (not Linux): assume the cores are free
     if total1 <= total0:
         return allowed, allowed
-    # a core is free when >= 3/4 idle: a thread too many cost ~10x, one too few <= 2x
-    # (benchmarks/threads.py)
+    # a core is free when >= 3/4 idle: a thread too many costs more than one too few
+    # (benchmarks/threads.py; benchmarks/README.md, "Threads beside other work")
     idle_cores = len(cpus) * (idle1 - idle0) / (total1 - total0)
     return allowed, max(1, min(allowed, int(idle_cores + 0.25)))
 

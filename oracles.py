@@ -45,23 +45,25 @@ import data
 DEFAULT_METHOD = "wb97x-d/def2-svp"   # the paper's level of theory, and nablaDFT's
 XTB_METHODS = {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB"}   # --oracle_method -> tblite
 # SCC convergence of tblite (1 is its default; smaller is tighter). xtb pairs 0.2 and 0.05
-# with gradient thresholds around Psi4's 3e-4 Hartree/Bohr ("tight", "vtight"). Measured
-# on 34 atoms: 0.1 keeps the gradient within 2e-8 Hartree/Bohr of its converged value
-# (1: 3e-6), for ~15% more time than 1.
+# with gradient thresholds around Psi4's 3e-4 Hartree/Bohr ("tight", "vtight"); 0.1 keeps
+# the gradient converged far below that threshold for little more time than 1
+# (docs/oracles.md).
 XTB_ACCURACY = 0.1
 # Optimizations stop when every atom's force is below Psi4's default (QCHEM) max force,
 # 3e-4 Hartree/Bohr = 3e-4 * 27.2114 eV / 0.529177 A = 0.0154 eV/A. ASE compares each
 # atom's force norm, Psi4 the largest internal-coordinate force: ours is the tighter test.
 XTB_MAX_FORCE = 3e-4            # Hartree/Bohr
 # Most gradients of an optimization (--max_opt_steps). Sec. 3 runs the genuine oracle's
-# optimizations until they converge, and App. D's nablaDFT trajectories (Cartesian
-# coordinates) average ~100 steps, so a cap near 100 would cut about half of them short:
-# Psi4's 1000 is a safety cap (optking's own geom_maxiter is 50). ASE's BFGS took 95-320
-# steps on molecules of 30-40 atoms from ETKDG (docs/oracles.md): 500 for xTB.
+# optimizations until they converge, and App. D's nablaDFT trajectories average ~100
+# steps, so a cap near 100 would cut about half of them short: Psi4's 1000 is a safety cap
+# (optking's own geom_maxiter is 50). ASE's BFGS takes a few hundred steps on drug-like
+# molecules from ETKDG (docs/oracles.md): 500 for xTB.
 DEFAULT_MAX_OPT_STEPS = {"psi4": 1000, "xtb": 500}
-# Coordinates of Psi4's optimizer (optking's opt_coordinates). App. D: the nablaDFT
-# trajectories behind D_traj were optimized in Cartesian coordinates; optking's own default
-# is redundant internals. xTB's BFGS (ASE) works in Cartesian coordinates only.
+# Coordinates of Psi4's optimizer (optking's opt_coordinates). The paper names no
+# coordinates for nablaDFT's trajectories behind D_traj; App. E says SPICE's DFT
+# trajectories were optimized "in spherical coordinates instead of Cartesian", which implies
+# nablaDFT's were Cartesian. optking's own default is redundant internals (our reading of
+# App. E for SPICE). xTB's BFGS (ASE) works in Cartesian coordinates only.
 OPT_COORDINATES = ("cartesian", "redundant", "internal", "delocalized", "natural", "both")
 DEFAULT_OPT_COORDINATES = "cartesian"
 
@@ -118,8 +120,8 @@ def psi4_gradient(psi4, method, numbers, positions, charge, multiplicity):
 def psi4_optimize(psi4, method, numbers, positions, charge, multiplicity, max_steps, on_step,
                   opt_coordinates=DEFAULT_OPT_COORDINATES):
     """Psi4's geometry optimizer (optking, its default criteria) from `positions`, in
-    `opt_coordinates` (optking's option: cartesian as App. D's trajectories, or redundant,
-    optking's own default; OPT_COORDINATES lists them).
+    `opt_coordinates` (optking's option: cartesian, as App. E implies for nablaDFT's
+    trajectories, or redundant, optking's own default; OPT_COORDINATES lists them).
 
     Calls on_step(energy Hartree, gradient [n_atoms, 3] Hartree/Bohr, positions [n_atoms, 3]
     Angstrom) for every gradient it evaluates, the starting conformation first. Returns
@@ -174,7 +176,7 @@ class XTBCalculator(Calculator):
     """ASE calculator over one tblite calculator, for ASE's optimizers (eV, eV/A). Every
     evaluation goes to on_step(energy Hartree, gradient [n_atoms, 3] Hartree/Bohr,
     positions [n_atoms, 3] Angstrom), the positions exactly those tblite was given. Each
-    SCC starts from the previous step's density (~1.5 times faster)."""
+    SCC starts from the previous step's density, which converges it faster."""
     implemented_properties = ["energy", "forces"]
 
     def __init__(self, xtb, on_step):
@@ -202,7 +204,7 @@ def xtb_optimize(method, numbers, positions, charge, multiplicity, options, max_
     trajectory; it needed as many or fewer steps than LBFGS and far fewer than FIRE on
     drug-like molecules. Calls on_step for every gradient (see XTBCalculator). Returns
     (converged, message); running out of steps is converged=False, not an error."""
-    from ase.optimize import BFGS    # imports scipy (~0.5 s): only workers that optimize
+    from ase.optimize import BFGS    # imports scipy, a slow import: only workers that optimize
     atoms = Atoms(numbers=np.asarray(numbers),
                   positions=np.asarray(positions, dtype=np.float64))
     atoms.calc = XTBCalculator(
@@ -262,11 +264,11 @@ def add_oracle_args(parser, optimize=True):
                        help="most steps (gradients) of an optimization (default: 1000 for "
                             "Psi4, as geom_maxiter: a safety cap, the paper optimizes to "
                             "convergence and App. D's trajectories average ~100 steps; 500 "
-                            "for xTB, whose Cartesian BFGS took 95-320 on 30-40 atoms)")
+                            "for xTB, whose Cartesian BFGS takes a few hundred: docs/oracles.md)")
     group.add_argument("--opt_coordinates", choices=OPT_COORDINATES,
                        default=DEFAULT_OPT_COORDINATES,
                        help="coordinates of Psi4's optimizer, optking's opt_coordinates "
-                            "(default: %(default)s, as App. D's nablaDFT trajectories; "
+                            "(default: %(default)s, as App. E implies for nablaDFT's data; "
                             "redundant: optking's own default). xTB's BFGS is Cartesian only")
     return parser
 
@@ -345,7 +347,8 @@ class MMFFSurrogate:
     """MMFF94 energy of one molecule at any positions; the force field is built once.
 
     ForceField.CalcEnergy takes a flat position list, so a new conformation costs one call:
-    ~25 us for a 36-atom molecule (benchmarks/mmff.py; the paper quotes ~120 us)."""
+    tens of microseconds (benchmarks/mmff.py, its numbers in benchmarks/README.md; the paper
+    quotes ~120 us)."""
 
     def __init__(self, conf):
         self.mol = rdkit_molecule(conf)

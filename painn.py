@@ -105,10 +105,10 @@ def group_molecules(counts, max_pairs):
     Returns [(first, end)] molecule ranges.
 
     One group is one pass of the network, with its own autograd graph. Small groups keep the
-    [n_pairs, ...] tensors small, and so cheap: glibc's malloc hands out blocks above 32 MB
-    as fresh pages from the kernel, zeroed and faulted in again on every call (here ~15x
-    the cost of streaming the same bytes), while smaller blocks are recycled. In one pass,
-    64 molecules of 36 atoms cost ~2x more per molecule than 8 (benchmarks/painn.py)."""
+    [n_pairs, ...] tensors small, and so cheap: glibc's malloc hands out blocks above its
+    mmap threshold (32 MB at most) as fresh pages from the kernel, zeroed and faulted in
+    again on every call, while smaller blocks are recycled (the cost per molecule, one pass
+    against groups: benchmarks/README.md, "Why groups")."""
     groups, start, pairs = [], 0, 0
     for m, n in enumerate(counts):
         if m > start and pairs + n * (n - 1) > max_pairs:
@@ -317,8 +317,8 @@ class PaiNN(nn.Module):
 
         The cutoff multiplies the (n_rbf + 1)-wide input instead of the wide output:
         (rbf W^T + b) f_c = [rbf f_c, f_c] [W, b]^T, one matrix product. (Scaling the rows
-        of the wide output, and its gradient, is a slow broadcast on CPU: ~7x a plain
-        elementwise product in float32.)"""
+        of the wide output, and its gradient, is a broadcast, slower on CPU than a plain
+        elementwise product.)"""
         fc = cosine_cutoff(d, self.cutoff)[:, None]                       # [n, 1]
         rbf = torch.cat([bessel_rbf(d, self.rbf_frequencies), torch.ones_like(fc)], dim=1)
         weight = torch.cat([self.filter_net.weight, self.filter_net.bias[:, None]], dim=1)
@@ -411,11 +411,11 @@ def from_official_state_dict(sd):
 # `subtract_atomization_energy` says the network was trained on E - sum_i ref[z_i], with the
 # `atomrefs` stored in that db's metadata (Hartree). Both kinds of db were labelled by the
 # same oracle, wB97X-D/def2-SVP (App. E: "the same DFT-based oracle"; the GOLF-SPICE branch's
-# dft_worker), and both hold nablaDFT's atomrefs. Measured on ethanol at three geometries
-# (benchmarks/official_spice_level.py; tests/test_calculator.py), the SPICE models follow
-# wB97X-D/def2-SVP's forces (RMSE 0.8-2.3 kcal/mol/A) and not those of SPICE's own level,
-# wB97M-D3BJ/def2-TZVPPD (6.4-7.0); with NABLADFT_ATOMREFS added they give its total energy
-# to 0.6-1.9 kcal/mol (SPICE's atomrefs would be 165 kcal/mol off).
+# dft_worker), and both hold nablaDFT's atomrefs. On ethanol at three geometries
+# (benchmarks/official_spice_level.py; its numbers in models/official/README.md, checked by
+# tests/test_calculator.py), the SPICE models follow wB97X-D/def2-SVP's forces and not
+# those of SPICE's own level, wB97M-D3BJ/def2-TZVPPD, and with NABLADFT_ATOMREFS added they
+# give wB97X-D/def2-SVP's total energy; SPICE's atomrefs would not.
 OFFICIAL_TRAINING_SETS = {
     # training set: (level of the model's energies, atomrefs the network was trained without)
     "nablaDFT": ("wB97X-D/def2-SVP", NABLADFT_ATOMREFS),

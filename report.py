@@ -1,6 +1,7 @@
 """What evaluate.py measured, as the paper shows it: Table 2, the claims, Figures 1-3, and
-the 3D page of Appendix H. Every number comes from summary.json and per_conformation.jsonl
-(evaluate.py's docstring defines them); nothing here scores anything.
+the 3D page of Appendix H. Every number comes from summary.json and per_conformation.jsonl,
+scored by metrics.py (Eq. 4-8, its bootstrap): the claims and the page's pct_T call it,
+nothing here defines a metric.
 
     format_table([(name, summary), ...])          Table 2 as text: a row per model, cells
                                                   `value [lo, hi]` with 95 % intervals
@@ -36,6 +37,7 @@ import numpy as np
 from rdkit import Chem
 
 import data
+import metrics
 import oracles
 import safe_io
 
@@ -97,7 +99,8 @@ BESIDE_METRIC = ("of all", +1, "points")
 # "A matches or beats B" on a metric: the 95 % interval of the difference in A's favour
 # lies above -margin (non-inferiority). Our margins: 5 points of a percentage, and 1 kcal/mol
 # of E_res (Eq. 8's chemical accuracy).
-MATCH_MARGINS = {"pct_T": 5.0, "pct_div": 5.0, "E_res": 1.0, "pct_success": 5.0}
+MATCH_MARGINS = {"pct_T": 5.0, "pct_div": 5.0, "E_res": metrics.CHEMICAL_ACCURACY,
+                 "pct_success": 5.0}
 CLAIM_RULES = ("A beats B on a metric when the 95 % paired bootstrap interval of the "
                "difference, taken so that positive favours A, lies above 0; it fails when the "
                "interval lies below 0; not shown otherwise. A matches or beats B when the "
@@ -121,7 +124,7 @@ def parse_claim(spec):
     """'TITLE: A > B; C >= D [@ metric, ...]' -> Claim. A > B: A beats B; A >= B: A
     matches or beats B; after @, the metrics the claim is made in."""
     title, sep, body = spec.partition(": ")
-    body, _, metrics = body.partition("@")
+    body, _, after = body.partition("@")
     comparisons = []
     for part in filter(None, (p.strip() for p in body.split(";"))):
         for relation in (" >= ", " > "):
@@ -133,7 +136,7 @@ def parse_claim(spec):
             comparisons = []
             break
     names = {m for m, _, _ in CLAIM_METRICS}
-    decided_on = tuple(m.strip() for m in metrics.split(",") if m.strip()) or None
+    decided_on = tuple(m.strip() for m in after.split(",") if m.strip()) or None
     if not sep or not comparisons or (decided_on and not set(decided_on) <= names):
         raise data.DataError(f"--claim {spec!r}: write 'TITLE: A > B; C >= D [@ metric]' "
                              f"(> beats, >= matches or beats; metrics: {', '.join(sorted(names))})")
@@ -160,34 +163,10 @@ def role_claims(roles):
     return out
 
 
-def claim_metrics(energies, weights):
-    """The paper's metrics of one model under bootstrap weights. energies: (e0, e_T, e_opt),
-    each [n_seeds, n] Hartree (NaN: no energy); weights [n_resamples, n]: how often each
-    conformation is drawn. Returns {metric: [n_resamples]}; a model's seeds are pooled (its
-    conformations of every seed together)."""
-    e0, e_T, e_opt = (np.asarray(x, dtype=np.float64) for x in energies)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        diverged = ~np.isfinite(e0) | ~np.isfinite(e_T) | (e_T > e0)          # [S, n]
-        kept = ~diverged
-        pct = np.where(kept, 100.0 * (e0 - e_T) / (e0 - e_opt), 0.0)           # Eq. 4
-        e_res = np.where(kept, (e_T - e_opt) * data.HARTREE_TO_KCAL, 0.0)      # Eq. 6
-        success = kept & (e_res < 1.0)                                          # Eq. 8
-        n_all = weights.sum(axis=1) * e0.shape[0]                               # [R]
-        n_kept = weights @ kept.sum(axis=0)
-        return {"pct_T": weights @ pct.sum(axis=0) / n_kept,
-                "pct_div": 100.0 * (weights @ diverged.sum(axis=0)) / n_all,
-                "E_res": weights @ e_res.sum(axis=0) / n_kept,
-                "pct_success": 100.0 * (weights @ success.sum(axis=0)) / n_kept,
-                "of all": 100.0 * (weights @ success.sum(axis=0)) / n_all}
-
-
 def interval(values):
-    """(point, lo, hi): values[0] is the point estimate, values[1:] the bootstrap; the 2.5
-    and 97.5 percentiles of its finite values."""
-    boot = np.asarray(values[1:], dtype=np.float64)
-    boot = boot[np.isfinite(boot)]
-    lo, hi = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
-    return float(values[0]), float(lo), float(hi)
+    """(point, lo, hi): values[0] is the point estimate, values[1:] the bootstrap's 95 %
+    percentile interval (metrics.percentile_interval)."""
+    return (float(values[0]), *metrics.percentile_interval(values[1:]))
 
 
 def comparison_verdict(relation, metric, lo, hi, rates_a, rates_b, success_floor):
@@ -224,13 +203,13 @@ def check_claims(named_energies, claims, n_resamples=2000, seed=0, success_floor
     common = sorted(set.intersection(*(set(o) for n in needed for o in runs[n])))
     if not common:
         raise data.DataError("--claims: the runs scored no conformation in common")
-    draws = np.random.default_rng(seed).integers(0, len(common), size=(n_resamples, len(common)))
+    draws = metrics.resamples(len(common), n_resamples, seed)               # [R, n]
     weights = np.vstack([np.ones(len(common))] +                            # [R + 1, n]
                         [np.bincount(d, minlength=len(common)) for d in draws])
-    metrics = {}
+    values = {}                                     # name -> {metric: [R + 1]}
     for name in needed:
         stacked = np.array([[o[c] for c in common] for o in runs[name]], dtype=np.float64)
-        metrics[name] = claim_metrics(np.moveaxis(stacked, 2, 0), weights)   # [3, S, n]
+        values[name] = metrics.weighted_metrics(np.moveaxis(stacked, 2, 0), weights)  # [3, S, n]
 
     def show(value, unit, sign="+"):
         point, lo, hi = value
@@ -241,7 +220,7 @@ def check_claims(named_energies, claims, n_resamples=2000, seed=0, success_floor
              + ", ".join(f"{n} {len(runs[n])}" for n in needed), CLAIM_RULES]
     for name in needed:
         lines.append(f"  {name}: " + ", ".join(
-            f"{m} {show(interval(metrics[name][m]), unit, '')}"
+            f"{m} {show(interval(values[name][m]), unit, '')}"
             for m, _, unit in CLAIM_METRICS + (BESIDE_METRIC,)))
     for claim, absent in claims:
         if not isinstance(claim, Claim):
@@ -253,13 +232,13 @@ def check_claims(named_energies, claims, n_resamples=2000, seed=0, success_floor
             details.append(f"    {a} {'beats' if relation == '>' else 'matches or beats'} {b}:")
             for metric, sign, unit in CLAIM_METRICS + (BESIDE_METRIC,):
                 first, second = (a, b) if sign > 0 else (b, a)    # positive favours a
-                diff = interval(metrics[first][metric] - metrics[second][metric])
+                diff = interval(values[first][metric] - values[second][metric])
                 text = f"      {metric}: {first} - {second} = {show(diff, unit)} {unit}"
                 if (metric, sign, unit) == BESIDE_METRIC:
                     details.append(text + " (beside, no verdict)")
                     continue
                 verdict = comparison_verdict(relation, metric, diff[1], diff[2],
-                                             metrics[a][metric][0], metrics[b][metric][0],
+                                             values[a][metric][0], values[b][metric][0],
                                              success_floor)
                 per_metric[metric].append(verdict)
                 details.append(f"{text}: {verdict}")
@@ -446,9 +425,9 @@ def pct_of_final(e0, e_final, e_opt):
         return "no E_0"
     if e_final is None:
         return "no E_T"
-    if e_final > e0:
+    if metrics.diverged(e0, e_final):
         return "diverged"
-    return 100.0 * (e0 - e_final) / (e0 - e_opt)
+    return metrics.pct_of_optimization(e0, e_final, e_opt)
 
 
 def drawing_svg(conf, size=(220, 180)):
@@ -481,7 +460,7 @@ def caption(panel, e_opt):
     if panel["energy"] is None:
         energy = "E<sub>DFT</sub>: none (the oracle failed here)"
     else:
-        de = (panel["energy"] - e_opt) * data.HARTREE_TO_KCAL
+        de = metrics.residual_energy(panel["energy"], e_opt)                 # Eq. 6
         energy = (f"E<sub>DFT</sub> &minus; E<sub>opt</sub> = {de:+.2f} kcal/mol"
                   f"<br>E<sub>DFT</sub> = {panel['energy']:.6f} Ha")
     pct = ""

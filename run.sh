@@ -175,7 +175,7 @@ laptop)
     # drug-like molecules of 17-35 atoms (App. D) of data/moses_sample.smi, in file order:
     # test = the first 220 (one ETKDG conformation each, optimized by the oracle: the
     # official preset's test set, so the authors' models score on the same conformations),
-    # validation = the next 40, D0 = the next 900 (Butina centroids, ~2.9 a molecule).
+    # validation = the next 40, D0 = the next 900 (Butina centroids: 2912, 3.2 a molecule).
     SMILES=(--smiles data/moses_sample.smi --min_atoms 17 --max_atoms 35)
     TEST_SPLIT=(--max_molecules 220); TEST_SEL=(--conformers_per_molecule 1)
     TEST=runs/moses_test

@@ -8,6 +8,8 @@
     progress(total=..., desc=...)           a tqdm bar on a terminal, plain lines in a log
     with StopSignals() as stop: ...         SIGTERM and Ctrl-C: stop at a safe point, save,
                                             say how to continue (stop.check(), Interrupted)
+    raise DataError(...)                    bad input: one line that names the file and
+                                            what to do (also data.DataError)
 
 A genuine-oracle label costs CPU-minutes, so no stage may lose or corrupt one: dbs take one
 SQLite transaction per result (data.py), and every other output is either appended a
@@ -24,7 +26,12 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
-import data   # DataError: bad input, one line that names the file and what to do
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and row, and what to do (one line).
+    Here, in a module that imports no other module of this repository, so that data.py can
+    import this one (data.DataError is this class) without a cycle."""
+
 
 LOG_SECONDS = 30.0   # off a terminal, progress() writes a line at most this often
 
@@ -73,7 +80,7 @@ def output_lock(path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise data.DataError(f"{path} is being written by another process (PID {holder}); "
+            raise DataError(f"{path} is being written by another process (PID {holder}); "
                                  "wait for it to end, or write to another output") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -112,7 +119,7 @@ def read_jsonl(path):
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                raise data.DataError(f"{path}, line {number}: not JSON; fix or remove the "
+                raise DataError(f"{path}, line {number}: not JSON; fix or remove the "
                                      "line") from None
     if tail.strip():
         try:

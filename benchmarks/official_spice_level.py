@@ -11,7 +11,7 @@ are candidates:
 and two sets of atomrefs: nablaDFT's (painn.NABLADFT_ATOMREFS, wB97X-D/def2-SVP free atoms)
 and SPICE's (data.SPICE_ATOMREFS, wB97M-D3BJ/def2-TZVPPD free atoms).
 
-Ethanol at three geometries (tests/test_calculator.py: the MMFF one, and two with every atom
+Ethanol at three geometries (benchmarks/molecules.py: the MMFF one, and two with every atom
 moved by 0.05 A N(0, 1), seeds 1 and 2) is computed with Psi4 at both levels. Each model's
 output without atomrefs, E_net = E_model - sum_i ref[z_i], is then compared with
     (a) the total energy, E_net + atomrefs vs Psi4 (4 combinations of level and atomrefs);
@@ -50,11 +50,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 import data  # noqa: E402
 import oracles  # noqa: E402
 import painn  # noqa: E402
-from test_calculator import ETHANOL_GEOMETRIES, ETHANOL_Z  # noqa: E402
+import safe_io  # noqa: E402
+from molecules import ETHANOL_GEOMETRIES, ETHANOL_Z  # noqa: E402
 
 KCAL = data.HARTREE_TO_KCAL
 SVP = "wB97X-D/def2-SVP"
@@ -123,7 +123,7 @@ def main(argv=None):
 
     cache = {}
     if os.path.exists(args.cache):
-        cache = {(r["level"], r["geometry"]): r for r in data.read_jsonl(args.cache)}
+        cache = {(r["level"], r["geometry"]): r for r in safe_io.read_jsonl(args.cache)}
     todo = [(level, name) for level in args.levels for name in ETHANOL_GEOMETRIES
             if (level, name) not in cache]
     if any(level == TZVPPD for level, _ in todo):
@@ -145,7 +145,7 @@ def main(argv=None):
                   **psi4_single_point(psi4, level, ETHANOL_GEOMETRIES[name])}
         print(f"  {record['energy']:.8f} Hartree ({record['seconds']:.0f} s)", flush=True)
         cache[level, name] = record
-        data.append_jsonl(args.cache, record)
+        safe_io.append_jsonl(args.cache, record)
 
     names = list(ETHANOL_GEOMETRIES)
     levels = [lv for lv in args.levels if all((lv, n) in cache for n in names)]

@@ -12,6 +12,7 @@ from ase.optimize import BFGS
 from ase.units import Hartree
 
 import painn
+from benchmarks.molecules import ETHANOL_GEOMETRIES, ETHANOL_POSITIONS, ETHANOL_Z
 
 OFFICIAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "models", "official")
@@ -19,17 +20,9 @@ GOLF_10K = os.path.join(OFFICIAL, "GOLF-10k.NNP_checkpoint_actor")
 KCAL = 627.509474                      # kcal/mol per Hartree
 BASELINE = os.path.join(OFFICIAL, "baseline-NNP.NNP_checkpoint_actor")
 
-# Ethanol (C C O H6), RDKit ETKDG (randomSeed=0) + MMFF94, Angstrom, and its
-# wB97X-D/def2-SVP energy (Hartree) and forces (Hartree/A) computed with Psi4 1.3.2 at this
-# geometry (psi4.gradient("wb97x-d/def2-svp"), c1, no reorientation): the training level
-# of both official models.
-ETHANOL_Z = [6, 6, 8, 1, 1, 1, 1, 1, 1]
-ETHANOL_POSITIONS = [
-    [0.901053, -0.075009, 0.014433], [-0.584386, -0.367845, 0.056173],
-    [-1.305777, 0.82213, 0.339827], [1.236692, 0.350698, 0.965765],
-    [1.128484, 0.662551, -0.762254], [1.472437, -0.985441, -0.186827],
-    [-0.808835, -1.097719, 0.839406], [-0.93224, -0.769922, -0.900185],
-    [-1.107426, 1.460558, -0.366337]]
+# Ethanol's wB97X-D/def2-SVP energy (Hartree) and forces (Hartree/A) computed with Psi4
+# 1.3.2 at its MMFF geometry ETHANOL_POSITIONS (psi4.gradient("wb97x-d/def2-svp"), c1, no
+# reorientation): the training level of both official models.
 ETHANOL_DFT_ENERGY = -154.87519710852095
 ETHANOL_DFT_FORCES = [
     [-0.0012, -0.008388, 0.002423], [-0.000945, 0.04374, -0.001533],
@@ -37,13 +30,6 @@ ETHANOL_DFT_FORCES = [
     [0.002795, 0.002831, -0.009508], [0.008445, -0.005402, -0.002828],
     [-0.006365, -0.00167, 0.006177], [0.000248, -0.015515, -0.011313],
     [-0.0041, -0.015273, 0.015491]]
-# The same ethanol, and two distortions of it (every atom moved by 0.05 A N(0, 1), seeded):
-# benchmarks/official_spice_level.py computes these three with Psi4 at two levels.
-ETHANOL_GEOMETRIES = {
-    "mmff": np.array(ETHANOL_POSITIONS),
-    "moved1": np.array(ETHANOL_POSITIONS) + np.random.default_rng(1).normal(0, 0.05, (9, 3)),
-    "moved2": np.array(ETHANOL_POSITIONS) + np.random.default_rng(2).normal(0, 0.05, (9, 3)),
-}
 # Psi4 1.3.2 energies (Hartree) and forces (Hartree/A) of ETHANOL_GEOMETRIES at the two
 # candidate levels of the SPICE models (benchmarks/official_spice_level.py wrote them):
 # nablaDFT's wB97X-D/def2-SVP, and SPICE's own wB97M-D3BJ/def2-TZVPPD (Psi4's wB97M-D3BJ

@@ -1,4 +1,5 @@
-"""evaluate.py's metrics on small hand-computed cases (Eq. 4, 6, 8, pct_div, COV/MAT)."""
+"""metrics.py and evaluate.py's scoring on small hand-computed cases (Eq. 4, 6, 8, pct_div,
+COV/MAT), and report.py's claims."""
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from rdkit.Chem import AllChem
 
 import data
 import evaluate
+import metrics
 import report
 
 H = data.HARTREE_TO_KCAL
@@ -17,13 +19,13 @@ H = data.HARTREE_TO_KCAL
 
 def test_pct_by_hand():
     # E_0 = -100, E_opt = -100.01: half-way is pct 50, overshooting the DFT minimum > 100
-    assert evaluate.pct_of_optimization(-100.0, -100.005, -100.01) == pytest.approx(50.0)
-    assert evaluate.pct_of_optimization(-100.0, -100.012, -100.01) == pytest.approx(120.0)
-    assert evaluate.pct_of_optimization(-100.0, -99.99, -100.01) == pytest.approx(-100.0)
+    assert metrics.pct_of_optimization(-100.0, -100.005, -100.01) == pytest.approx(50.0)
+    assert metrics.pct_of_optimization(-100.0, -100.012, -100.01) == pytest.approx(120.0)
+    assert metrics.pct_of_optimization(-100.0, -99.99, -100.01) == pytest.approx(-100.0)
 
 
 def test_residual_energy_in_kcal():
-    assert evaluate.residual_energy(-100.0, -100.001) == pytest.approx(0.627509474)
+    assert metrics.residual_energy(-100.0, -100.001) == pytest.approx(0.627509474)
 
 
 def test_aggregate_by_hand():
@@ -32,7 +34,7 @@ def test_aggregate_by_hand():
     # conformation 0: pct 50, E_res 0.005 Ha; 1: pct 120 (below E_opt, E_res < 0);
     # 2: diverged (E_T > E_0); 3: E_res exactly 1 kcal/mol -> not a success (Eq. 8 is strict)
     et = np.array([-100.005, -100.012, -99.99, -100.01 + 1.0 / H])
-    agg = evaluate.aggregate(e0, et, e_opt)
+    agg = metrics.aggregate(e0, et, e_opt)
     pct3 = 100 * (0.01 - 1 / H) / 0.01
     assert agg["n"] == 4
     assert agg["pct_div"] == pytest.approx(25.0)
@@ -45,10 +47,10 @@ def test_aggregate_by_hand():
 
 def test_aggregate_counts_failed_oracle_calls_as_diverged():
     # the SCF fails on exploded geometries: that optimization diverged, it is not left out
-    agg = evaluate.aggregate([-100.0, -100.0], [np.nan, -100.005], [-100.01, -100.01])
+    agg = metrics.aggregate([-100.0, -100.0], [np.nan, -100.005], [-100.01, -100.01])
     assert agg["n"] == 2 and agg["n_failed"] == 1 and agg["pct_div"] == pytest.approx(50.0)
     assert agg["pct_mean"] == pytest.approx(50.0) and agg["pct_success"] == 0.0   # 3.1 kcal/mol
-    agg = evaluate.aggregate([-100.0, -100.0], [np.nan, -100.0099], [-100.01, -100.01])
+    agg = metrics.aggregate([-100.0, -100.0], [np.nan, -100.0099], [-100.01, -100.01])
     assert agg["pct_success"] == 100.0 and agg["pct_success_all"] == 50.0
 
 
@@ -61,7 +63,7 @@ def ethanol_conformers(n, seed):
 def test_cov_mat_on_known_sets():
     # RMSD table by construction: a fake rmsd from a lookup, the sets are indices
     table = {(0, "a"): 0.1, (1, "a"): 0.9, (0, "b"): 0.7, (1, "b"): 0.6, (0, "c"): 2.0, (1, "c"): 0.4}
-    cov, mat = evaluate.coverage_and_matching([0, 1], ["a", "b", "c"], lambda g, r: table[g, r], 0.5)
+    cov, mat = metrics.coverage_and_matching([0, 1], ["a", "b", "c"], lambda g, r: table[g, r], 0.5)
     assert cov == pytest.approx(100 * 2 / 3)                   # a (0.1) and c (0.4) covered
     assert mat == pytest.approx((0.1 + 0.6 + 0.4) / 3)
 
@@ -96,7 +98,7 @@ def test_per_step_leaves_out_what_diverged_at_T_at_every_step():
                         [-99.995, -100.01 + 0.5 / H],     # C: E_1 > E_0, then E_res 0.5
                         [np.nan, -100.009],               # D: SCF failed at t=1, pct 90 at T
                         [-100.005, -100.005]])            # E: no E_0
-    first, last = evaluate.aggregate_steps(e0, e_steps, e_opt)
+    first, last = metrics.aggregate_steps(e0, e_steps, e_opt)
     pct_c = 100 * (0.01 - 0.5 / H) / 0.01
     # t = 1: diverged at t are C (E_1 > E_0), D (no E_1), E (no E_0); B is not, but it is
     # left out of the means since it diverged at T; C stays in with its negative pct
@@ -111,16 +113,16 @@ def test_per_step_leaves_out_what_diverged_at_T_at_every_step():
     assert last["pct_mean"] == pytest.approx((50 + pct_c + 90) / 3)
     assert last["pct_success"] == pytest.approx(100 * 2 / 3)
     assert last["pct_success_all"] == pytest.approx(100 * 2 / 5)
-    agg = evaluate.aggregate(e0, e_steps[:, -1], e_opt)
+    agg = metrics.aggregate(e0, e_steps[:, -1], e_opt)
     assert all(last[k] == pytest.approx(agg[k]) for k in agg)
 
 
 def test_bootstrap_of_constant_data_has_zero_width_and_a_seed_fixes_it():
-    assert evaluate.bootstrap_interval([np.full(7, 3.0)], np.mean, 500, seed=1) == [3.0, 3.0]
+    assert metrics.bootstrap_interval([np.full(7, 3.0)], np.mean, 500, seed=1) == [3.0, 3.0]
     x = np.random.default_rng(0).normal(size=50)
-    a = evaluate.bootstrap_interval([x], np.mean, 1000, seed=4)
-    assert a == evaluate.bootstrap_interval([x], np.mean, 1000, seed=4)
-    assert a != evaluate.bootstrap_interval([x], np.mean, 1000, seed=5)
+    a = metrics.bootstrap_interval([x], np.mean, 1000, seed=4)
+    assert a == metrics.bootstrap_interval([x], np.mean, 1000, seed=4)
+    assert a != metrics.bootstrap_interval([x], np.mean, 1000, seed=5)
     assert a[0] < x.mean() < a[1]
 
 
@@ -140,14 +142,14 @@ def test_bootstrap_matches_the_exact_bootstrap_distribution_of_pct_div():
     # whose 2.5 % / 97.5 % quantiles are 0 and 75 (P(k <= 2) = 0.949 < 0.975 <= P(k <= 3))
     e0, e_opt = np.full(4, -100.0), np.full(4, -100.01)
     et = np.array([-100.005, -100.002, -99.99, -100.009])
-    div = lambda *c: evaluate.aggregate(*c)["pct_div"]   # noqa: E731
+    div = lambda *c: metrics.aggregate(*c)["pct_div"]   # noqa: E731
     assert exact_bootstrap_percentiles((e0, et, e_opt), div, (2.5, 97.5)) == [0.0, 75.0]
-    assert evaluate.bootstrap_interval((e0, et, e_opt), div, 20000, seed=0) == [0.0, 75.0]
+    assert metrics.bootstrap_interval((e0, et, e_opt), div, 20000, seed=0) == [0.0, 75.0]
     # three values 0, 0, 3: 90 % interval [0, 2], 95 % [0, 3] (P(mean <= 2) = 26/27)
     x = np.array([0.0, 0.0, 3.0])
     assert exact_bootstrap_percentiles((x,), np.mean, (5, 95)) == [0.0, 2.0]
-    assert evaluate.bootstrap_interval((x,), np.mean, 20000, seed=0, level=90) == [0.0, 2.0]
-    assert evaluate.bootstrap_interval((x,), np.mean, 20000, seed=0) == [0.0, 3.0]
+    assert metrics.bootstrap_interval((x,), np.mean, 20000, seed=0, level=90) == [0.0, 2.0]
+    assert metrics.bootstrap_interval((x,), np.mean, 20000, seed=0) == [0.0, 3.0]
 
 
 def test_bootstrap_resamples_conformations_jointly_for_pct_div_and_the_non_diverged_means():
@@ -155,9 +157,9 @@ def test_bootstrap_resamples_conformations_jointly_for_pct_div_and_the_non_diver
     # pct_div and the success share of all vary
     e0, e_opt = np.full(6, -100.0), np.full(6, -100.01)
     et = np.array([-100.0099, -100.0098, -99.9, -100.0097, -99.8, -100.0096])
-    ci = evaluate.bootstrap_interval(
+    ci = metrics.bootstrap_interval(
         (e0, et, e_opt),
-        lambda *c: {k: evaluate.aggregate(*c)[k] for k in evaluate.INTERVAL_METRICS}, 2000, seed=0)
+        lambda *c: {k: metrics.aggregate(*c)[k] for k in metrics.INTERVAL_METRICS}, 2000, seed=0)
     assert ci["pct_success"] == [100.0, 100.0]
     assert ci["pct_div"][0] < 100 * 2 / 6 < ci["pct_div"][1]
     assert ci["pct_success_all"][0] < 100 * 4 / 6 < ci["pct_success_all"][1]
@@ -200,7 +202,7 @@ def test_summary_scores_no_e0_as_diverged_skips_unconverged_references_and_is_or
     assert s["pct_mean_per_step"][0] == pytest.approx(-15.0)
     assert s["pct_T_values"] == pytest.approx([50, 100 * (0.01 - 0.5 / H) / 0.01, 90])
     assert s["energy_mse_kcal_mol2_per_step"][0]["p50"] == pytest.approx(3.0)
-    for k in evaluate.INTERVAL_METRICS:
+    for k in metrics.INTERVAL_METRICS:
         lo, hi = s[f"{k}_ci95"]
         assert lo <= s[k] <= hi
     # the jsonl is in finishing order: the same records in another order, the same summary
@@ -487,3 +489,29 @@ def test_claims_name_a_missing_row_in_one_line(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip() == "error: --claims: no summary named base among --names"
+
+
+def test_the_claims_numbers_and_intervals_are_table_2s():
+    """report.py's claims (metrics.weighted_metrics under bootstrap weights) and
+    summary.json (metrics.aggregate, metrics.bootstrap_interval) are one definition: one
+    seed with unit weights gives aggregate's numbers, and one draw the same intervals."""
+    rng = np.random.default_rng(3)
+    n = 40
+    e_opt = np.full(n, -100.01)
+    e0 = np.where(rng.random(n) < 0.1, np.nan, -100.0)             # some without E_0
+    et = -100.01 + rng.uniform(-0.001, 0.012, n)    # below E_opt, successes, above E_0
+    et[rng.random(n) < 0.1] = np.nan                               # some without E_T
+    keys = {"pct_T": "pct_mean", "pct_div": "pct_div", "E_res": "e_res_mean_kcal_mol",
+            "pct_success": "pct_success", "of all": "pct_success_all"}
+    draws = metrics.resamples(n, 300, seed=5)
+    weights = np.vstack([np.ones(n)] + [np.bincount(d, minlength=n) for d in draws])
+    claimed = metrics.weighted_metrics(([e0], [et], [e_opt]), weights)
+    agg = metrics.aggregate(e0, et, e_opt)
+    ci = metrics.bootstrap_interval(
+        (e0, et, e_opt), lambda *c: {k: metrics.aggregate(*c)[k] for k in metrics.INTERVAL_METRICS},
+        300, seed=5)
+    assert 0 < agg["pct_div"] < 100 and 0 < agg["pct_success"] < 100
+    for name, key in keys.items():
+        point, lo, hi = report.interval(claimed[name])
+        assert point == pytest.approx(agg[key]), name
+        assert [lo, hi] == pytest.approx(ci[key]), name

@@ -1,6 +1,6 @@
 """Fault cases tried as a user would, on every stage: prints a table of what each ends in.
 
-    .venv/bin/python tests/user_fault_cases.py [REPO_DIR]     (default: this repo; ~3 min)
+    .venv/bin/python benchmarks/fault_cases.py [REPO_DIR]     (default: this repo; ~3 min)
 
 REPO_DIR is the checkout whose scripts run (e.g. another checkout, to compare). Every case is
 a command line with a fault (a bad path, a file of the wrong kind, a locked output, an
