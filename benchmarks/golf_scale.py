@@ -75,14 +75,18 @@ MODEL = dict(n_atom_basis=16, n_interactions=2, n_rbf=8, cutoff=4.0)   # a tiny 
 MODES = {"default": [], "synchronous": ["--oracle_lag", "0"], "pipelined": ["--pipelined"]}
 
 
+class Killed(Exception):
+    """The simulated kill -9 of golf.py at a virtual time: nothing is saved."""
+
+
 class VirtualClock:
     """golf.py's clock (now, wait) on virtual seconds. Jobs of SimulatedPool complete when
-    the clock passes their end; `advance` charges modeled compute."""
+    the clock passes their end; `advance` charges modeled compute. With `kill_at`, the
+    clock raises Killed when it reaches that time (the jobs done by then completed)."""
 
-    def __init__(self):
-        self.time = 0.0
+    def __init__(self, start=0.0, kill_at=None):
+        self.time, self.kill_at = start, kill_at
         self.ends = []               # heap of (end, seq, future, result)
-        self.end_of = {}             # future -> end
         self.seq = itertools.count()
 
     def now(self):
@@ -90,24 +94,33 @@ class VirtualClock:
 
     def schedule(self, future, end, result):
         heapq.heappush(self.ends, (end, next(self.seq), future, result))
-        self.end_of[future] = end
 
     def advance(self, seconds):
         self.advance_to(self.time + seconds)
 
     def advance_to(self, time_):
-        self.time = max(self.time, time_)
+        killed = self.kill_at is not None and time_ >= self.kill_at
+        self.time = max(self.time, self.kill_at if killed else time_)
         while self.ends and self.ends[0][0] <= self.time:
             _, _, future, result = heapq.heappop(self.ends)
             if not future.cancelled():
                 future.set_result(result)
+        if killed:
+            raise Killed(f"killed at {self.time:.0f} s")
 
     def wait(self, futures, timeout=None, return_when=concurrent.futures.ALL_COMPLETED):
-        pending = [self.end_of[f] for f in futures if not f.done()]
-        if pending:
-            until = max(pending) if return_when == concurrent.futures.ALL_COMPLETED \
-                else min(pending)
-            self.advance_to(until if timeout is None else min(until, self.time + timeout))
+        """Advance from job end to job end until the futures are done (all, or the first),
+        or `timeout` passed. A future may be a journal's, done when its job's is."""
+        limit = math.inf if timeout is None else self.time + timeout
+
+        def waited():
+            n_done = sum(f.done() for f in futures)
+            return n_done == len(futures) or (
+                n_done > 0 and return_when == concurrent.futures.FIRST_COMPLETED)
+        while not waited() and self.ends and self.ends[0][0] <= limit:
+            self.advance_to(self.ends[0][0])
+        if not waited() and limit < math.inf:
+            self.advance_to(limit)
         done = {f for f in futures if f.done()}
         return done, set(futures) - done
 
@@ -118,17 +131,33 @@ class SimulatedPool:
     oracle pool), that pool's result; its duration the n-th draw of a seeded lognormal
     (n: the order it was sent in)."""
 
+    result_settings = oracle_pool.result_settings("mmff94 (simulated)")
+
     def __init__(self, n_workers, clock, latency_mean, latency_spread, seed, labeller=None):
         self.n_parallel = n_workers
         self.clock, self.labeller = clock, labeller
-        self.free_at = [0.0] * n_workers             # heap: when each worker is free
+        self.free_at = [clock.now()] * n_workers     # heap: when each worker is free
         sigma = math.sqrt(math.log(1 + latency_spread ** 2))
         self.mu, self.sigma = math.log(latency_mean) - sigma ** 2 / 2, sigma
         self.rng = np.random.default_rng(seed)
+        self.durations = []                          # of job number 0, 1, ...: drawn in order
         self.jobs = []                               # (start, end) of every job
 
+    def duration(self, conf_id):
+        """Job number conf_id's duration: the same when a resumed run sends it again."""
+        while len(self.durations) <= conf_id:
+            self.durations.append(float(self.rng.lognormal(self.mu, self.sigma)))
+        return self.durations[conf_id]
+
+    def submit_job(self, message):             # as a JournalledPool sends it
+        conf = data.Conformation(message["numbers"], message["positions"])
+        return self.submit(conf, message["conf_id"], message["kind"])
+
+    def close(self):
+        pass
+
     def submit(self, conf, conf_id, kind="gradient"):
-        duration = float(self.rng.lognormal(self.mu, self.sigma))
+        duration = self.duration(conf_id)
         if self.labeller is not None:
             result = dataclasses.replace(self.labeller.submit(conf, conf_id, kind).result(),
                                          seconds=duration)
@@ -269,7 +298,8 @@ def make_world(root, opts, labeller=None):
 
 def golf_on(argv, pool, clock, update_seconds=0.0, step_seconds=0.0):
     """golf.py's main() with this pool and clock: returns the finished TimedGolf (its model
-    trained, out_dir/collected.db written)."""
+    trained, out_dir/collected.db written). With --resume in argv it goes on from the
+    out_dir's checkpoint, as golf.py --resume does."""
     args = golf.parse_args(argv)
     torch.manual_seed(args.seed)                      # as golf.main
     rng = np.random.default_rng(args.seed)
@@ -279,8 +309,46 @@ def golf_on(argv, pool, clock, update_seconds=0.0, step_seconds=0.0):
     os.makedirs(args.out_dir, exist_ok=True)
     run = TimedGolf(args, d0, model, pool, rng, clock=clock, update_seconds=update_seconds,
                     step_seconds=step_seconds)
+    if args.resume:
+        run.resume()
     run.run()
     return run
+
+
+def run_with_kills(root, opts):
+    """--kill_at: the default loop killed (kill -9: nothing saved) at each virtual time, and
+    resumed at once with --resume: a new golf.py on a fresh pool of W idle workers (the
+    jobs running at the kill are lost with it), the oracle journal kept on disk between
+    them. Returns the last run, the (start, end) of every job of every run, the journal,
+    and the jobs that were running at each kill."""
+    name = "killed"
+    argv = golf_argv(root, name, opts, ["--checkpoint_every", str(opts.checkpoint_every)])
+    journal_path = os.path.join(root, name, "oracle_journal.sqlite")
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    kill_times = [float(t) * 3600 for t in opts.kill_at.split(",")] + [None]
+    start, jobs, kills, n_done = 0.0, [], [], 0
+    for kill_at in kill_times:
+        clock = VirtualClock(start, kill_at)
+        pool = SimulatedPool(opts.workers, clock, opts.latency_mean, opts.latency_spread,
+                             int(opts.latency_seeds.split(",")[0]))
+        journal = oracle_pool.OracleJournal(journal_path)
+        try:
+            run = golf_on(argv + ["--resume"] * (start > 0),
+                          oracle_pool.JournalledPool(pool, journal), clock,
+                          update_seconds=opts.update_ms / 1000 * opts.charged_utd_ratio
+                          / opts.utd_ratio, step_seconds=opts.step_ms / 1000)
+            break                                      # K reached before the next kill
+        except Killed:
+            n_done += sum(b <= clock.time for a, b in pool.jobs)
+            kills.append(dict(at=clock.time,
+                              running=[(a, b) for a, b in pool.jobs if a < clock.time < b],
+                              # finished jobs whose label is not in the journal: lost
+                              lost=n_done - len(journal)))
+            start = clock.time
+        finally:
+            jobs += [(a, min(b, clock.time)) for a, b in pool.jobs if a < clock.time]
+            journal.close()
+    return run, jobs, journal_path, kills
 
 
 def golf_on_virtual_clock(argv, workers, latency_seed, latency_mean=590.0, latency_spread=0.5,
@@ -336,6 +404,26 @@ def run_mode(root, mode, latency_seed, opts):
     return mode, latency_seed, numbers, labels_of(collected), run.model.state_dict()
 
 
+def run_killed(root, opts):
+    """--kill_at, in a worker process: the killed and resumed run's numbers, its collected
+    labels and final weights."""
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+    torch.set_num_threads(1)
+    oracle_pool.torch_threads_beside_the_pool = lambda args, pool_idle=False: 1
+    t0 = time.perf_counter()
+    run, jobs, journal_path, kills = run_with_kills(root, opts)
+    journal = oracle_pool.OracleJournal(journal_path)
+    computed = journal.times_computed()        # per finished label: times it was computed
+    journal.close()
+    collected, _ = data.read_db(os.path.join(root, "killed", "collected.db"), "total",
+                                verbose=False)
+    numbers = dict(wall=run.clock.now(), busy=sum(end - start for start, end in jobs),
+                   kills=kills, twice=sum(n > 1 for n in computed), labels=len(computed),
+                   finished=len(jobs) - sum(len(k["running"]) for k in kills),
+                   seconds=time.perf_counter() - t0)
+    return numbers, labels_of(collected), run.model.state_dict()
+
+
 def labels_of(collected):
     """(positions, energy, forces) of each collected conformation: what `same` compares."""
     return [(c.positions, c.energy, c.forces) for c in collected]
@@ -347,6 +435,40 @@ def same(a, b):
         np.array_equal(pa, pb) and ea == eb and np.array_equal(fa, fb)
         for (pa, ea, fa), (pb, eb, fb) in zip(labels_a, labels_b)) and \
         all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def kill_check(opts):
+    """--kill_at: the default loop killed and resumed, beside the same run never killed.
+    Prints the lost finished labels (goal 0), the labels computed twice (goal 0), the jobs
+    running at each kill (whose work is done again: the bound), wall/ideal, and whether the
+    resumed run collected the same labels and trained the same weights."""
+    t0 = time.perf_counter()
+    seed = int(opts.latency_seeds.split(",")[0])
+    with tempfile.TemporaryDirectory() as root:
+        make_world(root, opts)
+        with multiprocessing.get_context("fork").Pool(2) as workers:
+            whole = workers.apply_async(run_mode, (root, "default", seed, opts))
+            killed = workers.apply_async(run_killed, (root, opts))
+            _, _, ref, ref_labels, ref_weights = whole.get()
+            n, labels, weights = killed.get()
+    ideal = ref["ideal"]
+    identical = same((labels, weights), (ref_labels, ref_weights))
+    running = [len(k["running"]) for k in n["kills"]]
+    redone = sum(k["at"] - a for k in n["kills"] for a, _ in k["running"])
+    kill_hours = ",".join(f"{k['at'] / 3600:.2f}" for k in n["kills"])
+    print(f"default: K={opts.max_oracle_steps} W={opts.workers} "
+          f"wall/ideal={ref['wall'] / ideal:.2f} busy={100 * ref['busy']:.0f}% (never killed)")
+    print(f"killed: K={opts.max_oracle_steps} W={opts.workers} kills={len(n['kills'])} at "
+          f"{kill_hours} h "
+          f"wall/ideal={n['wall'] / ideal:.2f} "
+          f"lost_finished_labels={sum(k['lost'] for k in n['kills'])} "
+          f"labels_computed_twice={n['twice']} running_at_kills={'+'.join(map(str, running))} "
+          f"oracle_time_redone={redone / 3600:.1f} h (the running jobs' elapsed time) "
+          f"identical={'yes' if identical else 'no'}")
+    print(f"    {n['labels']} labels in the journal; checkpoint every {opts.checkpoint_every} "
+          f"updates; {n['seconds']:.0f} s and {ref['seconds']:.0f} s on this machine; "
+          f"benchmark {time.perf_counter() - t0:.0f} s", flush=True)
+    return identical
 
 
 def real_dask_check(opts):
@@ -458,6 +580,12 @@ def main(argv=None):
     p.add_argument("--golf_flags", default="",
                    help="more golf.py flags for every run, e.g. '--conf_opt adam'")
     p.add_argument("--processes", type=int, default=2, help="runs at once")
+    p.add_argument("--kill_at", default=None,
+                   help="virtual hours, comma-separated (e.g. 0.5,1,1.5): instead, the default "
+                        "loop killed (kill -9) at each and resumed with --resume, against the "
+                        "same run never killed")
+    p.add_argument("--checkpoint_every", type=int, default=100,
+                   help="golf.py's --checkpoint_every in the --kill_at run (updates)")
     p.add_argument("--dask_workers", type=int, default=0,
                    help="N > 0: instead, the default loop against a real local Dask cluster "
                         "of N workers with the GFN2-xTB oracle, beside the simulated pool "
@@ -465,6 +593,8 @@ def main(argv=None):
     opts = p.parse_args(argv)
     if opts.dask_workers > 0:
         return real_dask_check(opts)
+    if opts.kill_at:
+        return kill_check(opts)
     modes = opts.modes.split(",")
     seeds = [int(s) for s in opts.latency_seeds.split(",")]
     if any(m not in MODES for m in modes) or len(seeds) != 2:
