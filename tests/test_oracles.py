@@ -555,3 +555,34 @@ def test_xtb_dask_pool_gives_the_local_results(xtb_pool):
         np.testing.assert_array_equal(b.forces, a.forces)
     assert remote[1].converged and remote[1].n_steps == local[1].n_steps
     np.testing.assert_array_equal(remote[1].trajectory_energy, local[1].trajectory_energy)
+
+
+def test_a_dask_worker_killed_mid_job_costs_that_job_only():
+    """kill -9 of a whole Dask worker process while it runs a job: Dask gives the task to
+    a live worker and the job ends as it would have (the same xTB result, bit for bit);
+    the jobs on the other worker go on. (An engine killed inside a worker is
+    test_an_engine_killed_mid_task_...: a failure record, retried by the pool.)"""
+    from dask.distributed import LocalCluster
+    drug_like = embedded("O=C(NCC1CCCOC1)c1ccc(Cl)cc1O")         # 34 atoms
+    with oracle_pool.LocalOraclePool(XTB, n_workers=1) as local:
+        expected = local.submit(drug_like, 0, kind="optimize").result()
+    assert expected.ok and expected.n_steps > 20                   # seconds of xTB steps
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, \
+            oracle_pool.DaskOraclePool(cluster.scheduler_address, XTB, timeout=60) as pool:
+        pids = pool.client.run(os.getpid)                          # address -> pid
+        slow = pool.submit(drug_like, 0, kind="optimize")
+        end, victim = time.monotonic() + 60, None
+        while victim is None and time.monotonic() < end:
+            busy = [a for a, keys in pool.client.processing().items() if keys]
+            victim = busy[0] if busy else None
+            time.sleep(0.05)
+        time.sleep(1.0)                                            # mid-job
+        others = [pool.submit(CRAWFORD_WATER, i) for i in range(1, 5)]
+        os.kill(pids[victim], signal.SIGKILL)
+        result = slow.result(timeout=120)
+        assert result.ok and result.n_steps == expected.n_steps
+        np.testing.assert_array_equal(result.trajectory_positions[-1],
+                                      expected.trajectory_positions[-1])
+        assert result.energy == expected.energy
+        assert all(f.result(timeout=120).ok for f in others)
