@@ -855,9 +855,15 @@ class JournalledPool:
         return getattr(self.pool, name)
 
     def submit(self, conf, conf_id, kind="gradient", charge=None, multiplicity=None):
-        return self.submit_job(make_job(conf, conf_id, kind, charge, multiplicity))
+        given = {k: v for k, v in (("charge", charge), ("multiplicity", multiplicity))
+                 if v is not None}
+        return self._submit(make_job(conf, conf_id, kind, charge, multiplicity),
+                            lambda: self.pool.submit(conf, conf_id, kind, **given))
 
     def submit_job(self, message):
+        return self._submit(message, lambda: self.pool.submit_job(message))
+
+    def _submit(self, message, start_job):
         key, future = job_key(message, self.settings), Future()
         stored = self.journal.get(key)
         if stored is not None:
@@ -870,8 +876,7 @@ class JournalledPool:
             waiting.append((future, message["conf_id"]))
             if len(waiting) > 1:           # the same question is running: its answer
                 return future
-        self.pool.submit_job(message).add_done_callback(
-            lambda job: self._journal_then_settle(key, job))
+        start_job().add_done_callback(lambda job: self._journal_then_settle(key, job))
         return future
 
     def _journal_then_settle(self, key, job):

@@ -149,10 +149,6 @@ class SimulatedPool:
             self.durations.append(float(self.rng.lognormal(self.mu, self.sigma)))
         return self.durations[conf_id]
 
-    def submit_job(self, message):             # as a JournalledPool sends it
-        conf = data.Conformation(message["numbers"], message["positions"])
-        return self.submit(conf, message["conf_id"], message["kind"])
-
     def close(self):
         pass
 

@@ -13,6 +13,7 @@ runs 20 seeded chains of 5 per stage: 100 kill points per stage.
 """
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -389,3 +390,55 @@ def test_anything_but_a_checkpoint_is_one_clear_error(tmp_path):
         message = str(err.value)
         assert str(path) in message and "\n" not in message
         assert "weights_only" not in message                   # never advise unsafe loading
+
+
+# ---------------------------------------------------------------------------------------
+# SIGTERM (a scheduler's) and Ctrl-C (a terminal's SIGINT to the foreground process group)
+# ---------------------------------------------------------------------------------------
+
+def stop_with_signal(argv, script, signum, ready, tmp_path):
+    """Start the stage as a terminal starts a foreground job (its own process group, SIGINT
+    at its default: a script's background job would inherit it ignored), wait until
+    `ready()`, then send `signum`: Ctrl-C to the whole group, SIGTERM to the process.
+    Returns (exit status, seconds from the signal to the exit, stderr)."""
+    with open(tmp_path / "stopped.err", "wb") as err:
+        p = subprocess.Popen(command(script, *argv), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=err, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 120
+        while p.poll() is None and not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.poll() is None, "the stage ended before the signal"
+        t0 = time.monotonic()
+        if signum == signal.SIGINT:
+            os.killpg(p.pid, signal.SIGINT)
+        else:
+            os.kill(p.pid, signal.SIGTERM)
+        rc = p.wait(timeout=60)
+        seconds = time.monotonic() - t0
+    left = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout
+    assert not left.strip(), f"processes of the stage still run: {left}"   # workers stopped
+    return rc, seconds, (tmp_path / "stopped.err").read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_golf_stops_on_sigterm_and_ctrl_c_in_one_line_and_resumes_to_the_same_run(
+        clean, tmp_path, signum):
+    from test_golf import golf_outputs, same_outputs
+    if not os.path.exists(clean["golf"] / "checkpoint.pt"):
+        ok("golf.py", *golf_argv(clean, clean["golf"]))
+    out = tmp_path / "golf"
+    rc, seconds, err = stop_with_signal(golf_argv(clean, out), "golf.py", signum,
+                                        lambda: db_rows(out / "collected.db") >= 3, tmp_path)
+    name = signal.Signals(signum).name
+    assert rc == 128 + signum and seconds < 10 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by {name}: {out}/checkpoint.pt holds the model")
+    python, *printed = shlex.split(last.split("continue with: ")[1])
+    assert python == "python" and "--resume" in printed
+    p = subprocess.run([sys.executable, *printed], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)      # the printed command, to the end
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert same_outputs(golf_outputs(out), golf_outputs(clean["golf"]))
+    journal = oracle_pool.OracleJournal(str(out / "oracle_journal.sqlite"))
+    assert set(journal.times_computed()) == {1}
