@@ -226,8 +226,10 @@ def one_line(err, limit=300):
 # Command-line flags shared by the stage scripts (oracle_pool.make_oracle_pool reads them)
 # ---------------------------------------------------------------------------------------
 
-def add_oracle_args(parser):
-    """The genuine oracle's flags (Psi4 or xTB, and the pool)."""
+def add_oracle_args(parser, optimize=True):
+    """The genuine oracle's flags (Psi4 or xTB, and the pool); optimize=False leaves out
+    those of the oracle's own optimizations (--max_opt_steps, --opt_coordinates), for a
+    stage that asks it for energies and forces only."""
     group = parser.add_argument_group("genuine oracle (Psi4, or GFN2-xTB in tblite)")
     group.add_argument("--oracle_method", default=DEFAULT_METHOD,
                        help="Psi4 method/basis (default: %(default)s, the paper's level), "
@@ -249,16 +251,17 @@ def add_oracle_args(parser):
     group.add_argument("--dask_scheduler", default=None,
                        help="tcp://HOST:PORT of a Dask scheduler: run the jobs on its "
                             "workers instead of --n_workers local processes")
-    group.add_argument("--max_opt_steps", type=int, default=None,
-                       help="most steps (gradients) of an optimization (default: 1000 for "
-                            "Psi4, as geom_maxiter: a safety cap, the paper optimizes to "
-                            "convergence and App. D's trajectories average ~100 steps; 500 "
-                            "for xTB, whose Cartesian BFGS took 95-320 on 30-40 atoms)")
-    group.add_argument("--opt_coordinates", choices=OPT_COORDINATES,
-                       default=DEFAULT_OPT_COORDINATES,
-                       help="coordinates of Psi4's optimizer, optking's opt_coordinates "
-                            "(default: %(default)s, as App. D's nablaDFT trajectories; "
-                            "redundant: optking's own default). xTB's BFGS is Cartesian only")
+    if optimize:
+        group.add_argument("--max_opt_steps", type=int, default=None,
+                           help="most steps (gradients) of an optimization (default: 1000 for "
+                                "Psi4, as geom_maxiter: a safety cap, the paper optimizes to "
+                                "convergence and App. D's trajectories average ~100 steps; 500 "
+                                "for xTB, whose Cartesian BFGS took 95-320 on 30-40 atoms)")
+        group.add_argument("--opt_coordinates", choices=OPT_COORDINATES,
+                           default=DEFAULT_OPT_COORDINATES,
+                           help="coordinates of Psi4's optimizer, optking's opt_coordinates "
+                                "(default: %(default)s, as App. D's nablaDFT trajectories; "
+                                "redundant: optking's own default). xTB's BFGS is Cartesian only")
     group.add_argument("--oracle_journal", default=None,
                        help="SQLite file that keeps every finished oracle result, keyed by "
                             "its question (elements, positions, charge, multiplicity, "
