@@ -1,4 +1,4 @@
-"""The batched NNP-relaxation engine: Eq. 3 of GOLF (Tsypin et al., ICLR 2024), many molecules at once.
+"""The batched NNP-relaxation engine: Eq. 3 of GOLF (Tsypin et al., ICLR 2024) on many molecules.
 
     s_{t+1} = Opt(s_t, F(s_t)),     F(s) = -dE/dX,  E = f(z, X; theta)             (Eq. 3)
 
