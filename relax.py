@@ -75,6 +75,7 @@ import optimizers
 import oracle_pool
 import oracles
 import painn
+import relaxation
 import safe_io
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
@@ -120,9 +121,8 @@ def relax(args):
         try:
             finish = Finisher(args, output, pool, summary)
             bar = safe_io.progress(total=tasks.total, unit="conf", desc="relax", dynamic_ncols=True)
-            relaxer = BatchRelaxer(model, args, fmax)
             started = time.monotonic()
-            for result in relaxer.run(tasks):          # Eq. 3 with refilled slots; retried
+            for result in relax_tasks(model, args, fmax, tasks):          # Eq. 3 with refilled slots; retried
                 summary.count(result)
                 bar.update(1)
                 finish.add(result, tasks)              # --keep, oracle, write as finished
@@ -170,114 +170,101 @@ class Result:
         return any(f.split(":")[0] in STRUCTURAL_FLAGS for f in self.flags)
 
 
-class BatchRelaxer:
-    """One batched optimizer of --batch_size slots (optimizers.py). Every evaluation is one
-    NNP call on the atoms of the slots being evaluated. At every evaluation, a molecule
-    whose largest atomic force is at most fmax, or whose numbers are no longer finite, and
-    at the first evaluation of a step, E(s_t) and F(s_t), one that took --steps steps, is
-    finished: its forces are handed to the optimizer as zeros, so the optimizer leaves it
-    where it is (grad_threshold 0: zero forces are its converged state). Its slot is then
-    refilled from the queue, the retries first. The result is the geometry where its last
-    E and F were evaluated."""
+class FmaxRelaxation(relaxation.Relaxation):
+    """--batch_size slots of relaxation.Relaxation, each NNP call on the atoms of the slots
+    being evaluated. At every evaluation, a molecule whose largest atomic force is at most
+    fmax, or whose numbers are no longer finite, and at the first evaluation of a step, at
+    E(s_t) and F(s_t), one that took --steps steps, is finished: its forces go to the
+    optimizer as zeros, so the optimizer leaves it where it is (grad_threshold 0: zero
+    forces are its converged state). Its result is that geometry, E and max_i |F_i|. Each
+    slot has its own update cap (opt.max_step [S]): a retry's is --retry_max_step."""
 
     def __init__(self, model, args, fmax):
-        self.model, self.args, self.fmax = model, args, fmax
-        self.device = torch.device(args.device)
-        self.model_dtype = getattr(torch, args.dtype)
+        super().__init__(model, args, args.batch_size, whole_layout=False)
+        S, f64 = args.batch_size, dict(dtype=torch.float64, device=self.device)
+        self.fmax, self.max_steps = fmax, args.steps
         cap = args.max_step if args.max_step is not None else math.inf
         self.caps = {1: cap, 2: min(cap / 2, args.retry_max_step) if args.max_step
-                     else args.retry_max_step}          # Angstrom per atom and update
+                     else args.retry_max_step}              # Angstrom per atom and update
+        self.opt.grad_threshold = 0.0
+        self.opt.max_step = torch.full((S,), math.inf, **f64)   # the attempt's cap [S]
+        self.energy_start = torch.full((S,), math.nan, **f64)   # E(s_0) [S], Hartree
+        self.end = torch.full((S, 3), math.nan, **f64)  # E, max_i |F_i|, steps where it finished
+        self.finished = torch.zeros(S, dtype=torch.bool, device=self.device)
+        self.first_evaluation = False
 
-    def run(self, tasks):
-        """Yields a Result for every task of the iterable `tasks`, in finishing order."""
-        args, S, dev = self.args, self.args.batch_size, self.device
-        f64 = dict(dtype=torch.float64, device=dev)
-        opt = optimizers.make_optimizer(
-            args.conf_opt, torch.zeros(0, 3, **f64), torch.zeros(0, dtype=torch.long,
-                                                                 device=dev), S,
-            lr=args.conf_opt_lr, max_iter=args.max_iter, history=args.lbfgs_history,
-            grad_threshold=0.0, model_dtype=self.model_dtype)
-        opt.max_step = torch.full((S,), math.inf, **f64)   # per slot: the attempt's cap [S]
-        z_slots = [torch.zeros(0, dtype=torch.long, device=dev)] * S     # [n_k] each
-        slot_task = [None] * S
-        energy_start = torch.full((S,), math.nan, **f64)   # E(s_0) [S], Hartree
-        energy_end = torch.full((S,), math.nan, **f64)     # E at the finished geometry [S]
-        force_end = torch.full((S,), math.nan, **f64)      # max_i |F_i| there [S]
-        steps_end = torch.zeros(S, dtype=torch.long, device=dev)   # steps taken by then
-        finished = torch.zeros(S, dtype=torch.bool, device=dev)
-        z = None
-        first_evaluation = False
-        queue = iter(tasks)
-        retries = collections.deque()
+    def start(self, k, task):
+        self.fill(k, task.molecule.numbers, task.start)
+        self.opt.max_step[k] = self.caps[task.attempt]
+        self.energy_start[k] = math.nan
+        self.end[k] = math.nan
+        self.finished[k] = False
 
-        def energy_and_forces(positions):
-            """E [S] (Hartree) and F [n_atoms, 3] (Hartree/A) of the layout, one NNP call on
-            the slots being evaluated; finishes slots (see the class)."""
-            nonlocal first_evaluation
-            ev = opt.evaluating                                             # [S]
-            keep = ev[opt.batch]                                            # [n_atoms]
-            energy, f = self.model(z[keep], positions[keep], opt.batch[keep], S)
-            forces = torch.zeros_like(positions)
-            forces[keep] = f.detach().to(positions.dtype)
-            energy = energy.detach()
-            atom_force = torch.linalg.vector_norm(forces.double(), dim=1)   # |F_i| [n_atoms]
-            bad_atom = ~(torch.isfinite(atom_force) & torch.isfinite(positions).all(1))
-            bad = torch.zeros(S, **f64).index_add_(0, opt.batch, bad_atom.double()) > 0
-            bad |= ~torch.isfinite(energy)
-            largest = torch.zeros(S, **f64).scatter_reduce_(
-                0, opt.batch, atom_force.nan_to_num(math.inf), "amax")     # max_i |F_i| [S]
-            # opt.n_steps: steps done at a step's first evaluation, begun at a later one
-            stop = ev & (bad | (largest <= self.fmax))
-            if first_evaluation:                      # E(s_t), F(s_t) of every moving slot
-                first_evaluation = False
-                energy_start.copy_(torch.where(ev & (opt.n_steps == 0), energy, energy_start))
-                stop |= ev & (opt.n_steps >= args.steps)
-            energy_end.copy_(torch.where(stop, energy, energy_end))
-            force_end.copy_(torch.where(stop, largest, force_end))
-            steps_end.copy_(torch.where(stop, opt.n_steps, steps_end))
-            finished.copy_(finished | stop)
-            forces[stop[opt.batch]] = 0.0             # the optimizer leaves them in place
-            return energy, forces
+    def step(self):
+        self.first_evaluation = True                  # E(s_t), F(s_t) of every moving slot
+        super().step()
 
-        def fill(k):
-            """Put the next task in slot k (a retry first), or leave it empty."""
-            task = retries.popleft() if retries else next(queue, None)
-            slot_task[k] = task
-            if task is None:
-                if bool(opt.active[k]):
-                    opt.deactivate(k)
-                return
-            opt.replace(k, torch.tensor(task.start, **f64))
-            opt.max_step[k] = self.caps[task.attempt]
-            z_slots[k] = torch.as_tensor(task.molecule.numbers, dtype=torch.long, device=dev)
-            energy_start[k] = energy_end[k] = force_end[k] = math.nan
-            finished[k] = False
+    def energy_and_forces(self, positions):
+        energy, forces = super().energy_and_forces(positions)     # [S], [n_atoms, 3]
+        ev, batch, S = self.opt.evaluating, self.opt.batch, self.opt.n_slots
+        atom_force = torch.linalg.vector_norm(forces.double(), dim=1)       # |F_i| [n_atoms]
+        bad_atom = ~(torch.isfinite(atom_force) & torch.isfinite(positions).all(1))
+        bad = self.energy_start.new_zeros(S).index_add_(0, batch, bad_atom.double()) > 0
+        bad |= ~torch.isfinite(energy)
+        largest = self.energy_start.new_zeros(S).scatter_reduce_(
+            0, batch, atom_force.nan_to_num(math.inf), "amax")             # max_i |F_i| [S]
+        stop = ev & (bad | (largest <= self.fmax))
+        if self.first_evaluation:          # opt.n_steps: the steps done before this one
+            self.first_evaluation = False
+            self.energy_start = torch.where(ev & (self.opt.n_steps == 0), energy,
+                                            self.energy_start)
+            stop |= ev & (self.opt.n_steps >= self.max_steps)
+        now = torch.stack([energy, largest, self.opt.n_steps.double()], 1)    # [S, 3]
+        self.end = torch.where(stop[:, None], now, self.end)
+        self.finished |= stop
+        forces[stop[batch]] = 0.0                     # the optimizer leaves them in place
+        return energy, forces
 
-        for k in range(S):
-            fill(k)
-        while any(task is not None for task in slot_task):
-            z = opt.concat_slots(z_slots)
-            first_evaluation = True
-            opt.step(energy_and_forces)               # s_t -> s_{t+1}, Eq. 3
-            done = torch.nonzero(finished & opt.active)[:, 0].tolist()
-            for k in done:
-                task = slot_task[k]
-                result = Result(task, opt.slot_positions(k).cpu().numpy(),
-                                float(energy_start[k]), float(energy_end[k]),
-                                float(force_end[k]), int(steps_end[k]),
-                                bool(force_end[k] <= self.fmax), attempts=task.attempt)
-                result.flags = quality_flags(task.molecule.numbers, task.start,
-                                             result.positions, args.bond_factor,
-                                             args.clash_fraction)
-                if not result.converged:
-                    result.flags.append("not_converged")
-                if result.energy > result.energy_start:      # an update went uphill
-                    result.flags.append("energy_rose")
-                if result.flags and task.attempt == 1:        # retry once, step capped
-                    retries.append(Task(task.molecule, task.conformer, task.start, 2, result))
-                else:
-                    yield best_attempt(result)
-                fill(k)
+    def result(self, k, task, args):
+        """The Result of the molecule finished in slot k, its flags set."""
+        energy, max_force, steps = self.end[k].tolist()
+        r = Result(task, self.positions(k), float(self.energy_start[k]), energy, max_force,
+                   int(steps), max_force <= self.fmax, attempts=task.attempt)
+        r.flags = quality_flags(task.molecule.numbers, task.start, r.positions,
+                                args.bond_factor, args.clash_fraction)
+        if not r.converged:
+            r.flags.append("not_converged")
+        if r.energy > r.energy_start:                  # an update went uphill
+            r.flags.append("energy_rose")
+        return r
+
+
+def relax_tasks(model, args, fmax, tasks):
+    """Yields a Result for every Task of the iterable `tasks`, in finishing order: Eq. 3 in
+    the --batch_size slots of an FmaxRelaxation, a slot refilled from the queue (the retries
+    first) as its molecule finishes. A flagged first attempt is retried once, capped."""
+    engine = FmaxRelaxation(model, args, fmax)
+    queue, retries = iter(tasks), collections.deque()
+    held = [None] * args.batch_size                   # the Task in each slot
+
+    def refill(k):
+        held[k] = retries.popleft() if retries else next(queue, None)
+        if held[k] is None:
+            engine.empty(k)
+        else:
+            engine.start(k, held[k])
+
+    for k in range(args.batch_size):
+        refill(k)
+    while any(task is not None for task in held):
+        engine.step()                                 # s_t -> s_{t+1}, Eq. 3
+        for k in torch.nonzero(engine.finished & engine.opt.active)[:, 0].tolist():
+            task, result = held[k], engine.result(k, held[k], args)
+            if result.flags and task.attempt == 1:   # retry once, step capped
+                retries.append(Task(task.molecule, task.conformer, task.start, 2, result))
+            else:
+                yield best_attempt(result)
+            refill(k)
 
 
 def best_attempt(result):
