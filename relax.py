@@ -170,100 +170,43 @@ class Result:
         return any(f.split(":")[0] in STRUCTURAL_FLAGS for f in self.flags)
 
 
-class FmaxRelaxation(relaxation.Relaxation):
-    """--batch_size slots of relaxation.Relaxation, each NNP call on the atoms of the slots
-    being evaluated. At every evaluation, a molecule whose largest atomic force is at most
-    fmax, or whose numbers are no longer finite, and at the first evaluation of a step, at
-    E(s_t) and F(s_t), one that took --steps steps, is finished: its forces go to the
-    optimizer as zeros, so the optimizer leaves it where it is (grad_threshold 0: zero
-    forces are its converged state). Its result is that geometry, E and max_i |F_i|. Each
-    slot has its own update cap (opt.max_step [S]): a retry's is --retry_max_step."""
-
-    def __init__(self, model, args, fmax):
-        super().__init__(model, args, args.batch_size, whole_layout=False)
-        S, f64 = args.batch_size, dict(dtype=torch.float64, device=self.device)
-        self.fmax, self.max_steps = fmax, args.steps
-        cap = args.max_step if args.max_step is not None else math.inf
-        self.caps = {1: cap, 2: min(cap / 2, args.retry_max_step) if args.max_step
-                     else args.retry_max_step}              # Angstrom per atom and update
-        self.opt.grad_threshold = 0.0
-        self.opt.max_step = torch.full((S,), math.inf, **f64)   # the attempt's cap [S]
-        self.energy_start = torch.full((S,), math.nan, **f64)   # E(s_0) [S], Hartree
-        self.end = torch.full((S, 3), math.nan, **f64)  # E, max_i |F_i|, steps where it finished
-        self.finished = torch.zeros(S, dtype=torch.bool, device=self.device)
-        self.first_evaluation = False
-
-    def start(self, k, task):
-        self.fill(k, task.molecule.numbers, task.start)
-        self.opt.max_step[k] = self.caps[task.attempt]
-        self.energy_start[k] = math.nan
-        self.end[k] = math.nan
-        self.finished[k] = False
-
-    def step(self):
-        self.first_evaluation = True                  # E(s_t), F(s_t) of every moving slot
-        super().step()
-
-    def energy_and_forces(self, positions):
-        energy, forces = super().energy_and_forces(positions)     # [S], [n_atoms, 3]
-        ev, batch, S = self.opt.evaluating, self.opt.batch, self.opt.n_slots
-        atom_force = torch.linalg.vector_norm(forces.double(), dim=1)       # |F_i| [n_atoms]
-        bad_atom = ~(torch.isfinite(atom_force) & torch.isfinite(positions).all(1))
-        bad = self.energy_start.new_zeros(S).index_add_(0, batch, bad_atom.double()) > 0
-        bad |= ~torch.isfinite(energy)
-        largest = self.energy_start.new_zeros(S).scatter_reduce_(
-            0, batch, atom_force.nan_to_num(math.inf), "amax")             # max_i |F_i| [S]
-        stop = ev & (bad | (largest <= self.fmax))
-        if self.first_evaluation:          # opt.n_steps: the steps done before this one
-            self.first_evaluation = False
-            self.energy_start = torch.where(ev & (self.opt.n_steps == 0), energy,
-                                            self.energy_start)
-            stop |= ev & (self.opt.n_steps >= self.max_steps)
-        now = torch.stack([energy, largest, self.opt.n_steps.double()], 1)    # [S, 3]
-        self.end = torch.where(stop[:, None], now, self.end)
-        self.finished |= stop
-        forces[stop[batch]] = 0.0                     # the optimizer leaves them in place
-        return energy, forces
-
-    def result(self, k, task, args):
-        """The Result of the molecule finished in slot k, its flags set."""
-        energy, max_force, steps = self.end[k].tolist()
-        r = Result(task, self.positions(k), float(self.energy_start[k]), energy, max_force,
-                   int(steps), max_force <= self.fmax, attempts=task.attempt)
-        r.flags = quality_flags(task.molecule.numbers, task.start, r.positions,
-                                args.bond_factor, args.clash_fraction)
-        if not r.converged:
-            r.flags.append("not_converged")
-        if r.energy > r.energy_start:                  # an update went uphill
-            r.flags.append("energy_rose")
-        return r
-
-
 def relax_tasks(model, args, fmax, tasks):
     """Yields a Result for every Task of the iterable `tasks`, in finishing order: Eq. 3 in
-    the --batch_size slots of an FmaxRelaxation, a slot refilled from the queue (the retries
-    first) as its molecule finishes. A flagged first attempt is retried once, capped."""
-    engine = FmaxRelaxation(model, args, fmax)
+    the --batch_size slots of a relaxation.FmaxRelaxation, each slot refilled from the queue
+    (the retries first) as its molecule finishes. A first attempt with a flag is relaxed
+    again from its start, every update capped at --retry_max_step (or half --max_step)."""
+    engine = relaxation.FmaxRelaxation(model, args, args.batch_size, fmax, args.steps)
+    cap = args.max_step if args.max_step is not None else math.inf
+    caps = {1: cap, 2: min(cap / 2, args.retry_max_step) if args.max_step
+            else args.retry_max_step}                  # Angstrom per atom and update
     queue, retries = iter(tasks), collections.deque()
-    held = [None] * args.batch_size                   # the Task in each slot
+    held = [None] * args.batch_size                    # the Task in each slot
 
     def refill(k):
-        held[k] = retries.popleft() if retries else next(queue, None)
-        if held[k] is None:
+        task = held[k] = retries.popleft() if retries else next(queue, None)
+        if task is None:
             engine.empty(k)
         else:
-            engine.start(k, held[k])
+            engine.fill(k, task.molecule.numbers, task.start, caps[task.attempt])
 
     for k in range(args.batch_size):
         refill(k)
     while any(task is not None for task in held):
-        engine.step()                                 # s_t -> s_{t+1}, Eq. 3
+        engine.step()                                  # s_t -> s_{t+1}, Eq. 3
         for k in torch.nonzero(engine.finished & engine.opt.active)[:, 0].tolist():
-            task, result = held[k], engine.result(k, held[k], args)
-            if result.flags and task.attempt == 1:   # retry once, step capped
-                retries.append(Task(task.molecule, task.conformer, task.start, 2, result))
+            task, (energy, max_force, steps) = held[k], engine.end[k].tolist()
+            r = Result(task, engine.positions(k), float(engine.energy_start[k]), energy,
+                       max_force, int(steps), max_force <= fmax, attempts=task.attempt)
+            r.flags = quality_flags(task.molecule.numbers, task.start, r.positions,
+                                    args.bond_factor, args.clash_fraction)
+            if not r.converged:
+                r.flags.append("not_converged")
+            if r.energy > r.energy_start:              # an update went uphill
+                r.flags.append("energy_rose")
+            if r.flags and task.attempt == 1:
+                retries.append(Task(task.molecule, task.conformer, task.start, 2, r))
             else:
-                yield best_attempt(result)
+                yield best_attempt(r)
             refill(k)
 
 

@@ -14,7 +14,8 @@ untouched, so molecules of any size, each at its own step, share one batch. The 
     golf.py      Algorithm 1's trajectories (line 5): a slot ends on an MMFF rise or at T
                  (line 7) and starts again from s_0 ~ D (line 12)
     evaluate.py  the test conformations, T steps each, E and F kept at the eval steps
-    relax.py     a molecule is done at max_i |F_i| <= --fmax or after --steps steps
+    relax.py     FmaxRelaxation: a molecule is done at max_i |F_i| <= --fmax (ASE's stop)
+                 or after --steps steps, both checked at every evaluation
 
     engine = Relaxation(model, args, n_slots, whole_layout=True)
     engine.fill(k, numbers, positions)  a molecule in slot k: atomic numbers [n_k], s_0
@@ -37,9 +38,11 @@ the optimizer's state is float64 on --device too.
 whole_layout: each NNP call evaluates every atom of the layout (golf.py, evaluate.py), or
 (False) only the atoms of the slots whose results the optimizer uses (opt.evaluating), with
 zero forces for the others: the later evaluations of an L-BFGS step skip the molecules
-that left their inner loop (relax.py). A molecule's numbers can differ in the last bits
+that left their inner loop (FmaxRelaxation). A molecule's numbers can differ in the last bits
 with the other molecules of an NNP call, so the two agree to rounding.
 """
+import math
+
 import torch
 
 import optimizers
@@ -110,3 +113,59 @@ class Relaxation:
     def nnp(self, z, positions, batch):
         energy, forces = self.model(z, positions, batch, self.opt.n_slots)
         return energy.detach(), forces.detach()
+
+
+class FmaxRelaxation(Relaxation):
+    """A Relaxation whose molecules stop by ASE's criterion (relax.py). At every evaluation,
+    a molecule whose largest atomic force max_i |F_i| is at most fmax (Hartree/A), or whose
+    numbers are no longer finite, and at the first evaluation of a step, at E(s_t) and
+    F(s_t), one that took max_steps steps, is finished: its forces go to the optimizer as
+    zeros, so the optimizer leaves it where it is (grad_threshold 0: zero forces are its
+    converged state). Its result is that evaluation's geometry, E and max_i |F_i|. Each
+    NNP call is on the atoms of the slots being evaluated (whole_layout False), and each
+    slot has its own update cap (opt.max_step [n_slots], Angstrom), given to fill().
+
+    Per slot, since its last fill: finished [n_slots] bool, energy_start [n_slots] E(s_0)
+    (Hartree), end [n_slots, 3] where it finished: E, max_i |F_i|, steps taken."""
+
+    def __init__(self, model, args, n_slots, fmax, max_steps):
+        super().__init__(model, args, n_slots, whole_layout=False)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.fmax, self.max_steps = fmax, max_steps
+        self.opt.grad_threshold = 0.0
+        self.opt.max_step = torch.full((n_slots,), math.inf, **f64)          # [S]
+        self.energy_start = torch.full((n_slots,), math.nan, **f64)           # [S]
+        self.end = torch.full((n_slots, 3), math.nan, **f64)                  # [S, 3]
+        self.finished = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
+        self.first_evaluation = False
+
+    def fill(self, k, numbers, positions, max_step=math.inf):
+        super().fill(k, numbers, positions)
+        self.opt.max_step[k] = max_step
+        self.energy_start[k] = self.end[k] = math.nan
+        self.finished[k] = False
+
+    def step(self):
+        self.first_evaluation = True                  # E(s_t), F(s_t) of every moving slot
+        super().step()
+
+    def energy_and_forces(self, positions):
+        energy, forces = super().energy_and_forces(positions)     # [S], [n_atoms, 3]
+        ev, batch, S = self.opt.evaluating, self.opt.batch, self.opt.n_slots
+        atom_force = torch.linalg.vector_norm(forces.double(), dim=1)       # |F_i| [n_atoms]
+        bad_atom = ~(torch.isfinite(atom_force) & torch.isfinite(positions).all(1))
+        bad = self.end.new_zeros(S).index_add_(0, batch, bad_atom.double()) > 0
+        bad |= ~torch.isfinite(energy)                                       # [S]
+        largest = self.end.new_zeros(S).scatter_reduce_(
+            0, batch, atom_force.nan_to_num(math.inf), "amax")             # max_i |F_i| [S]
+        stop = ev & (bad | (largest <= self.fmax))
+        if self.first_evaluation:          # opt.n_steps: the steps done before this one
+            self.first_evaluation = False
+            self.energy_start = torch.where(ev & (self.opt.n_steps == 0), energy,
+                                            self.energy_start)
+            stop |= ev & (self.opt.n_steps >= self.max_steps)
+        now = torch.stack([energy, largest, self.opt.n_steps.double()], 1)    # [S, 3]
+        self.end = torch.where(stop[:, None], now, self.end)
+        self.finished |= stop
+        forces[stop[batch]] = 0.0                     # the optimizer leaves them in place
+        return energy, forces
