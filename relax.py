@@ -594,17 +594,15 @@ class SdfOutput:
                 + "$$$$\n")
 
     def rewrite_sorted(self):
-        """In input order, then lowest energy first (--keep)."""
+        """In input order, then lowest energy first (--keep), replaced atomically."""
         records = self.records()
         order = sorted(records, key=lambda record: tuple(-1 if k is None else k for k in (
             self.record_keys(record, ("input_index", "energy_rank", "conformer_index")))))
         if order != records:
-            tmp = f"{self.path}.sorting"
-            with open(tmp, "w") as f:
+            with safe_io.atomic_write(self.path) as tmp, open(tmp, "w") as f:
                 f.write("".join(order))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
 
 
 def format_value(v):
