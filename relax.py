@@ -825,7 +825,7 @@ def force_threshold(text, unit):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__, conflict_handler="resolve",  # see below
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in", dest="input", required=True,
                    help="molecules: .smi/.smiles/.txt (SMILES), .sdf, .xyz or .db (ASE)")
@@ -847,8 +847,7 @@ def parse_args(argv=None):
                    help="stop a molecule when every atomic force |F_i| is at most this, in "
                         "--fmax_unit or with a unit suffix (default: 0.05 eV/A, ASE's "
                         "default; = 1.15 kcal/mol/A)")
-    p.add_argument("--fmax_unit", default="eV/A",
-                   help="eV/A (default), kcal/mol/A or Hartree/A")
+    p.add_argument("--fmax_unit", default="eV/A", help="eV/A (default), kcal/mol/A or Hartree/A")
     p.add_argument("--steps", type=int, default=200,
                    help="or after this many optimizer steps (an L-BFGS step is up to "
                         "--max_iter updates; default: %(default)s)")
@@ -871,13 +870,12 @@ def parse_args(argv=None):
                    help="genuine oracle energy at the start and end of every written "
                         "relaxation: gfn2-xtb, or a Psi4 method/basis (default: no check)")
     optimizers.add_optimizer_args(p)
-    oracles.add_oracle_args(p)
-    for action in p._actions:       # relax stops by --fmax; the oracle is --check_with
-        if action.dest in ("grad_threshold", "oracle_method"):
-            action.help = argparse.SUPPRESS
+    oracles.add_oracle_args(p, optimize=False)       # the pool of --check_with
+    # redefined without help (conflict_handler="resolve"): relax.py stops a molecule at
+    # --fmax, and --check_with names the oracle
+    p.add_argument("--grad_threshold", type=float, default=1e-5, help=argparse.SUPPRESS)
+    p.add_argument("--oracle_method", default=None, help=argparse.SUPPRESS)
     args = optimizers.parse_args_with_preset(p, argv)
-    if args.check_with:
-        args.oracle_method = args.check_with
     for name in ("batch_size", "steps", "conformers"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -886,6 +884,9 @@ def parse_args(argv=None):
     if args.grad_threshold != 1e-5:
         p.error("relax.py stops each molecule at --fmax (max |F_i|); --grad_threshold is "
                 "not used")
+    if args.oracle_method is not None:
+        p.error("relax.py asks the oracle named by --check_with; --oracle_method is not used")
+    args.oracle_method = args.check_with
     return args
 
 
