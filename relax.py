@@ -735,15 +735,14 @@ def relax(args):
         with (oracle_pool.make_oracle_pool(args) if args.check_with
               else contextlib.nullcontext()) as pool:
             finish = Finisher(args, output, pool, summary)
-            bar = safe_io.progress(total=tasks.total, unit="conf", desc="relax",
-                                   dynamic_ncols=True)
             started = time.monotonic()
-            for result in relax_tasks(model, args, fmax, tasks):
-                summary.count(result)
-                bar.update(1)
-                finish.add(result, tasks)              # --keep, oracle, write as finished
+            with safe_io.progress(total=tasks.total, unit="conf", desc="relax",
+                                  dynamic_ncols=True) as bar:
+                for result in relax_tasks(model, args, fmax, tasks):
+                    summary.count(result)
+                    bar.update(1)
+                    finish.add(result, tasks)          # --keep, oracle, write as finished
             summary.seconds = time.monotonic() - started
-            bar.close()
             finish.wait()
         output.rewrite_sorted()                                           # input order
     print(summary.text(args, fmax))
@@ -891,16 +890,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """Exit codes: 0 done, 1 nothing relaxed, 2 bad input (one `error:` line), 130 / 143
+    stopped by Ctrl-C / SIGTERM (one line; what was written is kept)."""
     args = parse_args(argv)
     try:
-        return relax(args)
+        with safe_io.StopSignals():
+            return relax(args)
     except (data.DataError, painn.CheckpointError, oracles.OracleError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: every finished conformation is written; rerun the same command "
-              "to continue", file=sys.stderr)
-        return 130
+    except safe_io.Interrupted as stop:
+        again = safe_io.continue_command(argv=None if argv is None else ["relax.py", *argv])
+        print(safe_io.stopped_line(stop, f"every conformation written to {args.out} is kept "
+                                   "and skipped when run again", again), file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -341,3 +341,31 @@ def test_db_in_keeps_smiles_and_writes_oracle_labels(tmp_path):
     assert conf.smiles == "CO" and conf.forces.shape == (6, 3)
     assert conf.energy == pytest.approx(conf.info["oracle_end_hartree"])
     assert conf.info["oracle_end_hartree"] < conf.info["oracle_start_hartree"]
+
+
+def test_sigterm_stops_with_one_line_and_a_rerun_goes_on(tmp_path, monkeypatch):
+    """SIGTERM after the first result: exit 143, one `stopped by SIGTERM` line naming the
+    command to go on; what was written stays, and the same command finishes the rest."""
+    import signal
+    smi, out = tmp_path / "in.smi", tmp_path / "out.sdf"
+    smi.write_text("CCO ethanol\nCC(=O)O acetic_acid\nCOC dimethyl_ether\n")
+    real = relax.relax_tasks
+
+    def terminated_after_one(*args):
+        for i, result in enumerate(real(*args)):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield result
+    monkeypatch.setattr(relax, "relax_tasks", terminated_after_one)
+    status, _, stderr = run("--in", str(smi), "--out", str(out))
+    assert status == 143
+    (line,) = [line for line in stderr.splitlines() if line.startswith("stopped by")]
+    assert line.startswith(f"stopped by SIGTERM: every conformation written to {out} is kept")
+    assert line.endswith(f"continue with: python relax.py --in {smi} --out {out} "
+                         "--batch_size 4")
+    assert len(records(out)) == 1
+    monkeypatch.setattr(relax, "relax_tasks", real)
+    status, stdout, _ = run("--in", str(smi), "--out", str(out))
+    assert status == 0 and stdout.startswith("2 conformations of 2 molecules to relax, 1 done")
+    assert [m.GetProp("_Name") for m in records(out)] == ["ethanol", "acetic_acid",
+                                                          "dimethyl_ether"]
