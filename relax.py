@@ -732,7 +732,9 @@ def relax(args):
         summary = Summary(n_problems)
         if args.check_with:
             torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
-        with (oracle_pool.make_oracle_pool(args) if args.check_with
+        journal = os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                               "oracle_journal.sqlite")        # every oracle result kept
+        with (oracle_pool.make_oracle_pool(args, journal) if args.check_with
               else contextlib.nullcontext()) as pool:
             finish = Finisher(args, output, pool, summary)
             started = time.monotonic()

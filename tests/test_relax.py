@@ -295,6 +295,10 @@ def test_check_with_xtb_reports_start_and_end_energies(tmp_path):
     assert m.GetDoubleProp("oracle_drop_kcal_mol") == pytest.approx(
         (start - end) * data.HARTREE_TO_KCAL)
     assert "gfn2-xtb energy drop: mean" in stdout
+    # both oracle results are journalled beside the output (oracle_pool.OracleJournal)
+    journal = relax.oracle_pool.OracleJournal(str(tmp_path / "oracle_journal.sqlite"))
+    assert len(journal) == 2
+    journal.close()
 
 
 def test_sdf_in_bad_record_one_line_implicit_hydrogens_added(tmp_path):
