@@ -26,8 +26,8 @@ def engine(n_slots, *flags, whole_layout=True):
     parser = optimizers.add_optimizer_args(argparse.ArgumentParser())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float64")
-    return relaxation.Relaxation(Wells(), parser.parse_args(["--grad_threshold", "-1", *flags]), n_slots,
-                                 whole_layout=whole_layout)
+    args = parser.parse_args(["--grad_threshold", "-1", *flags])
+    return relaxation.Relaxation(Wells(), args, n_slots, whole_layout=whole_layout)
 
 
 MOLECULES = [(np.array(z), np.random.default_rng(i).normal(size=(len(z), 3)))
