@@ -9,12 +9,11 @@ GOLF's NNP-optimization (Tsypin et al., ICLR 2024, Eq. 3), s_{t+1} = Opt(s_t, F(
 tool: relaxation.FmaxRelaxation moves --batch_size molecules of any size at once with the
 paper's L-BFGS (Table 5; --conf_opt adam | sgd: Table 6), one NNP call per evaluation, until
 each molecule's largest atomic force |F_i| is at most --fmax or it took --steps steps.
-Default model: the paper's f_GOLF-10k. The file follows a run: inputs (SMILES, SDF, XYZ, ASE
-db) and the model's domain; the relaxation and the quality check of every result (a flagged
-one is retried once with capped updates, and never written if still broken); the conformer
-choice (--keep); outputs (SDF or ASE db, appended as results finish: a rerun goes on where a
-run stopped); the genuine oracle's check (--check_with); the summary; the command line.
-docs/relax.md has the details. Units: Angstrom, Hartree (and kcal/mol), forces in eV/A.
+Default model: the paper's f_GOLF-10k. The file follows a run: inputs and the model's
+domain; the relaxation, the quality check and its retry; the conformer choice (--keep);
+outputs (SDF or ASE db, appended as results finish, so a rerun goes on where a run
+stopped); the genuine oracle's check (--check_with); the summary; the command line.
+docs/relax.md tells the details. Units: Angstrom, Hartree (and kcal/mol), forces in eV/A.
 """
 import argparse
 import collections
@@ -709,47 +708,8 @@ class Finisher:
 
 
 # ---------------------------------------------------------------------------------------
-# The run, and its summary
+# The summary, and the run
 # ---------------------------------------------------------------------------------------
-
-def relax(args):
-    fmax = force_threshold(args.fmax, args.fmax_unit)                     # Hartree/A
-    output_format(args.out)                                               # before any work
-    model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
-    model.eval()
-    molecules, n_problems = read_input(args.input, args, model_elements(model))
-    if not molecules:
-        print(f"error: {args.input}: no molecule the model can relax (reasons above)",
-              file=sys.stderr)
-        return 1
-    with safe_io.output_lock(args.out):                                   # one writer
-        output, done = open_output(args.out, molecules)
-        tasks = Tasks(molecules, args, done)
-        print(f"{tasks.total} conformations of {len(tasks.molecules)} molecules to relax, "
-              f"{len(done)} done before in {args.out}; max |F_i| <= "
-              f"{fmax * HARTREE_TO_EV:.4g} eV/A or {args.steps} steps, {args.conf_opt} "
-              f"({args.dtype}, {args.device})")
-        summary = Summary(n_problems)
-        if args.check_with:
-            torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
-        journal = os.path.join(os.path.dirname(os.path.abspath(args.out)),
-                               "oracle_journal.sqlite")        # every oracle result kept
-        with (oracle_pool.make_oracle_pool(args, journal) if args.check_with
-              else contextlib.nullcontext()) as pool:
-            finish = Finisher(args, output, pool, summary)
-            started = time.monotonic()
-            with safe_io.progress(total=tasks.total, unit="conf", desc="relax",
-                                  dynamic_ncols=True) as bar:
-                for result in relax_tasks(model, args, fmax, tasks):
-                    summary.count(result)
-                    bar.update(1)
-                    finish.add(result, tasks)          # --keep, oracle, write as finished
-            summary.seconds = time.monotonic() - started
-            finish.wait()
-        output.rewrite_sorted()                                           # input order
-    print(summary.text(args, fmax))
-    return 0 if summary.n["written"] or done else 1
-
 
 class Summary:
     """The run's counts as it goes (n: results, retried, fixed, failed, written, converged,
@@ -804,6 +764,45 @@ class Summary:
         elif args.check_with and n["oracle_failed"]:
             lines.append(f"  {args.check_with}: the oracle failed for all {n['oracle_failed']}")
         return "\n".join(lines)
+
+
+def relax(args):
+    fmax = force_threshold(args.fmax, args.fmax_unit)                     # Hartree/A
+    output_format(args.out)                                               # before any work
+    model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
+    model.eval()
+    molecules, n_problems = read_input(args.input, args, model_elements(model))
+    if not molecules:
+        print(f"error: {args.input}: no molecule the model can relax (reasons above)",
+              file=sys.stderr)
+        return 1
+    with safe_io.output_lock(args.out):                                   # one writer
+        output, done = open_output(args.out, molecules)
+        tasks = Tasks(molecules, args, done)
+        print(f"{tasks.total} conformations of {len(tasks.molecules)} molecules to relax, "
+              f"{len(done)} done before in {args.out}; max |F_i| <= "
+              f"{fmax * HARTREE_TO_EV:.4g} eV/A or {args.steps} steps, {args.conf_opt} "
+              f"({args.dtype}, {args.device})")
+        summary = Summary(n_problems)
+        if args.check_with:
+            torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
+        journal = os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                               "oracle_journal.sqlite")        # every oracle result kept
+        with (oracle_pool.make_oracle_pool(args, journal) if args.check_with
+              else contextlib.nullcontext()) as pool:
+            finish = Finisher(args, output, pool, summary)
+            started = time.monotonic()
+            with safe_io.progress(total=tasks.total, unit="conf", desc="relax",
+                                  dynamic_ncols=True) as bar:
+                for result in relax_tasks(model, args, fmax, tasks):
+                    summary.count(result)
+                    bar.update(1)
+                    finish.add(result, tasks)          # --keep, oracle, write as finished
+            summary.seconds = time.monotonic() - started
+            finish.wait()
+        output.rewrite_sorted()                                           # input order
+    print(summary.text(args, fmax))
+    return 0 if summary.n["written"] or done else 1
 
 
 # ---------------------------------------------------------------------------------------
