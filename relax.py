@@ -501,15 +501,15 @@ def open_output(path, molecules):
     and those of <out>.failed.jsonl. An output whose molecule has other atoms than the
     input's is a DataError (the input changed)."""
     output = SdfOutput(path) if output_format(path) == ".sdf" else DbOutput(path)
-    by_index = {m.index: m for m in molecules}
-    for index, _, n_atoms, numbers in output.keys():
+    by_index, keys = {m.index: m for m in molecules}, output.keys()
+    for index, _, n_atoms, numbers in keys:
         m = by_index.get(index)
         if m is not None and (n_atoms not in (None, m.n_atoms) or numbers is not None
                               and not np.array_equal(numbers, m.numbers)):
-            raise data.DataError(f"{path}: its molecule {index} has other atoms than input "
-                                 f"molecule {index}: the input changed since this output "
-                                 "was written; write to another --out")
-    done = {(index, conformer) for index, conformer, _, _ in output.keys()}
+            raise data.DataError(f"{path}: input molecule {index} has other atoms than when "
+                                 "this output was written: the input changed; write to "
+                                 "another --out")
+    done = {(index, conformer) for index, conformer, _, _ in keys}
     if os.path.exists(failed_path(path)):
         safe_io.cut_partial_line(failed_path(path))   # a kill mid-write (we hold the lock)
         done |= {(r["input_index"], r["conformer_index"])

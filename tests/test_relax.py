@@ -122,6 +122,18 @@ def test_resume_skips_done_and_completes_a_cut_file(relaxed, tmp_path):
             assert a.GetPropsAsDict()[key] == pytest.approx(value, abs=1e-3), key
 
 
+def test_a_changed_input_is_refused_in_one_line(relaxed, tmp_path):
+    """The output's molecule 4 (acetic acid) is another molecule in the changed input."""
+    smi, out, _, _ = relaxed
+    changed, copy = tmp_path / "changed.smi", tmp_path / "out.sdf"
+    changed.write_text(smi.read_text().replace("CC(=O)O acetic_acid", "CCCO propanol"))
+    copy.write_text(out.read_text())
+    status, _, stderr = run("--in", str(changed), "--out", str(copy))
+    assert status == 2 and stderr.splitlines()[-1] == (
+        f"error: {copy}: input molecule 4 has other atoms than when this output was "
+        "written: the input changed; write to another --out")
+
+
 def test_quality_flags_on_hand_made_geometries():
     numbers, (start,) = make_trajectories.embed("CCO", 1, 0)          # C C O H H H H H H
     assert relax.quality_flags(numbers, start, start) == []
