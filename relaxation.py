@@ -11,6 +11,8 @@ is one NNP call on the flat layout: the atoms of every active slot, slots in ord
 next one in that slot (fill) or leaves the slot empty (empty); the other slots go on
 untouched, so molecules of any size, each at its own step, share one batch. The callers:
 
+    golf.py      Algorithm 1's trajectories (line 5): a slot ends on an MMFF rise or at T
+                 (line 7) and starts again from s_0 ~ D (line 12)
     evaluate.py  the test conformations, T steps each, E and F kept at the eval steps
     relax.py     FmaxRelaxation: a molecule is done at max_i |F_i| <= --fmax (ASE's stop)
                  or after --steps steps, both checked at every evaluation
@@ -37,9 +39,9 @@ untouched, so molecules of any size, each at its own step, share one batch. The 
 Units are the model's: Angstrom, Hartree, Hartree/A. The model runs in --dtype on --device;
 the optimizer's state is float64 on --device too.
 
-whole_layout: each NNP call evaluates every atom of the layout (evaluate.py), or (False)
-only the atoms of the slots whose results the optimizer uses (opt.evaluating), with zero
-forces for the others: the later evaluations of an L-BFGS step skip the molecules that
+whole_layout: each NNP call evaluates every atom of the layout (golf.py, evaluate.py), or
+(False) only the atoms of the slots whose results the optimizer uses (opt.evaluating), with
+zero forces for the others: the later evaluations of an L-BFGS step skip the molecules that
 left their inner loop (FmaxRelaxation). A molecule's numbers can differ in the last bits
 with the other molecules of an NNP call, so the two agree to rounding.
 """
