@@ -35,6 +35,7 @@ import optimizers
 import oracle_pool
 import oracles
 import painn
+import relaxation
 import report
 import safe_io
 from train_baseline import add_compile_arg, prediction_errors
@@ -94,34 +95,31 @@ def molecule_identity(conf):
 # ---------------------------------------------------------------------------------------
 
 def nnp_optimize(model, confs, args, eval_steps):
-    """Optimize every conformation for T steps with the NNP, in batches of --batch_size.
+    """Optimize every conformation for T steps with the NNP (Eq. 3), --batch_size at once in
+    the slots of one relaxation.Relaxation, refilled together as they end together.
     Yields (conf, {t: positions [n_atoms, 3]}, {t: (E_nnp Hartree, F_nnp [n_atoms, 3])}) with
     t over eval_steps (and 0): NNP energy and forces at exactly the geometry DFT will see."""
-    dtype = getattr(torch, args.dtype)
     model.eval()
+    engine = relaxation.Relaxation(model, args, args.batch_size)
     for start in range(0, len(confs), args.batch_size):
         chunk = confs[start:start + args.batch_size]
-        b = data.collate(chunk, "cpu", torch.float64)
-        opt = optimizers.optimizer_from_args(args, b.positions, b.batch, len(chunk), model_dtype=dtype)
-        z = opt.concat_slots([torch.as_tensor(c.numbers) for c in chunk]).to(args.device)
-
-        def energy_and_forces(positions):
-            e, f = model(z, positions.to(args.device), opt.batch.to(args.device), opt.n_slots)
-            return e.detach().cpu(), f.detach().cpu()
-
+        for k in range(args.batch_size):
+            if k < len(chunk):
+                engine.fill(k, chunk[k].numbers, chunk[k].positions)       # s_0
+            else:
+                engine.empty(k)
         snapshots = [dict() for _ in chunk]
         nnp = [dict() for _ in chunk]
 
         def snapshot(t):
-            e, f = energy_and_forces(opt.positions.to(dtype))
+            energy, forces = engine.evaluate()                             # at s_t
             for k in range(len(chunk)):
-                mask = opt.batch == k
-                snapshots[k][t] = opt.slot_positions(k).numpy().copy()
-                nnp[k][t] = (float(e[k]), f[mask].double().numpy())
+                snapshots[k][t] = engine.positions(k)
+                nnp[k][t] = (float(energy[k]), engine.slot_rows(forces, k))
 
         snapshot(0)
         for t in range(1, max(eval_steps) + 1):
-            opt.step(energy_and_forces)
+            engine.step()                                                  # s_t -> s_{t+1}
             if t in eval_steps:
                 snapshot(t)
         for k, conf in enumerate(chunk):

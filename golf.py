@@ -76,6 +76,7 @@ import optimizers
 import oracle_pool
 import oracles
 import painn
+import relaxation
 import safe_io
 from train_baseline import (Trainer, add_compile_arg, add_training_args, prediction_errors,
                             rng_state, set_rng_state)
@@ -209,7 +210,7 @@ class Golf:
                           n_submitted=0, wait_seconds=0.0, loss=float("nan"))
         self.collected_db = data.connect_for_writing(
             os.path.join(args.out_dir, "collected.db"), atomrefs=None, source="golf.py")
-        self.slots, self.opt, self.z = [], None, None
+        self.slots, self.engine, self.opt, self.z = [], None, None, None
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -278,52 +279,49 @@ class Golf:
         return self.d0[i] if i < len(self.d0) else self.buffer.collected[i - len(self.d0)]
 
     def start_trajectories(self):
+        """Line 3: every slot of the batch starts a trajectory at s_0 ~ D; line 5's
+        NNP-optimization is relaxation.Relaxation's, one slot a trajectory."""
         self.slots = [self.sample_start() for _ in range(self.args.n_parallel)]
         self.build_optimizer()
 
     def build_optimizer(self):
-        """One batched optimizer (L-BFGS by default) over the slots' start conformations."""
-        positions = np.concatenate([s.conf.positions for s in self.slots])
-        counts = torch.tensor([s.conf.n_atoms for s in self.slots])
-        batch = torch.repeat_interleave(torch.arange(len(self.slots)), counts)
-        self.opt = optimizers.optimizer_from_args(self.args, torch.as_tensor(positions), batch,
-                                                  len(self.slots), model_dtype=self.dtype)
+        """Line 5's NNP-optimization: relaxation.Relaxation (the paper's L-BFGS by default),
+        one slot a trajectory, started at the slots' s_0."""
+        self.engine = relaxation.Relaxation(self.model, self.args, len(self.slots))
+        self.opt = self.engine.opt
         if not self.args.end_on_convergence:   # line 7 knows no convergence: never converged
             self.opt.grad_threshold = -math.inf
+        for k, slot in enumerate(self.slots):
+            self.engine.fill(k, slot.conf.numbers, slot.conf.positions)
         self.refresh_atomic_numbers()
 
     def refresh_atomic_numbers(self):
-        z = [torch.as_tensor(s.conf.numbers, device=self.args.device) for s in self.slots]
-        self.z = self.opt.concat_slots(z)
+        """The engine's atomic numbers, from the slots' molecules (also after a change of
+        the optimizer's state outside fill and empty)."""
+        self.engine.numbers = [torch.as_tensor(s.conf.numbers, device=self.engine.device)
+                               for s in self.slots]
+        self.z = self.engine.z = self.opt.concat_slots(self.engine.numbers)
 
     def restart(self, k):
         """Line 12: a new s_0 in slot k; the other slots are untouched."""
         self.slots[k] = self.sample_start()
-        self.opt.replace(k, torch.tensor(self.slots[k].conf.positions))
-
-    def energy_and_forces(self, positions):
-        """The NNP on the whole batch of slots at once: [n_slots], [n_atoms, 3]."""
-        positions = positions.to(self.args.device)
-        energy, forces = self.model(self.z, positions, self.opt.batch.to(self.args.device),
-                                    self.opt.n_slots)
-        return energy.detach(), forces.detach()
+        self.engine.fill(k, self.slots[k].conf.numbers, self.slots[k].conf.positions)
 
     def moving(self, k):
-        return bool(self.opt.active[k]) and not bool(self.opt.converged[k])
+        return self.engine.moving(k)
 
     def can_move(self):
-        return bool((self.opt.active & ~self.opt.converged).any())
+        return self.engine.can_move()
 
     def optimization_step(self):
         """Lines 5-7 for every moving slot; ended trajectories go to `end_trajectory`."""
         self.model.eval()
         self.step += 1
-        before = {k: self.opt.slot_positions(k).numpy().copy()
-                  for k in range(len(self.slots)) if self.moving(k)}
-        self.opt.step(self.energy_and_forces)                          # line 5
+        before = {k: self.engine.positions(k) for k in range(len(self.slots)) if self.moving(k)}
+        self.engine.step()                                             # line 5
         for k, positions_before in before.items():
             slot = self.slots[k]
-            positions = self.opt.slot_positions(k).numpy()
+            positions = self.engine.positions(k)
             energy_mmff = slot.surrogate.energy(positions)             # line 6
             t = int(self.opt.n_steps[k]) - 1           # this step took s_t to s_{t+1}
             if energy_mmff > slot.energy_mmff:                          # line 7: a rise
@@ -355,7 +353,7 @@ class Golf:
                                        else slot.d_index - len(self.d0),
                                        "trajectory_step": int(self.opt.n_steps[k])})
         slot.waiting = conf
-        self.opt.deactivate(k)
+        self.engine.empty(k)
 
     def submit_waiting(self):
         """Line 8: send the conformations of ended trajectories to the pool, in slot order,

@@ -5,55 +5,19 @@
         --checkpoint runs/golf/checkpoint.pt
     python relax.py --in molecules.xyz --out relaxed.db --check_with gfn2-xtb
 
-The NNP-optimization of GOLF (Tsypin et al., ICLR 2024, Eq. 3), s_{t+1} = Opt(s_t, F(s_t)),
-used as a tool: the paper's batched L-BFGS (Table 5: rate 1, 5 iterations a step, memory 100;
---conf_opt adam | sgd for Table 6's others) moves many molecules of different sizes at once,
-one NNP call per evaluation for the whole batch, until each molecule's largest atomic
-force |F_i| is at most --fmax or it has taken --steps steps. Default model: the paper's
-f_GOLF-10k (models/official/GOLF-10k.NNP_checkpoint_actor).
-
-Inputs (by extension): SMILES files (.smi, .smiles, .txt; `SMILES [name]` a line, RDKit
-ETKDGv3 conformations, --conformers per molecule, seeded with --seed + the molecule's
-index), SDF (.sdf, .mol, .sd), XYZ (.xyz, .extxyz; several frames a file) and ASE dbs (.db,
-data.py's schema). Charge and spin come from the input where it gives them (SMILES and SDF
-formal charges and radicals; `charge` / `multiplicity` keys of an XYZ frame or db row);
-otherwise a molecule is neutral, a singlet if its electron count is even. The model's
-domain is checked first, one line for each molecule it cannot handle: its elements (the
-checkpoint's per-element references; nablaDFT's H C N O F S Cl Br for the official models),
-neutral, closed shell.
-
-Quality check of every result (quality_flags): the covalent bond graph at the end against
-the start (a bond broken or formed), an atom with no neighbour left (flown off), two atoms
-neither bonded nor sharing a neighbour at the start that end closer than --clash_fraction
-of the sum of their van der Waals radii (a clash), non-finite coordinates, and whether
-it converged. A flagged conformation is relaxed once more from its start with every
-update capped at --retry_max_step Angstrom per atom (optimizers.py's max_step); if the
-retry is still broken it is reported as failed with the reason (<out>.failed.jsonl) and
-never written to --out; one that is intact but did not converge is written with
-converged = 0.
-
-Conformer search: --conformers N --keep M keeps, per molecule, the M lowest NNP energies
-after removing duplicates (heavy-atom RMSD below --rmsd_threshold after the best alignment
-over symmetry-equivalent atom orders, RDKit's GetBestRMS).
-
---check_with gfn2-xtb (or a Psi4 method/basis) computes the genuine oracle's energy at the
-start and the end of every written relaxation through the oracle pool, and reports how much
-it fell.
-
-Output (by extension): SDF with the relaxed coordinates and properties, or an ASE db in
-data.py's schema (with --check_with, row.data holds the oracle's energy and forces at the
-relaxed geometry; the NNP's numbers are keys). Units: energies in Hartree and kcal/mol
-(data.HARTREE_TO_KCAL), forces in eV/A (--fmax also reads kcal/mol/A and Hartree/A).
-
-Resuming and safety: one process writes an output (safe_io.output_lock); finished conformations
-are appended as they finish, complete SDF records only; a rerun skips every conformation
-already in --out or <out>.failed.jsonl (key: input_index, conformer_index), and at the end
-the output is rewritten in input order, so the same command gives the same file.
+GOLF's NNP-optimization (Tsypin et al., ICLR 2024, Eq. 3), s_{t+1} = Opt(s_t, F(s_t)), as a
+tool: relaxation.FmaxRelaxation moves --batch_size molecules of any size at once with the
+paper's L-BFGS (Table 5; --conf_opt adam | sgd: Table 6), one NNP call per evaluation, until
+each molecule's largest atomic force |F_i| is at most --fmax or it took --steps steps.
+Default model: the paper's f_GOLF-10k. The file follows a run: inputs and the model's
+domain; the relaxation, the quality check and its retry; the conformer choice (--keep);
+outputs (SDF or ASE db, appended as results finish, so a rerun goes on where a run
+stopped); the genuine oracle's check (--check_with); the summary; the command line.
+docs/relax.md tells the details. Units: Angstrom, Hartree (and kcal/mol), forces in eV/A.
 """
 import argparse
 import collections
-import io
-import json
+import contextlib
 import math
 import os
 import re
@@ -75,14 +39,13 @@ import optimizers
 import oracle_pool
 import oracles
 import painn
+import relaxation
 import safe_io
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
                                   "official", "GOLF-10k.NNP_checkpoint_actor")
 NABLADFT_ELEMENTS = (1, 6, 7, 8, 9, 16, 17, 35)   # H C N O F S Cl Br: nablaDFT's molecules
 SMILES_EXTENSIONS = (".smi", ".smiles", ".txt")
-SDF_EXTENSIONS = (".sdf", ".mol", ".sd")
-XYZ_EXTENSIONS = (".xyz", ".extxyz")
 # --fmax units -> Hartree/Angstrom (the model's unit)
 FORCE_UNITS = {"ev/a": 1.0 / HARTREE_TO_EV, "kcal/mol/a": 1.0 / data.HARTREE_TO_KCAL,
                "hartree/a": 1.0, "ha/a": 1.0}
@@ -90,61 +53,259 @@ STRUCTURAL_FLAGS = ("non_finite", "bond_broken", "bond_formed", "flown_off", "cl
 
 
 # ---------------------------------------------------------------------------------------
-# The relaxation: the algorithm
+# Inputs: the molecules, their charge and spin, the model's domain, the conformations
 # ---------------------------------------------------------------------------------------
 
-def relax(args):
-    fmax = force_threshold(args.fmax, args.fmax_unit)                     # Hartree/A
-    output_format(args.out)                                               # before any work
-    model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
-    model.eval()
-    elements = model_elements(model)
-    molecules, n_problems = read_input(args.input, args, elements)        # domain checked
-    if not molecules:
-        print(f"error: {args.input}: no molecule the model can relax (reasons above)",
-              file=sys.stderr)
-        return 1
-    with safe_io.output_lock(args.out):                                      # one writer
-        output = open_output(args.out, molecules)
-        done = output.done_keys() | failed_keys(args.out)
-        tasks = Tasks(molecules, args, done)
-        print(f"{tasks.total} conformations of {len(tasks.molecules)} molecules to relax, "
-              f"{len(done)} done before in {args.out}; max |F_i| <= "
-              f"{fmax * HARTREE_TO_EV:.4g} eV/A or {args.steps} steps, {args.conf_opt} "
-              f"({args.dtype}, {args.device})")
-        summary = Summary(n_problems=n_problems)
-        pool = None
-        if args.check_with:
-            torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
-            pool = oracle_pool.make_oracle_pool(args)
-        try:
-            finish = Finisher(args, output, pool, summary)
-            bar = safe_io.progress(total=tasks.total, unit="conf", desc="relax", dynamic_ncols=True)
-            relaxer = BatchRelaxer(model, args, fmax)
-            started = time.monotonic()
-            for result in relaxer.run(tasks):          # Eq. 3 with refilled slots; retried
-                summary.count(result)
-                bar.update(1)
-                finish.add(result, tasks)              # --keep, oracle, write as finished
-                finish.poll()
-            summary.seconds = time.monotonic() - started
-            bar.close()
-            finish.wait()
-        finally:
-            if pool is not None:
-                pool.close()
-        output.rewrite_sorted()                                           # input order
-    print(summary.text(args, fmax))
-    return 0 if summary.n_written or done else 1
+@dataclass
+class Molecule:
+    index: int                     # input_index: record number in the input, from 0
+    where: str                     # "file line 3", for messages
+    name: str | None
+    numbers: np.ndarray            # [n_atoms] atomic numbers
+    conformers: list               # [[n_atoms, 3] Angstrom] given, or [] to embed (SMILES)
+    charge: int = 0
+    multiplicity: int = 1
+    smiles: str | None = None      # a SMILES whose atoms (hydrogens added) are these, in order
+    mol: Chem.Mol | None = None    # RDKit graph of these atoms in this order, if the input had one
+
+    @property
+    def n_atoms(self):
+        return len(self.numbers)
+
+    def template(self):
+        """The RDKit molecule of these atoms (its bonds perceived from the first conformation
+        if the input gave none), without conformers."""
+        if self.mol is None:
+            self.mol = perceive_bonds(self.numbers, self.conformers[0])
+        mol = Chem.Mol(self.mol)
+        mol.RemoveAllConformers()
+        return mol
+
+
+def perceive_bonds(numbers, positions):
+    """An RDKit molecule with bonds perceived from the coordinates (neutral: bond orders
+    when RDKit finds them, else connectivity only)."""
+    xyz = f"{len(numbers)}\n\n" + "".join(
+        f"{chemical_symbols[z]} {x:.8f} {y:.8f} {w:.8f}\n" for z, (x, y, w) in
+        zip(numbers, np.asarray(positions, dtype=np.float64)))
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        mol = Chem.MolFromXYZBlock(xyz)
+        for perceive in (lambda m: rdDetermineBonds.DetermineBonds(m, charge=0),
+                         rdDetermineBonds.DetermineConnectivity):
+            try:
+                candidate = Chem.Mol(mol)
+                perceive(candidate)
+                return candidate
+            except Exception:
+                continue
+        return mol
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+
+
+def spin_and_charge(numbers, charge, multiplicity, radicals=0):
+    """Charge (given, else 0) and multiplicity (given, else from the radical electrons, else
+    the lowest for the electron count)."""
+    charge = int(charge or 0)
+    if multiplicity is None:
+        n_electrons = int(np.sum(numbers)) - charge
+        multiplicity = radicals + 1 if radicals else 1 + n_electrons % 2
+    return charge, int(multiplicity)
+
+
+def rdkit_input(index, where, name, mol, conformers, smiles=None, given=None):
+    """The Molecule of an RDKit molecule (SMILES, SDF): charge and multiplicity as `given`
+    (SDF properties), else from its formal charges and radicals."""
+    numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
+    given = given or {}
+    charge, mult = spin_and_charge(numbers, given.get("charge", Chem.GetFormalCharge(mol)),
+                                   given.get("multiplicity"),
+                                   sum(a.GetNumRadicalElectrons() for a in mol.GetAtoms()))
+    return Molecule(index, where, name, numbers, conformers, charge, mult, smiles, mol)
+
+
+def read_smiles(path):
+    molecules, problems = [], []
+    for index, (line, smiles, name) in enumerate(make_trajectories.read_smiles_file(path)):
+        mol = make_trajectories.parse_smiles(smiles)
+        if mol is None:
+            problems.append(f"{path} line {line}: RDKit cannot parse SMILES {smiles!r}; fix "
+                            "the line")
+        else:                           # hydrogens after the heavy atoms (nablaDFT rows)
+            molecules.append(rdkit_input(index, f"{path} line {line}", name or smiles,
+                                         Chem.AddHs(mol), [], smiles))
+    return molecules, problems
+
+
+def read_sdf(path):
+    molecules, problems = [], []
+    RDLogger.DisableLog("rdApp.*")        # our line names the record; RDKit's would not
+    try:
+        supplier = Chem.SDMolSupplier(path, removeHs=False)
+        records = [supplier[i] for i in range(len(supplier))]
+    except Exception as err:
+        raise data.DataError(f"{path}: not a readable SDF file ({oracles.one_line(err)})") from None
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    for index, mol in enumerate(records):
+        where = f"{path} record {index + 1}"
+        if mol is None:
+            problems.append(f"{where}: RDKit cannot read it (check its atoms, bonds and "
+                            "valences)")
+            continue
+        name = mol.GetProp("_Name").strip() if mol.HasProp("_Name") else ""
+        if mol.GetNumConformers() == 0 or not mol.GetConformer().Is3D():
+            problems.append(f"{where}: no 3D coordinates; give 3D coordinates, or its SMILES")
+            continue
+        if any(a.GetNumImplicitHs() for a in mol.GetAtoms()):
+            mol = Chem.AddHs(mol, addCoords=True)
+            print(f"note: {where}: hydrogens the file leaves implicit were added (RDKit)",
+                  file=sys.stderr)
+        positions = mol.GetConformer().GetPositions()
+        mol.RemoveAllConformers()
+        given = {k: int(float(mol.GetProp(k))) for k in ("charge", "multiplicity")
+                 if mol.HasProp(k)}
+        molecules.append(rdkit_input(index, where, name or None, mol, [positions],
+                                     given=given))
+    return molecules, problems
+
+
+def read_xyz(path):
+    import ase.io
+    try:
+        frames = ase.io.read(path, index=":")
+    except Exception as err:
+        raise data.DataError(f"{path}: not a readable XYZ file ({oracles.one_line(err)}); "
+                             "expected frames of: atom count, comment, `Symbol x y z` "
+                             "lines") from None
+    molecules = []
+    for index, atoms in enumerate(frames):
+        info = atoms.info
+        charge, mult = spin_and_charge(atoms.numbers, info.get("charge"),
+                                       info.get("multiplicity", info.get("mult")))
+        name = info.get("name") if isinstance(info.get("name"), str) else None
+        molecules.append(Molecule(index, f"{path} frame {index + 1}", name,
+                                  np.asarray(atoms.numbers), [atoms.positions.copy()],
+                                  charge, mult))
+    return molecules, []
+
+
+def read_ase_db(path):
+    molecules = []
+    for index, c in enumerate(data.read_db(path, "total", verbose=False)[0]):
+        charge, mult = spin_and_charge(c.numbers, c.info.get("charge"),
+                                       c.info.get("multiplicity"))
+        mol, smiles = None, None
+        if c.smiles:
+            if "charge" not in c.info:
+                charge, mult = oracles.charge_and_multiplicity(c.numbers, c.smiles)
+            try:                              # its graph, if its atoms follow the SMILES
+                mol, smiles = oracles.rdkit_molecule(c), c.smiles
+            except data.DataError:
+                pass
+        name = c.info.get("name")
+        molecules.append(Molecule(index, f"{path} row {c.id}", name if isinstance(name, str)
+                                  else None, c.numbers, [c.positions], charge, mult, smiles, mol))
+    return molecules, []
+
+
+READERS = {**dict.fromkeys(SMILES_EXTENSIONS, read_smiles), ".db": read_ase_db,
+           **dict.fromkeys((".sdf", ".mol", ".sd"), read_sdf),
+           **dict.fromkeys((".xyz", ".extxyz"), read_xyz)}
+
+
+def model_elements(model):
+    """Atomic numbers the model was trained on: those with a per-element reference energy
+    in the checkpoint (train_baseline.py takes them from its training db, which holds the
+    free-atom energies of its elements), except nablaDFT's atomrefs (the official models,
+    and our dbs at its level), which also list P and I, absent from nablaDFT's molecules:
+    then H C N O F S Cl Br."""
+    refs = {z for z, e in enumerate(model.atomrefs) if e}
+    return set(NABLADFT_ELEMENTS) if not refs or refs == set(painn.NABLADFT_ATOMREFS) else refs
+
+
+def domain_problem(m, elements):
+    """Why the model cannot relax molecule m (None: it can)."""
+    outside = sorted({int(z) for z in m.numbers} - elements)
+    if outside:
+        names = " ".join(chemical_symbols[z] for z in sorted(elements))
+        return (f"element {', '.join(chemical_symbols[z] for z in outside)} is outside the "
+                f"model's elements ({names})")
+    if m.charge != 0:
+        return f"charge {m.charge:+d}: the model knows neutral molecules only"
+    if m.multiplicity != 1:
+        return (f"spin multiplicity {m.multiplicity}: the model knows closed-shell "
+                "molecules only")
+    return "a single atom: nothing to relax" if m.n_atoms < 2 else None
+
+
+def read_input(path, args, elements):
+    """The molecules of the input file the model can relax, and how many it cannot (one line
+    each on stderr: where, why, what to do). A file that cannot be read at all is a
+    DataError."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"{path}: no such input file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in READERS:
+        raise data.DataError(f"{path}: unknown input format {ext or '(no extension)'}; use "
+                             f"SMILES ({', '.join(SMILES_EXTENSIONS)}), SDF (.sdf), XYZ (.xyz) "
+                             "or an ASE db (.db)")
+    if args.conformers > 1 and ext not in SMILES_EXTENSIONS:
+        raise data.DataError(f"--conformers {args.conformers}: conformations are embedded from "
+                             "SMILES only; give a SMILES file, or relax the input's own "
+                             "conformations with --conformers 1")
+    molecules, problems = READERS[ext](path)
+    why = [domain_problem(m, elements) for m in molecules]
+    problems += [f"{m.where}: {w}; skipped" for m, w in zip(molecules, why) if w]
+    for line in problems:
+        print(f"warning: {line}", file=sys.stderr)
+    return [m for m, w in zip(molecules, why) if not w], len(problems)
+
+
+class Tasks:
+    """The conformations to relax, lazily (ETKDG embeds a molecule when its turn comes):
+    iterating yields Tasks; expected[input index] is how many a molecule has (known once
+    it is embedded). Keys done before are skipped (with --keep: the whole molecule)."""
+
+    def __init__(self, molecules, args, done):
+        self.args, self.done, self.expected = args, done, {}
+        done_molecules = {index for index, _ in done}
+        if args.keep is not None:                 # --keep: a molecule is done as a whole
+            self.molecules = [m for m in molecules if m.index not in done_molecules]
+        else:
+            self.molecules = [m for m in molecules if any(
+                (m.index, k) not in done for k in range(self.n_conformers(m)))]
+        self.total = sum(sum((m.index, k) not in done or args.keep is not None
+                             for k in range(self.n_conformers(m))) for m in self.molecules)
+
+    def n_conformers(self, m):
+        return len(m.conformers) if m.conformers else self.args.conformers
+
+    def __iter__(self):
+        for m in self.molecules:
+            if not m.conformers:                     # SMILES: ETKDGv3, seeded per molecule
+                embedded = make_trajectories.etkdg_molecule(m.smiles, self.args.conformers,
+                                                            self.args.seed + m.index)
+                m.conformers = [c.GetPositions() for c in embedded.GetConformers()]
+                if len(m.conformers) < self.args.conformers:
+                    tqdm.write(f"warning: {m.where}: ETKDG embedded {len(m.conformers)} of "
+                               f"{self.args.conformers} conformations of {m.smiles}",
+                               file=sys.stderr)
+            todo = [k for k in range(len(m.conformers))
+                    if self.args.keep is not None or (m.index, k) not in self.done]
+            self.expected[m.index] = len(todo)
+            for k in todo:
+                yield Task(m, k, np.asarray(m.conformers[k], dtype=np.float64))
 
 
 # ---------------------------------------------------------------------------------------
-# Batched NNP-optimization with per-molecule stopping, refilled slots and retries
+# The relaxation: Eq. 3 in refilled slots, each molecule stopped at --fmax; one retry
 # ---------------------------------------------------------------------------------------
 
 @dataclass
 class Task:
-    molecule: "Molecule"
+    molecule: Molecule
     conformer: int                 # conformer index within the molecule
     start: np.ndarray              # [n_atoms, 3] Angstrom
     attempt: int = 1               # 2: the capped-step retry
@@ -170,114 +331,44 @@ class Result:
         return any(f.split(":")[0] in STRUCTURAL_FLAGS for f in self.flags)
 
 
-class BatchRelaxer:
-    """One batched optimizer of --batch_size slots (optimizers.py). Every evaluation is one
-    NNP call on the atoms of the slots being evaluated. At every evaluation, a molecule
-    whose largest atomic force is at most fmax, or whose numbers are no longer finite, and
-    at the first evaluation of a step, E(s_t) and F(s_t), one that took --steps steps, is
-    finished: its forces are handed to the optimizer as zeros, so the optimizer leaves it
-    where it is (grad_threshold 0: zero forces are its converged state). Its slot is then
-    refilled from the queue, the retries first. The result is the geometry where its last
-    E and F were evaluated."""
+def relax_tasks(model, args, fmax, tasks):
+    """Yields a Result for every Task of the iterable `tasks`, in finishing order: Eq. 3 in
+    the --batch_size slots of a relaxation.FmaxRelaxation, each slot refilled from the queue
+    (the retries first) as its molecule finishes. A first attempt with a flag is relaxed
+    again from its start, every update capped at --retry_max_step (or half --max_step)."""
+    engine = relaxation.FmaxRelaxation(model, args, args.batch_size, fmax, args.steps)
+    cap = args.max_step if args.max_step is not None else math.inf
+    caps = {1: cap, 2: min(cap / 2, args.retry_max_step) if args.max_step
+            else args.retry_max_step}                  # Angstrom per atom and update
+    queue, retries = iter(tasks), collections.deque()
+    held = [None] * args.batch_size                    # the Task in each slot
 
-    def __init__(self, model, args, fmax):
-        self.model, self.args, self.fmax = model, args, fmax
-        self.device = torch.device(args.device)
-        self.model_dtype = getattr(torch, args.dtype)
-        cap = args.max_step if args.max_step is not None else math.inf
-        self.caps = {1: cap, 2: min(cap / 2, args.retry_max_step) if args.max_step
-                     else args.retry_max_step}          # Angstrom per atom and update
+    def refill(k):
+        task = held[k] = retries.popleft() if retries else next(queue, None)
+        if task is None:
+            engine.empty(k)
+        else:
+            engine.fill(k, task.molecule.numbers, task.start, caps[task.attempt])
 
-    def run(self, tasks):
-        """Yields a Result for every task of the iterable `tasks`, in finishing order."""
-        args, S, dev = self.args, self.args.batch_size, self.device
-        f64 = dict(dtype=torch.float64, device=dev)
-        opt = optimizers.make_optimizer(
-            args.conf_opt, torch.zeros(0, 3, **f64), torch.zeros(0, dtype=torch.long,
-                                                                 device=dev), S,
-            lr=args.conf_opt_lr, max_iter=args.max_iter, history=args.lbfgs_history,
-            grad_threshold=0.0, model_dtype=self.model_dtype)
-        opt.max_step = torch.full((S,), math.inf, **f64)   # per slot: the attempt's cap [S]
-        z_slots = [torch.zeros(0, dtype=torch.long, device=dev)] * S     # [n_k] each
-        slot_task = [None] * S
-        energy_start = torch.full((S,), math.nan, **f64)   # E(s_0) [S], Hartree
-        energy_end = torch.full((S,), math.nan, **f64)     # E at the finished geometry [S]
-        force_end = torch.full((S,), math.nan, **f64)      # max_i |F_i| there [S]
-        steps_end = torch.zeros(S, dtype=torch.long, device=dev)   # steps taken by then
-        finished = torch.zeros(S, dtype=torch.bool, device=dev)
-        z = None
-        first_evaluation = False
-        queue = iter(tasks)
-        retries = collections.deque()
-
-        def energy_and_forces(positions):
-            """E [S] (Hartree) and F [n_atoms, 3] (Hartree/A) of the layout, one NNP call on
-            the slots being evaluated; finishes slots (see the class)."""
-            nonlocal first_evaluation
-            ev = opt.evaluating                                             # [S]
-            keep = ev[opt.batch]                                            # [n_atoms]
-            energy, f = self.model(z[keep], positions[keep], opt.batch[keep], S)
-            forces = torch.zeros_like(positions)
-            forces[keep] = f.detach().to(positions.dtype)
-            energy = energy.detach()
-            atom_force = torch.linalg.vector_norm(forces.double(), dim=1)   # |F_i| [n_atoms]
-            bad_atom = ~(torch.isfinite(atom_force) & torch.isfinite(positions).all(1))
-            bad = torch.zeros(S, **f64).index_add_(0, opt.batch, bad_atom.double()) > 0
-            bad |= ~torch.isfinite(energy)
-            largest = torch.zeros(S, **f64).scatter_reduce_(
-                0, opt.batch, atom_force.nan_to_num(math.inf), "amax")     # max_i |F_i| [S]
-            # opt.n_steps: steps done at a step's first evaluation, begun at a later one
-            stop = ev & (bad | (largest <= self.fmax))
-            if first_evaluation:                      # E(s_t), F(s_t) of every moving slot
-                first_evaluation = False
-                energy_start.copy_(torch.where(ev & (opt.n_steps == 0), energy, energy_start))
-                stop |= ev & (opt.n_steps >= args.steps)
-            energy_end.copy_(torch.where(stop, energy, energy_end))
-            force_end.copy_(torch.where(stop, largest, force_end))
-            steps_end.copy_(torch.where(stop, opt.n_steps, steps_end))
-            finished.copy_(finished | stop)
-            forces[stop[opt.batch]] = 0.0             # the optimizer leaves them in place
-            return energy, forces
-
-        def fill(k):
-            """Put the next task in slot k (a retry first), or leave it empty."""
-            task = retries.popleft() if retries else next(queue, None)
-            slot_task[k] = task
-            if task is None:
-                if bool(opt.active[k]):
-                    opt.deactivate(k)
-                return
-            opt.replace(k, torch.tensor(task.start, **f64))
-            opt.max_step[k] = self.caps[task.attempt]
-            z_slots[k] = torch.as_tensor(task.molecule.numbers, dtype=torch.long, device=dev)
-            energy_start[k] = energy_end[k] = force_end[k] = math.nan
-            finished[k] = False
-
-        for k in range(S):
-            fill(k)
-        while any(task is not None for task in slot_task):
-            z = opt.concat_slots(z_slots)
-            first_evaluation = True
-            opt.step(energy_and_forces)               # s_t -> s_{t+1}, Eq. 3
-            done = torch.nonzero(finished & opt.active)[:, 0].tolist()
-            for k in done:
-                task = slot_task[k]
-                result = Result(task, opt.slot_positions(k).cpu().numpy(),
-                                float(energy_start[k]), float(energy_end[k]),
-                                float(force_end[k]), int(steps_end[k]),
-                                bool(force_end[k] <= self.fmax), attempts=task.attempt)
-                result.flags = quality_flags(task.molecule.numbers, task.start,
-                                             result.positions, args.bond_factor,
-                                             args.clash_fraction)
-                if not result.converged:
-                    result.flags.append("not_converged")
-                if result.energy > result.energy_start:      # an update went uphill
-                    result.flags.append("energy_rose")
-                if result.flags and task.attempt == 1:        # retry once, step capped
-                    retries.append(Task(task.molecule, task.conformer, task.start, 2, result))
-                else:
-                    yield best_attempt(result)
-                fill(k)
+    for k in range(args.batch_size):
+        refill(k)
+    while any(task is not None for task in held):
+        engine.step()                                  # s_t -> s_{t+1}, Eq. 3
+        for k in torch.nonzero(engine.finished & engine.opt.active)[:, 0].tolist():
+            task, (energy, max_force, steps) = held[k], engine.end[k].tolist()
+            r = Result(task, engine.positions(k), float(engine.energy_start[k]), energy,
+                       max_force, int(steps), max_force <= fmax, attempts=task.attempt)
+            r.flags = quality_flags(task.molecule.numbers, task.start, r.positions,
+                                    args.bond_factor, args.clash_fraction)
+            if not r.converged:
+                r.flags.append("not_converged")
+            if r.energy > r.energy_start:              # an update went uphill
+                r.flags.append("energy_rose")
+            if r.flags and task.attempt == 1:
+                retries.append(Task(task.molecule, task.conformer, task.start, 2, r))
+            else:
+                yield best_attempt(r)
+            refill(k)
 
 
 def best_attempt(result):
@@ -349,8 +440,20 @@ def quality_flags(numbers, start, end, bond_factor=1.25, clash_fraction=0.55, li
 
 
 # ---------------------------------------------------------------------------------------
-# Conformer selection (--keep)
+# Conformer choice (--keep)
 # ---------------------------------------------------------------------------------------
+
+def with_positions(template, positions):
+    """A copy of template with one conformer at positions [n_atoms, 3] Angstrom."""
+    mol = Chem.Mol(template)
+    mol.RemoveAllConformers()
+    conformer = Chem.Conformer(mol.GetNumAtoms())
+    for i, (x, y, z) in enumerate(np.asarray(positions, dtype=np.float64)):
+        conformer.SetAtomPosition(i, (float(x), float(y), float(z)))
+    conformer.Set3D(True)
+    mol.AddConformer(conformer, assignId=True)
+    return mol
+
 
 def heavy_atom_rmsd(template, positions_a, positions_b):
     """Heavy-atom RMSD (Angstrom) of two conformations of one molecule after the best
@@ -381,120 +484,7 @@ def select_conformers(results, keep, rmsd_threshold):
 
 
 # ---------------------------------------------------------------------------------------
-# After a relaxation: --keep, the oracle check, writing
-# ---------------------------------------------------------------------------------------
-
-class Finisher:
-    """Collects results until a molecule's conformers are all in (--keep), has the genuine
-    oracle check them (--check_with), and writes them as they are complete."""
-
-    def __init__(self, args, output, pool, summary):
-        self.args, self.output, self.pool, self.summary = args, output, pool, summary
-        self.waiting = collections.defaultdict(list)   # input index -> [Result] (--keep)
-        self.checking = []                             # [(results, futures)]
-        self.n_jobs = 0
-
-    def add(self, result, tasks):
-        if self.args.keep is None:
-            self.complete([result])
-            return
-        index = result.task.molecule.index
-        self.waiting[index].append(result)
-        if len(self.waiting[index]) == tasks.expected[index]:
-            self.complete(self.waiting.pop(index))
-
-    def complete(self, results):
-        """A unit (one conformation, or with --keep all of a molecule's) is in."""
-        written = [r for r in results if not r.failed]
-        if self.args.keep is not None:
-            written, n_dup = select_conformers(written, self.args.keep,
-                                               self.args.rmsd_threshold)
-            self.summary.n_duplicates += n_dup
-            intact = [r for r in results if not r.failed]
-            self.summary.n_not_kept += len(intact) - len(written) - n_dup
-        failed = [r for r in results if r.failed]
-        futures = []
-        if self.pool is not None:
-            for r in written:
-                futures.append([self.submit(r.task.molecule, r.task.start),
-                                self.submit(r.task.molecule, r.positions)])
-        self.checking.append((written, failed, futures))
-        self.poll()
-
-    def submit(self, molecule, positions):
-        self.n_jobs += 1
-        conf = data.Conformation(numbers=molecule.numbers, positions=positions)
-        return self.pool.submit(conf, self.n_jobs, charge=0, multiplicity=1)
-
-    def poll(self, block=False):
-        """Write every unit whose oracle results are in (all of them if block)."""
-        still = []
-        for written, failed, futures in self.checking:
-            if not block and not all(f.done() for pair in futures for f in pair):
-                still.append((written, failed, futures))
-                continue
-            oracle = ([tuple(f.result() for f in pair) for pair in futures]
-                      or [None] * len(written))                  # [(start, end)] results
-            # the relaxed ones first, in one write: they mark the molecule done (a kill
-            # between the two writes loses only failure records, never a relaxation)
-            ranks = range(1, len(written) + 1) if self.args.keep is not None \
-                else [None] * len(written)
-            self.output.write(list(zip(written, ranks, oracle)))
-            for r, check in zip(written, oracle):
-                self.summary.count_written(r, check)
-            for r in failed:
-                safe_io.append_jsonl(failed_path(self.args.out), failure_record(r))
-        self.checking = still
-
-    def wait(self):
-        for index, results in sorted(self.waiting.items()):   # ETKDG gave fewer conformers
-            self.complete(results)
-        self.waiting.clear()
-        self.poll(block=True)
-
-
-def failure_record(r):
-    m = r.task.molecule
-    return {"input_index": m.index, "conformer_index": r.task.conformer, "name": m.name,
-            "where": m.where, "reason": "; ".join(r.flags),
-            "first_attempt": "; ".join(r.first_flags), "attempts": r.attempts, "steps": r.steps}
-
-
-def failed_path(out):
-    return out + ".failed.jsonl"
-
-
-def failed_keys(out):
-    path = failed_path(out)
-    if not os.path.exists(path):
-        return set()
-    safe_io.cut_partial_line(path)              # what a kill mid-write left (we hold the lock)
-    return {(r["input_index"], r["conformer_index"]) for r in safe_io.read_jsonl(path)}
-
-
-def properties(r, rank, check):
-    """The numbers written with a relaxed conformation (SDF properties, db keys)."""
-    m = r.task.molecule
-    props = {"input_index": m.index, "conformer_index": r.task.conformer,
-             "nnp_energy_hartree": r.energy,
-             "nnp_energy_kcal_mol": r.energy * data.HARTREE_TO_KCAL,
-             "nnp_energy_drop_kcal_mol": (r.energy_start - r.energy) * data.HARTREE_TO_KCAL,
-             "steps": r.steps, "max_force_eV_A": r.max_force * HARTREE_TO_EV,
-             "converged": int(r.converged), "flags": "; ".join(r.flags) or "none",
-             "attempts": r.attempts}
-    if rank is not None:
-        props["energy_rank"] = rank
-    if check is not None:
-        start, end = check
-        props["oracle_start_hartree"] = start.energy if start.ok else "failed"
-        props["oracle_end_hartree"] = end.energy if end.ok else "failed"
-        if start.ok and end.ok:
-            props["oracle_drop_kcal_mol"] = (start.energy - end.energy) * data.HARTREE_TO_KCAL
-    return props
-
-
-# ---------------------------------------------------------------------------------------
-# Outputs: SDF (complete records appended) or ASE db
+# Outputs: SDF records appended whole, or ASE db rows; what a rerun skips
 # ---------------------------------------------------------------------------------------
 
 def output_format(path):
@@ -507,9 +497,48 @@ def output_format(path):
 
 
 def open_output(path, molecules):
+    """The output, and the keys (input_index, conformer_index) done before: those it holds
+    and those of <out>.failed.jsonl. An output whose molecule has other atoms than the
+    input's is a DataError (the input changed)."""
     output = SdfOutput(path) if output_format(path) == ".sdf" else DbOutput(path)
-    output.check_matches(molecules)
-    return output
+    by_index, keys = {m.index: m for m in molecules}, output.keys()
+    for index, _, n_atoms, numbers in keys:
+        m = by_index.get(index)
+        if m is not None and (n_atoms not in (None, m.n_atoms) or numbers is not None
+                              and not np.array_equal(numbers, m.numbers)):
+            raise data.DataError(f"{path}: input molecule {index} has other atoms than when "
+                                 "this output was written: the input changed; write to "
+                                 "another --out")
+    done = {(index, conformer) for index, conformer, _, _ in keys}
+    if os.path.exists(failed_path(path)):
+        safe_io.cut_partial_line(failed_path(path))   # a kill mid-write (we hold the lock)
+        done |= {(r["input_index"], r["conformer_index"])
+                 for r in safe_io.read_jsonl(failed_path(path))}
+    return output, done
+
+
+def failed_path(out):
+    return out + ".failed.jsonl"
+
+
+def properties(r, rank, check):
+    """The numbers written with a relaxed conformation (SDF properties, db keys)."""
+    m, kcal = r.task.molecule, data.HARTREE_TO_KCAL
+    props = {"input_index": m.index, "conformer_index": r.task.conformer,
+             "nnp_energy_hartree": r.energy, "nnp_energy_kcal_mol": r.energy * kcal,
+             "nnp_energy_drop_kcal_mol": (r.energy_start - r.energy) * kcal,
+             "steps": r.steps, "max_force_eV_A": r.max_force * HARTREE_TO_EV,
+             "converged": int(r.converged), "flags": "; ".join(r.flags) or "none",
+             "attempts": r.attempts}
+    if rank is not None:
+        props["energy_rank"] = rank
+    if check is not None:
+        start, end = check
+        props["oracle_start_hartree"] = start.energy if start.ok else "failed"
+        props["oracle_end_hartree"] = end.energy if end.ok else "failed"
+        if start.ok and end.ok:
+            props["oracle_drop_kcal_mol"] = (start.energy - end.energy) * kcal
+    return props
 
 
 class SdfOutput:
@@ -535,37 +564,21 @@ class SdfOutput:
             return [r + "$$$$\n" for r in f.read().split("$$$$\n")[:-1]]
 
     @staticmethod
-    def record_keys(record):
-        keys = {}
-        for name in ("input_index", "conformer_index", "energy_rank", "n_atoms"):
-            m = re.search(rf">\s*<{name}>[^\n]*\n([^\n]*)\n", record)
-            keys[name] = int(m.group(1)) if m else None
-        return keys
+    def record_keys(record, names=("input_index", "conformer_index", "n_atoms")):
+        found = [re.search(rf">\s*<{name}>[^\n]*\n([^\n]*)\n", record) for name in names]
+        return tuple(int(m.group(1)) if m else None for m in found)
 
-    def done_keys(self):
-        return {(k["input_index"], k["conformer_index"])
-                for k in map(self.record_keys, self.records())}
-
-    def check_matches(self, molecules):
-        """A record whose input molecule has other atoms than it: the input changed."""
-        by_index = {m.index: m for m in molecules}
-        for record in self.records():
-            keys = self.record_keys(record)
-            m = by_index.get(keys["input_index"])
-            if m is not None and keys["n_atoms"] not in (None, m.n_atoms):
-                raise data.DataError(
-                    f"{self.path}: its molecule {keys['input_index']} has {keys['n_atoms']} "
-                    f"atoms, but in the input it has {m.n_atoms}: the input changed since "
-                    "this output was written; write to another --out")
+    def keys(self):
+        """(input_index, conformer_index, n_atoms, None: no atomic numbers) of each record."""
+        return [(*self.record_keys(record), None) for record in self.records()]
 
     def write(self, unit):
         """Append the records of [(Result, rank, oracle check)] in one write."""
-        if not unit:
-            return
-        with open(self.path, "a") as f:
-            f.write("".join(self.record(*item) for item in unit))
-            f.flush()
-            os.fsync(f.fileno())
+        if unit:
+            with open(self.path, "a") as f:
+                f.write("".join(self.record(*item) for item in unit))
+                f.flush()
+                os.fsync(f.fileno())
 
     @staticmethod
     def record(r, rank, check):
@@ -580,19 +593,15 @@ class SdfOutput:
                 + "$$$$\n")
 
     def rewrite_sorted(self):
+        """In input order, then lowest energy first (--keep), replaced atomically."""
         records = self.records()
-        def key(record):                   # input order, then lowest energy (--keep)
-            k = self.record_keys(record)
-            return tuple(-1 if k[name] is None else k[name]
-                         for name in ("input_index", "energy_rank", "conformer_index"))
-        order = sorted(records, key=key)
+        order = sorted(records, key=lambda record: tuple(-1 if k is None else k for k in (
+            self.record_keys(record, ("input_index", "energy_rank", "conformer_index")))))
         if order != records:
-            tmp = f"{self.path}.sorting"
-            with open(tmp, "w") as f:
+            with safe_io.atomic_write(self.path) as tmp, open(tmp, "w") as f:
                 f.write("".join(order))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
 
 
 def format_value(v):
@@ -608,34 +617,21 @@ class DbOutput:
         self.path = path
         self.db = data.connect_for_writing(path, source="relax.py")
 
-    def done_keys(self):
-        return {(row.input_index, row.conformer_index)
-                for row in self.db.select(include_data=False) if row.get("input_index") is not None}
-
-    def check_matches(self, molecules):
-        by_index = {m.index: m for m in molecules}
-        for row in self.db.select(include_data=False):
-            m = by_index.get(row.get("input_index"))
-            if m is not None and (row.natoms != m.n_atoms
-                                  or not np.array_equal(row.numbers, m.numbers)):
-                raise data.DataError(
-                    f"{self.path}, row {row.id}: its atoms are not those of input molecule "
-                    f"{m.index}: the input changed since this output was written; write to "
-                    "another --out")
+    def keys(self):
+        """(input_index, conformer_index, n_atoms, atomic numbers) of each row."""
+        return [(row.input_index, row.conformer_index, row.natoms, row.numbers)
+                for row in self.db.select(include_data=False) if row.get("input_index") is not None]
 
     def write(self, unit):
         """Write the rows of [(Result, rank, oracle check)] in one transaction."""
         with self.db:
             for r, rank, check in unit:
-                m = r.task.molecule
-                end = check[1] if check is not None and check[1].ok else None
+                m, end = r.task.molecule, check[1] if check is not None and check[1].ok else None
                 conf = data.Conformation(numbers=m.numbers, positions=r.positions,
                                          energy=end.energy if end else None,
                                          forces=end.forces if end else None, smiles=m.smiles)
-                kvp = properties(r, rank, check)
-                if m.name:
-                    kvp["name"] = m.name
-                data.write_conformation(self.db, conf, **kvp)
+                name = {"name": m.name} if m.name else {}
+                data.write_conformation(self.db, conf, **properties(r, rank, check), **name)
 
     def rewrite_sorted(self):
         data.rewrite_sorted(self.path, lambda row: (row.get("input_index", -1),
@@ -644,346 +640,169 @@ class DbOutput:
 
 
 # ---------------------------------------------------------------------------------------
-# Inputs
+# After a relaxation: --keep, the genuine oracle's check (--check_with), writing
 # ---------------------------------------------------------------------------------------
 
-@dataclass
-class Molecule:
-    index: int                     # input_index: record number in the input, from 0
-    where: str                     # "file line 3", for messages
-    name: str | None
-    numbers: np.ndarray            # [n_atoms] atomic numbers
-    conformers: list               # [[n_atoms, 3] Angstrom] given, or [] to embed (SMILES)
-    charge: int = 0
-    multiplicity: int = 1
-    smiles: str | None = None      # a SMILES whose atoms (hydrogens added) are these, in order
-    mol: Chem.Mol | None = None    # RDKit graph of these atoms in this order, if the input had one
+class Finisher:
+    """Collects results until a molecule's conformations are all in (--keep), has the
+    genuine oracle check the ones to write at their start and end (--check_with), and
+    writes a unit (a result, or with --keep a molecule's) once its checks are in."""
 
-    @property
-    def n_atoms(self):
-        return len(self.numbers)
+    def __init__(self, args, output, pool, summary):
+        self.args, self.output, self.pool, self.summary = args, output, pool, summary
+        self.waiting = collections.defaultdict(list)   # input index -> [Result] (--keep)
+        self.checking = []                             # [(written, failed, oracle futures)]
+        self.n_jobs = 0
 
-    def template(self):
-        """The RDKit molecule of these atoms (its bonds perceived from the first conformation
-        if the input gave none), without conformers."""
-        if self.mol is None:
-            self.mol = perceive_bonds(self.numbers, self.conformers[0])
-        mol = Chem.Mol(self.mol)
-        mol.RemoveAllConformers()
-        return mol
+    def add(self, result, tasks):
+        index = result.task.molecule.index
+        self.waiting[index].append(result)
+        if self.args.keep is None or len(self.waiting[index]) == tasks.expected[index]:
+            self.complete(self.waiting.pop(index))
+        self.poll()
 
+    def complete(self, results):
+        written = intact = [r for r in results if not r.failed]
+        if self.args.keep is not None:
+            written, n_dup = select_conformers(intact, self.args.keep, self.args.rmsd_threshold)
+            self.summary.n.update(duplicates=n_dup, not_kept=len(intact) - len(written) - n_dup)
+        futures = [[self.submit(r.task.molecule, r.task.start), self.submit(r.task.molecule,
+                                                                            r.positions)]
+                   for r in written] if self.pool is not None else []
+        self.checking.append((written, [r for r in results if r.failed], futures))
 
-def perceive_bonds(numbers, positions):
-    """An RDKit molecule with bonds perceived from the coordinates (neutral: bond orders
-    when RDKit finds them, else connectivity only)."""
-    xyz = f"{len(numbers)}\n\n" + "".join(
-        f"{chemical_symbols[z]} {x:.8f} {y:.8f} {w:.8f}\n" for z, (x, y, w) in
-        zip(numbers, np.asarray(positions, dtype=np.float64)))
-    RDLogger.DisableLog("rdApp.*")
-    try:
-        mol = Chem.MolFromXYZBlock(xyz)
-        for perceive in (lambda m: rdDetermineBonds.DetermineBonds(m, charge=0),
-                         rdDetermineBonds.DetermineConnectivity):
-            try:
-                candidate = Chem.Mol(mol)
-                perceive(candidate)
-                return candidate
-            except Exception:
+    def submit(self, molecule, positions):
+        self.n_jobs += 1
+        conf = data.Conformation(numbers=molecule.numbers, positions=positions)
+        return self.pool.submit(conf, self.n_jobs, charge=0, multiplicity=1)
+
+    def poll(self, block=False):
+        """Write every unit whose oracle results are in (all of them if block)."""
+        still = []
+        for written, failed, futures in self.checking:
+            if not block and not all(f.done() for pair in futures for f in pair):
+                still.append((written, failed, futures))
                 continue
-        return mol
-    finally:
-        RDLogger.EnableLog("rdApp.*")
+            oracle = ([tuple(f.result() for f in pair) for pair in futures]
+                      or [None] * len(written))                  # [(start, end)] results
+            ranks = range(1, len(written) + 1) if self.args.keep is not None \
+                else [None] * len(written)
+            # the relaxed ones first, in one write: they mark the molecule done (a kill
+            # between the two writes loses only failure records, never a relaxation)
+            self.output.write(list(zip(written, ranks, oracle)))
+            for r, check in zip(written, oracle):
+                self.summary.count_written(r, check)
+            for r in failed:
+                safe_io.append_jsonl(failed_path(self.args.out), {
+                    "input_index": r.task.molecule.index, "conformer_index": r.task.conformer,
+                    "name": r.task.molecule.name, "where": r.task.molecule.where,
+                    "reason": "; ".join(r.flags), "first_attempt": "; ".join(r.first_flags),
+                    "attempts": r.attempts, "steps": r.steps})
+        self.checking = still
 
-
-def with_positions(template, positions):
-    """A copy of template with one conformer at positions [n_atoms, 3] Angstrom."""
-    mol = Chem.Mol(template)
-    mol.RemoveAllConformers()
-    conformer = Chem.Conformer(mol.GetNumAtoms())
-    for i, (x, y, z) in enumerate(np.asarray(positions, dtype=np.float64)):
-        conformer.SetAtomPosition(i, (float(x), float(y), float(z)))
-    conformer.Set3D(True)
-    mol.AddConformer(conformer, assignId=True)
-    return mol
-
-
-def model_elements(model):
-    """Atomic numbers the model was trained on: those with a per-element reference energy
-    in the checkpoint (train_baseline.py takes them from its training db, which holds the
-    free-atom energies of its elements), except nablaDFT's atomrefs (the official models,
-    and our dbs at its level), which also list P and I, absent from nablaDFT's molecules:
-    then H C N O F S Cl Br."""
-    refs = {z for z, e in enumerate(model.atomrefs) if e}
-    if not refs or refs == set(painn.NABLADFT_ATOMREFS):
-        return set(NABLADFT_ELEMENTS)
-    return refs
-
-
-def spin_and_charge(numbers, charge, multiplicity, radicals=0):
-    """Charge (given, else 0) and multiplicity (given, else from the radical electrons, else
-    the lowest for the electron count)."""
-    charge = int(charge or 0)
-    if multiplicity is None:
-        n_electrons = int(np.sum(numbers)) - charge
-        multiplicity = radicals + 1 if radicals else 1 + n_electrons % 2
-    return charge, int(multiplicity)
-
-
-def domain_problem(m, elements):
-    """Why the model cannot relax molecule m (None: it can)."""
-    outside = sorted({int(z) for z in m.numbers} - elements)
-    if outside:
-        names = " ".join(chemical_symbols[z] for z in sorted(elements))
-        return (f"element {', '.join(chemical_symbols[z] for z in outside)} is outside the "
-                f"model's elements ({names})")
-    if m.charge != 0:
-        return f"charge {m.charge:+d}: the model knows neutral molecules only"
-    if m.multiplicity != 1:
-        return (f"spin multiplicity {m.multiplicity}: the model knows closed-shell "
-                "molecules only")
-    if m.n_atoms < 2:
-        return "a single atom: nothing to relax"
-    return None
-
-
-def read_input(path, args, elements):
-    """The molecules of the input file the model can relax, and how many it cannot (one line
-    each on stderr: where, why, what to do). A file that cannot be read at all is a
-    DataError."""
-    if not os.path.isfile(path):
-        raise data.DataError(f"{path}: no such input file")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in SMILES_EXTENSIONS:
-        molecules, problems = read_smiles(path)
-    elif ext in SDF_EXTENSIONS:
-        molecules, problems = read_sdf(path)
-    elif ext in XYZ_EXTENSIONS:
-        molecules, problems = read_xyz(path)
-    elif ext == ".db":
-        molecules, problems = read_ase_db(path)
-    else:
-        raise data.DataError(f"{path}: unknown input format {ext or '(no extension)'}; use "
-                             f"SMILES ({', '.join(SMILES_EXTENSIONS)}), SDF (.sdf), XYZ (.xyz) "
-                             "or an ASE db (.db)")
-    if args.conformers > 1 and ext not in SMILES_EXTENSIONS:
-        raise data.DataError(f"--conformers {args.conformers}: conformations are embedded from "
-                             "SMILES only; give a SMILES file, or relax the input's own "
-                             "conformations with --conformers 1")
-    kept = []
-    for m in molecules:
-        why = domain_problem(m, elements)
-        if why:
-            problems.append(f"{m.where}: {why}; skipped")
-        else:
-            kept.append(m)
-    for line in problems:
-        print(f"warning: {line}", file=sys.stderr)
-    return kept, len(problems)
-
-
-def read_smiles(path):
-    molecules, problems = [], []
-    for index, (line, smiles, name) in enumerate(make_trajectories.read_smiles_file(path)):
-        where = f"{path} line {line}"
-        mol = make_trajectories.parse_smiles(smiles)
-        if mol is None:
-            problems.append(f"{where}: RDKit cannot parse SMILES {smiles!r}; fix the line")
-            continue
-        mol = Chem.AddHs(mol)               # hydrogens after the heavy atoms (nablaDFT rows)
-        numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
-        radicals = sum(a.GetNumRadicalElectrons() for a in mol.GetAtoms())
-        charge, mult = spin_and_charge(numbers, Chem.GetFormalCharge(mol), None, radicals)
-        molecules.append(Molecule(index, where, name or smiles, numbers, [], charge, mult,
-                                  smiles, mol))
-    return molecules, problems
-
-
-def read_sdf(path):
-    molecules, problems = [], []
-    RDLogger.DisableLog("rdApp.*")        # our line names the record; RDKit's would not
-    try:
-        supplier = Chem.SDMolSupplier(path, removeHs=False)
-        records = [supplier[i] for i in range(len(supplier))]
-    except Exception as err:
-        raise data.DataError(f"{path}: not a readable SDF file ({oracles.one_line(err)})") from None
-    finally:
-        RDLogger.EnableLog("rdApp.*")
-    for index, mol in enumerate(records):
-        where = f"{path} record {index + 1}"
-        if mol is None:
-            problems.append(f"{where}: RDKit cannot read it (check its atoms, bonds and "
-                            "valences)")
-            continue
-        name = mol.GetProp("_Name").strip() if mol.HasProp("_Name") else ""
-        if mol.GetNumConformers() == 0 or not mol.GetConformer().Is3D():
-            problems.append(f"{where}: no 3D coordinates; give 3D coordinates, or its SMILES")
-            continue
-        if any(a.GetNumImplicitHs() for a in mol.GetAtoms()):
-            mol = Chem.AddHs(mol, addCoords=True)
-            print(f"note: {where}: hydrogens the file leaves implicit were added (RDKit)",
-                  file=sys.stderr)
-        numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
-        radicals = sum(a.GetNumRadicalElectrons() for a in mol.GetAtoms())
-        given = {k: mol.GetProp(k) for k in ("charge", "multiplicity") if mol.HasProp(k)}
-        charge = int(float(given["charge"])) if "charge" in given else Chem.GetFormalCharge(mol)
-        charge, mult = spin_and_charge(numbers, charge, int(float(given["multiplicity"]))
-                                       if "multiplicity" in given else None, radicals)
-        positions = mol.GetConformer().GetPositions()
-        mol.RemoveAllConformers()
-        molecules.append(Molecule(index, where, name or None, numbers, [positions], charge,
-                                  mult, None, mol))
-    return molecules, problems
-
-
-def read_xyz(path):
-    import ase.io
-    try:
-        frames = ase.io.read(path, index=":")
-    except Exception as err:
-        raise data.DataError(f"{path}: not a readable XYZ file ({oracles.one_line(err)}); "
-                             "expected frames of: atom count, comment, `Symbol x y z` "
-                             "lines") from None
-    molecules = []
-    for index, atoms in enumerate(frames):
-        info = atoms.info
-        charge, mult = spin_and_charge(atoms.numbers, info.get("charge"),
-                                       info.get("multiplicity", info.get("mult")))
-        name = info.get("name") if isinstance(info.get("name"), str) else None
-        molecules.append(Molecule(index, f"{path} frame {index + 1}", name,
-                                  np.asarray(atoms.numbers), [atoms.positions.copy()],
-                                  charge, mult))
-    return molecules, []
-
-
-def read_ase_db(path):
-    confs, _ = data.read_db(path, "total", verbose=False)
-    molecules = []
-    for index, c in enumerate(confs):
-        charge, mult = spin_and_charge(c.numbers, c.info.get("charge"),
-                                       c.info.get("multiplicity"))
-        mol, smiles = None, None
-        if c.smiles:
-            if "charge" not in c.info:
-                charge, mult = oracles.charge_and_multiplicity(c.numbers, c.smiles)
-            try:                              # its graph, if its atoms follow the SMILES
-                mol, smiles = oracles.rdkit_molecule(c), c.smiles
-            except data.DataError:
-                pass
-        name = c.info.get("name")
-        molecules.append(Molecule(index, f"{path} row {c.id}", name if isinstance(name, str)
-                                  else None, c.numbers, [c.positions], charge, mult, smiles, mol))
-    return molecules, []
-
-
-class Tasks:
-    """The conformations to relax, lazily (ETKDG embeds a molecule when its turn comes):
-    iterating yields Tasks; expected[input index] is how many a molecule has (known once
-    it is embedded). Keys done before are skipped (with --keep: the whole molecule)."""
-
-    def __init__(self, molecules, args, done):
-        self.args = args
-        done_molecules = {index for index, _ in done}
-        if args.keep is not None:
-            self.molecules = [m for m in molecules if m.index not in done_molecules]
-        else:
-            self.molecules = [m for m in molecules if any(
-                (m.index, k) not in done for k in range(self.n_conformers(m)))]
-        self.done = done
-        self.total = sum(sum((m.index, k) not in done or args.keep is not None
-                             for k in range(self.n_conformers(m))) for m in self.molecules)
-        self.expected = {}
-
-    def n_conformers(self, m):
-        return len(m.conformers) if m.conformers else self.args.conformers
-
-    def __iter__(self):
-        for m in self.molecules:
-            if not m.conformers:                     # SMILES: ETKDGv3, seeded per molecule
-                embedded = make_trajectories.etkdg_molecule(m.smiles, self.args.conformers,
-                                                            self.args.seed + m.index)
-                m.conformers = [c.GetPositions() for c in embedded.GetConformers()]
-                if len(m.conformers) < self.args.conformers:
-                    tqdm.write(f"warning: {m.where}: ETKDG embedded {len(m.conformers)} of "
-                               f"{self.args.conformers} conformations of {m.smiles}",
-                               file=sys.stderr)
-            todo = [k for k in range(len(m.conformers))
-                    if self.args.keep is not None or (m.index, k) not in self.done]
-            self.expected[m.index] = len(todo)
-            for k in todo:
-                yield Task(m, k, np.asarray(m.conformers[k], dtype=np.float64))
+    def wait(self):
+        for index, results in sorted(self.waiting.items()):   # ETKDG gave fewer conformers
+            self.complete(results)
+        self.waiting.clear()
+        self.poll(block=True)
 
 
 # ---------------------------------------------------------------------------------------
-# Summary
+# The summary, and the run
 # ---------------------------------------------------------------------------------------
 
-@dataclass
 class Summary:
-    n_problems: int = 0
-    n_results: int = 0
-    n_retried: int = 0
-    n_fixed: int = 0               # flagged at first, intact and converged after the retry
-    n_failed: int = 0
-    n_written: int = 0
-    n_converged: int = 0
-    n_duplicates: int = 0
-    n_not_kept: int = 0
-    seconds: float = 0.0
-    reasons: collections.Counter = field(default_factory=collections.Counter)
-    drops: list = field(default_factory=list)          # NNP energy drop, kcal/mol
-    oracle_drops: list = field(default_factory=list)   # oracle energy drop, kcal/mol
-    n_oracle_failed: int = 0
+    """The run's counts as it goes (n: results, retried, fixed, failed, written, converged,
+    duplicates, not_kept, oracle_failed, problems), and its one-screen text."""
+
+    def __init__(self, n_problems):
+        self.n = collections.Counter(problems=n_problems)
+        self.reasons = collections.Counter()        # structural flag -> failed results
+        self.drops, self.oracle_drops = [], []       # energy drops, NNP and oracle, kcal/mol
+        self.seconds = 0.0
 
     def count(self, r):
-        self.n_results += 1
-        if r.attempts == 2:
-            self.n_retried += 1
-            self.n_fixed += not r.flags
-        if r.failed:
-            self.n_failed += 1
-            for f in r.flags:
-                if f.split(":")[0] in STRUCTURAL_FLAGS:
-                    self.reasons[f.split(":")[0]] += 1
+        retried = r.attempts == 2
+        self.n.update(results=1, retried=retried, fixed=retried and not r.flags,
+                      failed=r.failed)
+        self.reasons.update(f.split(":")[0] for f in r.flags
+                            if r.failed and f.split(":")[0] in STRUCTURAL_FLAGS)
 
     def count_written(self, r, check):
-        self.n_written += 1
-        self.n_converged += r.converged
+        self.n.update(written=1, converged=r.converged)
         self.drops.append((r.energy_start - r.energy) * data.HARTREE_TO_KCAL)
-        if check is not None:
-            if all(c.ok for c in check):
-                self.oracle_drops.append((check[0].energy - check[1].energy)
-                                         * data.HARTREE_TO_KCAL)
-            else:
-                self.n_oracle_failed += 1
+        if check is not None and all(c.ok for c in check):
+            self.oracle_drops.append((check[0].energy - check[1].energy) * data.HARTREE_TO_KCAL)
+        elif check is not None:
+            self.n["oracle_failed"] += 1
 
     def text(self, args, fmax):
-        rate = self.n_results / self.seconds if self.seconds else float("nan")
-        lines = [f"relaxed {self.n_results} conformations in {self.seconds:.1f} s "
+        n, d = self.n, np.array(self.oracle_drops)
+        rate = n["results"] / self.seconds if self.seconds else float("nan")
+        why = ", ".join(f"{k} {count}" for k, count in self.reasons.most_common())
+        lines = [f"relaxed {n['results']} conformations in {self.seconds:.1f} s "
                  f"({rate:.2f} conformations/s; {os.path.relpath(args.checkpoint)})",
-                 f"  written to {args.out}: {self.n_written}, converged (max |F_i| <= "
+                 f"  written to {args.out}: {n['written']}, converged (max |F_i| <= "
                  f"{fmax * HARTREE_TO_EV:.4g} eV/A within {args.steps} steps): "
-                 f"{self.n_converged}, not converged (converged = 0): "
-                 f"{self.n_written - self.n_converged}"]
+                 f"{n['converged']}, not converged (converged = 0): "
+                 f"{n['written'] - n['converged']}"]
         if args.keep is not None:
-            lines.append(f"  --keep {args.keep}: {self.n_duplicates} duplicates (heavy-atom RMSD "
-                         f"< {args.rmsd_threshold} A) and {self.n_not_kept} higher ones left out")
-        lines.append(f"  flagged and retried with steps capped at {args.retry_max_step} A: "
-                     f"{self.n_retried}, of which intact and converged after it: {self.n_fixed}")
-        why = ", ".join(f"{k} {n}" for k, n in self.reasons.most_common())
-        lines.append(f"  failed (not written; {failed_path(args.out)}): {self.n_failed}"
-                     + (f" ({why})" if why else ""))
-        lines.append(f"  input molecules skipped (reasons above): {self.n_problems}")
+            lines.append(f"  --keep {args.keep}: {n['duplicates']} duplicates (heavy-atom RMSD "
+                         f"< {args.rmsd_threshold} A) and {n['not_kept']} higher ones left out")
+        lines += [f"  flagged and retried with steps capped at {args.retry_max_step} A: "
+                  f"{n['retried']}, of which intact and converged after it: {n['fixed']}",
+                  f"  failed (not written; {failed_path(args.out)}): {n['failed']}"
+                  + (f" ({why})" if why else ""),
+                  f"  input molecules skipped (reasons above): {n['problems']}"]
         if self.drops:
             lines.append(f"  NNP energy drop: mean {np.mean(self.drops):.2f}, median "
                          f"{np.median(self.drops):.2f} kcal/mol")
-        if args.check_with and (self.oracle_drops or self.n_oracle_failed):
-            d = np.array(self.oracle_drops)
+        if args.check_with and len(d):
             lines.append(f"  {args.check_with} energy drop: mean {d.mean():.2f}, median "
                          f"{np.median(d):.2f} kcal/mol; it rose for {(d < 0).sum()} of "
-                         f"{len(d)}; oracle failed for {self.n_oracle_failed}" if len(d) else
-                         f"  {args.check_with}: the oracle failed for all "
-                         f"{self.n_oracle_failed}")
+                         f"{len(d)}; oracle failed for {n['oracle_failed']}")
+        elif args.check_with and n["oracle_failed"]:
+            lines.append(f"  {args.check_with}: the oracle failed for all {n['oracle_failed']}")
         return "\n".join(lines)
+
+
+def relax(args):
+    fmax = force_threshold(args.fmax, args.fmax_unit)                     # Hartree/A
+    output_format(args.out)                                               # before any work
+    model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
+    model.eval()
+    molecules, n_problems = read_input(args.input, args, model_elements(model))
+    if not molecules:
+        print(f"error: {args.input}: no molecule the model can relax (reasons above)",
+              file=sys.stderr)
+        return 1
+    with safe_io.output_lock(args.out):                                   # one writer
+        output, done = open_output(args.out, molecules)
+        tasks = Tasks(molecules, args, done)
+        print(f"{tasks.total} conformations of {len(tasks.molecules)} molecules to relax, "
+              f"{len(done)} done before in {args.out}; max |F_i| <= "
+              f"{fmax * HARTREE_TO_EV:.4g} eV/A or {args.steps} steps, {args.conf_opt} "
+              f"({args.dtype}, {args.device})")
+        summary = Summary(n_problems)
+        if args.check_with:
+            torch.set_num_threads(oracle_pool.torch_threads_beside_the_pool(args))
+        journal = os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                               "oracle_journal.sqlite")        # every oracle result kept
+        with (oracle_pool.make_oracle_pool(args, journal) if args.check_with
+              else contextlib.nullcontext()) as pool:
+            finish = Finisher(args, output, pool, summary)
+            started = time.monotonic()
+            with safe_io.progress(total=tasks.total, unit="conf", desc="relax",
+                                  dynamic_ncols=True) as bar:
+                for result in relax_tasks(model, args, fmax, tasks):
+                    summary.count(result)
+                    bar.update(1)
+                    finish.add(result, tasks)          # --keep, oracle, write as finished
+            summary.seconds = time.monotonic() - started
+            finish.wait()
+        output.rewrite_sorted()                                           # input order
+    print(summary.text(args, fmax))
+    return 0 if summary.n["written"] or done else 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -1006,7 +825,7 @@ def force_threshold(text, unit):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__, conflict_handler="resolve",  # see below
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in", dest="input", required=True,
                    help="molecules: .smi/.smiles/.txt (SMILES), .sdf, .xyz or .db (ASE)")
@@ -1028,8 +847,7 @@ def parse_args(argv=None):
                    help="stop a molecule when every atomic force |F_i| is at most this, in "
                         "--fmax_unit or with a unit suffix (default: 0.05 eV/A, ASE's "
                         "default; = 1.15 kcal/mol/A)")
-    p.add_argument("--fmax_unit", default="eV/A",
-                   help="eV/A (default), kcal/mol/A or Hartree/A")
+    p.add_argument("--fmax_unit", default="eV/A", help="eV/A (default), kcal/mol/A or Hartree/A")
     p.add_argument("--steps", type=int, default=200,
                    help="or after this many optimizer steps (an L-BFGS step is up to "
                         "--max_iter updates; default: %(default)s)")
@@ -1052,13 +870,12 @@ def parse_args(argv=None):
                    help="genuine oracle energy at the start and end of every written "
                         "relaxation: gfn2-xtb, or a Psi4 method/basis (default: no check)")
     optimizers.add_optimizer_args(p)
-    oracles.add_oracle_args(p)
-    for action in p._actions:       # relax stops by --fmax; the oracle is --check_with
-        if action.dest in ("grad_threshold", "oracle_method"):
-            action.help = argparse.SUPPRESS
+    oracles.add_oracle_args(p, optimize=False)       # the pool of --check_with
+    # redefined without help (conflict_handler="resolve"): relax.py stops a molecule at
+    # --fmax, and --check_with names the oracle
+    p.add_argument("--grad_threshold", type=float, default=1e-5, help=argparse.SUPPRESS)
+    p.add_argument("--oracle_method", default=None, help=argparse.SUPPRESS)
     args = optimizers.parse_args_with_preset(p, argv)
-    if args.check_with:
-        args.oracle_method = args.check_with
     for name in ("batch_size", "steps", "conformers"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -1067,20 +884,27 @@ def parse_args(argv=None):
     if args.grad_threshold != 1e-5:
         p.error("relax.py stops each molecule at --fmax (max |F_i|); --grad_threshold is "
                 "not used")
+    if args.oracle_method is not None:
+        p.error("relax.py asks the oracle named by --check_with; --oracle_method is not used")
+    args.oracle_method = args.check_with
     return args
 
 
 def main(argv=None):
+    """Exit codes: 0 done, 1 nothing relaxed, 2 bad input (one `error:` line), 130 / 143
+    stopped by Ctrl-C / SIGTERM (one line; what was written is kept)."""
     args = parse_args(argv)
     try:
-        return relax(args)
+        with safe_io.StopSignals():
+            return relax(args)
     except (data.DataError, painn.CheckpointError, oracles.OracleError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: every finished conformation is written; rerun the same command "
-              "to continue", file=sys.stderr)
-        return 130
+    except safe_io.Interrupted as stop:
+        again = safe_io.continue_command(argv=None if argv is None else ["relax.py", *argv])
+        print(safe_io.stopped_line(stop, f"every conformation written to {args.out} is kept "
+                                   "and skipped when run again", again), file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The same model (default: the paper's f_GOLF-10k), the same ETKDG conformations o
 --n drug-like molecules of 17-57 atoms (hydrogens included) of data/moses_sample.smi (one
 each, seeded as relax.py seeds them), the same stop (every atomic force |F_i| <= --fmax
 eV/A, or the step budget), the same model dtype (--dtype, both routes):
-    relax.py     BatchRelaxer: the paper's L-BFGS (lr 1, 5 iterations, memory 100), --batch_size
+    relax.py     relax_tasks: the paper's L-BFGS (lr 1, 5 iterations, memory 100), --batch_size
                  molecules in refilled slots, one NNP call per evaluation; --steps steps
                  (<= 5 evaluations each); the quality check and its capped-step retry
     ASE BFGS     ase.optimize.BFGS with painn.GolfCalculator, one molecule at a time;
@@ -108,7 +108,7 @@ def main(argv=None):
     fmax = args.fmax / relax.HARTREE_TO_EV                                   # Hartree/A
     start = time.perf_counter()
     results = {id(r.task.molecule): r
-               for r in relax.BatchRelaxer(model, relax_args, fmax).run(tasks)}
+               for r in relax.relax_tasks(model, relax_args, fmax, tasks)}
     seconds["relax.py batched L-BFGS"] = time.perf_counter() - start
     batched = [results[id(t.molecule)] for t in tasks]
     print(f"relax.py: {seconds['relax.py batched L-BFGS']:.1f} s", flush=True)

@@ -122,6 +122,18 @@ def test_resume_skips_done_and_completes_a_cut_file(relaxed, tmp_path):
             assert a.GetPropsAsDict()[key] == pytest.approx(value, abs=1e-3), key
 
 
+def test_a_changed_input_is_refused_in_one_line(relaxed, tmp_path):
+    """The output's molecule 4 (acetic acid) is another molecule in the changed input."""
+    smi, out, _, _ = relaxed
+    changed, copy = tmp_path / "changed.smi", tmp_path / "out.sdf"
+    changed.write_text(smi.read_text().replace("CC(=O)O acetic_acid", "CCCO propanol"))
+    copy.write_text(out.read_text())
+    status, _, stderr = run("--in", str(changed), "--out", str(copy))
+    assert status == 2 and stderr.splitlines()[-1] == (
+        f"error: {copy}: input molecule 4 has other atoms than when this output was "
+        "written: the input changed; write to another --out")
+
+
 def test_quality_flags_on_hand_made_geometries():
     numbers, (start,) = make_trajectories.embed("CCO", 1, 0)          # C C O H H H H H H
     assert relax.quality_flags(numbers, start, start) == []
@@ -295,6 +307,10 @@ def test_check_with_xtb_reports_start_and_end_energies(tmp_path):
     assert m.GetDoubleProp("oracle_drop_kcal_mol") == pytest.approx(
         (start - end) * data.HARTREE_TO_KCAL)
     assert "gfn2-xtb energy drop: mean" in stdout
+    # both oracle results are journalled beside the output (oracle_pool.OracleJournal)
+    journal = relax.oracle_pool.OracleJournal(str(tmp_path / "oracle_journal.sqlite"))
+    assert len(journal) == 2
+    journal.close()
 
 
 def test_sdf_in_bad_record_one_line_implicit_hydrogens_added(tmp_path):
@@ -341,3 +357,31 @@ def test_db_in_keeps_smiles_and_writes_oracle_labels(tmp_path):
     assert conf.smiles == "CO" and conf.forces.shape == (6, 3)
     assert conf.energy == pytest.approx(conf.info["oracle_end_hartree"])
     assert conf.info["oracle_end_hartree"] < conf.info["oracle_start_hartree"]
+
+
+def test_sigterm_stops_with_one_line_and_a_rerun_goes_on(tmp_path, monkeypatch):
+    """SIGTERM after the first result: exit 143, one `stopped by SIGTERM` line naming the
+    command to go on; what was written stays, and the same command finishes the rest."""
+    import signal
+    smi, out = tmp_path / "in.smi", tmp_path / "out.sdf"
+    smi.write_text("CCO ethanol\nCC(=O)O acetic_acid\nCOC dimethyl_ether\n")
+    real = relax.relax_tasks
+
+    def terminated_after_one(*args):
+        for i, result in enumerate(real(*args)):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield result
+    monkeypatch.setattr(relax, "relax_tasks", terminated_after_one)
+    status, _, stderr = run("--in", str(smi), "--out", str(out))
+    assert status == 143
+    (line,) = [line for line in stderr.splitlines() if line.startswith("stopped by")]
+    assert line.startswith(f"stopped by SIGTERM: every conformation written to {out} is kept")
+    assert line.endswith(f"continue with: python relax.py --in {smi} --out {out} "
+                         "--batch_size 4")
+    assert len(records(out)) == 1
+    monkeypatch.setattr(relax, "relax_tasks", real)
+    status, stdout, _ = run("--in", str(smi), "--out", str(out))
+    assert status == 0 and stdout.startswith("2 conformations of 2 molecules to relax, 1 done")
+    assert [m.GetProp("_Name") for m in records(out)] == ["ethanol", "acetic_acid",
+                                                          "dimethyl_ether"]
