@@ -463,3 +463,42 @@ def test_a_real_dask_cluster_with_xtb_drives_the_loop_as_the_simulated_pool(caps
     dask = next(line for line in lines if line.startswith("dask: "))
     assert dask.startswith("dask: K=16 W=2 ") and dask.endswith(" same_as_simulated=yes")
     assert any(line.startswith("simulated: K=16 W=2 ") for line in lines)
+
+
+class FailingPool(FakePool):
+    """FakePool whose jobs fail in a pattern: every one, or every other one."""
+
+    def __init__(self, every):
+        super().__init__()
+        self.every = every
+
+    def submit(self, conf, conf_id, kind="gradient"):
+        self.submitted.append(conf)
+        future = Future()
+        if len(self.submitted) % self.every == 0:
+            future.set_result(oracle_pool.OracleResult(conf_id, False,
+                                                       reason="timeout: no result within 1 s"))
+        else:
+            future.set_result(oracle_pool.OracleResult(
+                conf_id, True, energy=-float(conf.n_atoms), forces=np.zeros((conf.n_atoms, 3))))
+        return future
+
+
+@pytest.mark.parametrize("k", [1, 4, 100])
+@pytest.mark.parametrize("every", [1, 2])
+def test_oracle_failures_never_end_in_a_traceback(setup, monkeypatch, capsys, k, every):
+    """Every job failing: the loop sends new ones until --max_consecutive_failures in a row,
+    then stops with one line (exit 1); every other job failing: it reaches K (exit 0)."""
+    run, _, out = setup
+    monkeypatch.setattr(golf.oracles, "MMFFSurrogate", REAL_MMFF)
+    pool = FailingPool(every)
+    monkeypatch.setattr(golf.oracle_pool, "make_oracle_pool", lambda args, journal=None: pool)
+    rc = run("--max_oracle_steps", str(k), "--utd_ratio", "1", "--timelimit_train", "2",
+             "--n_parallel", "3", "--max_consecutive_failures", "5", "--out_dir", f"{out}_{k}")
+    err = capsys.readouterr().err.strip().splitlines()
+    if every == 1:
+        assert rc == 1 and len(pool.submitted) >= 5          # some were still in flight
+        assert err[-1].startswith("error: GOLF stopped: the genuine oracle failed 5 times in a "
+                                  "row (5 x timeout: no result within 1 s)")
+    else:
+        assert rc == 0 and len(data.read_db(f"{out}_{k}/collected.db", "total")[0]) == k
