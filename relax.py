@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from ase.data import chemical_symbols, covalent_radii, vdw_radii
 from ase.units import Hartree as HARTREE_TO_EV
-from rdkit import Chem, RDLogger
-from rdkit.Chem import rdDetermineBonds, rdMolAlign
+from rdkit import Chem
+from rdkit.Chem import rdMolAlign
 from tqdm import tqdm
 
 import data
 import make_trajectories
+import molecule_files
 import optimizers
 import oracle_pool
 import oracles
@@ -45,7 +46,6 @@ import safe_io
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
                                   "official", "GOLF-10k.NNP_checkpoint_actor")
 NABLADFT_ELEMENTS = (1, 6, 7, 8, 9, 16, 17, 35)   # H C N O F S Cl Br: nablaDFT's molecules
-SMILES_EXTENSIONS = (".smi", ".smiles", ".txt")
 # --fmax units -> Hartree/Angstrom (the model's unit)
 FORCE_UNITS = {"ev/a": 1.0 / HARTREE_TO_EV, "kcal/mol/a": 1.0 / data.HARTREE_TO_KCAL,
                "hartree/a": 1.0, "ha/a": 1.0}
@@ -55,165 +55,6 @@ STRUCTURAL_FLAGS = ("non_finite", "bond_broken", "bond_formed", "flown_off", "cl
 # ---------------------------------------------------------------------------------------
 # Inputs: the molecules, their charge and spin, the model's domain, the conformations
 # ---------------------------------------------------------------------------------------
-
-@dataclass
-class Molecule:
-    index: int                     # input_index: record number in the input, from 0
-    where: str                     # "file line 3", for messages
-    name: str | None
-    numbers: np.ndarray            # [n_atoms] atomic numbers
-    conformers: list               # [[n_atoms, 3] Angstrom] given, or [] to embed (SMILES)
-    charge: int = 0
-    multiplicity: int = 1
-    smiles: str | None = None      # a SMILES whose atoms (hydrogens added) are these, in order
-    mol: Chem.Mol | None = None    # RDKit graph of these atoms in this order, if the input had one
-
-    @property
-    def n_atoms(self):
-        return len(self.numbers)
-
-    def template(self):
-        """The RDKit molecule of these atoms (its bonds perceived from the first conformation
-        if the input gave none), without conformers."""
-        if self.mol is None:
-            self.mol = perceive_bonds(self.numbers, self.conformers[0])
-        mol = Chem.Mol(self.mol)
-        mol.RemoveAllConformers()
-        return mol
-
-
-def perceive_bonds(numbers, positions):
-    """An RDKit molecule with bonds perceived from the coordinates (neutral: bond orders
-    when RDKit finds them, else connectivity only)."""
-    xyz = f"{len(numbers)}\n\n" + "".join(
-        f"{chemical_symbols[z]} {x:.8f} {y:.8f} {w:.8f}\n" for z, (x, y, w) in
-        zip(numbers, np.asarray(positions, dtype=np.float64)))
-    RDLogger.DisableLog("rdApp.*")
-    try:
-        mol = Chem.MolFromXYZBlock(xyz)
-        for perceive in (lambda m: rdDetermineBonds.DetermineBonds(m, charge=0),
-                         rdDetermineBonds.DetermineConnectivity):
-            try:
-                candidate = Chem.Mol(mol)
-                perceive(candidate)
-                return candidate
-            except Exception:
-                continue
-        return mol
-    finally:
-        RDLogger.EnableLog("rdApp.*")
-
-
-def spin_and_charge(numbers, charge, multiplicity, radicals=0):
-    """Charge (given, else 0) and multiplicity (given, else from the radical electrons, else
-    the lowest for the electron count)."""
-    charge = int(charge or 0)
-    if multiplicity is None:
-        n_electrons = int(np.sum(numbers)) - charge
-        multiplicity = radicals + 1 if radicals else 1 + n_electrons % 2
-    return charge, int(multiplicity)
-
-
-def rdkit_input(index, where, name, mol, conformers, smiles=None, given=None):
-    """The Molecule of an RDKit molecule (SMILES, SDF): charge and multiplicity as `given`
-    (SDF properties), else from its formal charges and radicals."""
-    numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
-    given = given or {}
-    charge, mult = spin_and_charge(numbers, given.get("charge", Chem.GetFormalCharge(mol)),
-                                   given.get("multiplicity"),
-                                   sum(a.GetNumRadicalElectrons() for a in mol.GetAtoms()))
-    return Molecule(index, where, name, numbers, conformers, charge, mult, smiles, mol)
-
-
-def read_smiles(path):
-    molecules, problems = [], []
-    for index, (line, smiles, name) in enumerate(make_trajectories.read_smiles_file(path)):
-        mol = make_trajectories.parse_smiles(smiles)
-        if mol is None:
-            problems.append(f"{path} line {line}: RDKit cannot parse SMILES {smiles!r}; fix "
-                            "the line")
-        else:                           # hydrogens after the heavy atoms (nablaDFT rows)
-            molecules.append(rdkit_input(index, f"{path} line {line}", name or smiles,
-                                         Chem.AddHs(mol), [], smiles))
-    return molecules, problems
-
-
-def read_sdf(path):
-    molecules, problems = [], []
-    RDLogger.DisableLog("rdApp.*")        # our line names the record; RDKit's would not
-    try:
-        supplier = Chem.SDMolSupplier(path, removeHs=False)
-        records = [supplier[i] for i in range(len(supplier))]
-    except Exception as err:
-        raise data.DataError(f"{path}: not a readable SDF file ({oracles.one_line(err)})") from None
-    finally:
-        RDLogger.EnableLog("rdApp.*")
-    for index, mol in enumerate(records):
-        where = f"{path} record {index + 1}"
-        if mol is None:
-            problems.append(f"{where}: RDKit cannot read it (check its atoms, bonds and "
-                            "valences)")
-            continue
-        name = mol.GetProp("_Name").strip() if mol.HasProp("_Name") else ""
-        if mol.GetNumConformers() == 0 or not mol.GetConformer().Is3D():
-            problems.append(f"{where}: no 3D coordinates; give 3D coordinates, or its SMILES")
-            continue
-        if any(a.GetNumImplicitHs() for a in mol.GetAtoms()):
-            mol = Chem.AddHs(mol, addCoords=True)
-            print(f"note: {where}: hydrogens the file leaves implicit were added (RDKit)",
-                  file=sys.stderr)
-        positions = mol.GetConformer().GetPositions()
-        mol.RemoveAllConformers()
-        given = {k: int(float(mol.GetProp(k))) for k in ("charge", "multiplicity")
-                 if mol.HasProp(k)}
-        molecules.append(rdkit_input(index, where, name or None, mol, [positions],
-                                     given=given))
-    return molecules, problems
-
-
-def read_xyz(path):
-    import ase.io
-    try:
-        frames = ase.io.read(path, index=":")
-    except Exception as err:
-        raise data.DataError(f"{path}: not a readable XYZ file ({oracles.one_line(err)}); "
-                             "expected frames of: atom count, comment, `Symbol x y z` "
-                             "lines") from None
-    molecules = []
-    for index, atoms in enumerate(frames):
-        info = atoms.info
-        charge, mult = spin_and_charge(atoms.numbers, info.get("charge"),
-                                       info.get("multiplicity", info.get("mult")))
-        name = info.get("name") if isinstance(info.get("name"), str) else None
-        molecules.append(Molecule(index, f"{path} frame {index + 1}", name,
-                                  np.asarray(atoms.numbers), [atoms.positions.copy()],
-                                  charge, mult))
-    return molecules, []
-
-
-def read_ase_db(path):
-    molecules = []
-    for index, c in enumerate(data.read_db(path, "total", verbose=False)[0]):
-        charge, mult = spin_and_charge(c.numbers, c.info.get("charge"),
-                                       c.info.get("multiplicity"))
-        mol, smiles = None, None
-        if c.smiles:
-            if "charge" not in c.info:
-                charge, mult = oracles.charge_and_multiplicity(c.numbers, c.smiles)
-            try:                              # its graph, if its atoms follow the SMILES
-                mol, smiles = oracles.rdkit_molecule(c), c.smiles
-            except data.DataError:
-                pass
-        name = c.info.get("name")
-        molecules.append(Molecule(index, f"{path} row {c.id}", name if isinstance(name, str)
-                                  else None, c.numbers, [c.positions], charge, mult, smiles, mol))
-    return molecules, []
-
-
-READERS = {**dict.fromkeys(SMILES_EXTENSIONS, read_smiles), ".db": read_ase_db,
-           **dict.fromkeys((".sdf", ".mol", ".sd"), read_sdf),
-           **dict.fromkeys((".xyz", ".extxyz"), read_xyz)}
-
 
 def model_elements(model):
     """Atomic numbers the model was trained on: those with a per-element reference energy
@@ -244,18 +85,12 @@ def read_input(path, args, elements):
     """The molecules of the input file the model can relax, and how many it cannot (one line
     each on stderr: where, why, what to do). A file that cannot be read at all is a
     DataError."""
-    if not os.path.isfile(path):
-        raise data.DataError(f"{path}: no such input file")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in READERS:
-        raise data.DataError(f"{path}: unknown input format {ext or '(no extension)'}; use "
-                             f"SMILES ({', '.join(SMILES_EXTENSIONS)}), SDF (.sdf), XYZ (.xyz) "
-                             "or an ASE db (.db)")
-    if args.conformers > 1 and ext not in SMILES_EXTENSIONS:
+    read = molecule_files.reader(path)
+    if args.conformers > 1 and read is not molecule_files.read_smiles:
         raise data.DataError(f"--conformers {args.conformers}: conformations are embedded from "
                              "SMILES only; give a SMILES file, or relax the input's own "
                              "conformations with --conformers 1")
-    molecules, problems = READERS[ext](path)
+    molecules, problems = read(path)
     why = [domain_problem(m, elements) for m in molecules]
     problems += [f"{m.where}: {w}; skipped" for m, w in zip(molecules, why) if w]
     for line in problems:
@@ -305,7 +140,7 @@ class Tasks:
 
 @dataclass
 class Task:
-    molecule: Molecule
+    molecule: molecule_files.Molecule
     conformer: int                 # conformer index within the molecule
     start: np.ndarray              # [n_atoms, 3] Angstrom
     attempt: int = 1               # 2: the capped-step retry
@@ -443,18 +278,6 @@ def quality_flags(numbers, start, end, bond_factor=1.25, clash_fraction=0.55, li
 # Conformer choice (--keep)
 # ---------------------------------------------------------------------------------------
 
-def with_positions(template, positions):
-    """A copy of template with one conformer at positions [n_atoms, 3] Angstrom."""
-    mol = Chem.Mol(template)
-    mol.RemoveAllConformers()
-    conformer = Chem.Conformer(mol.GetNumAtoms())
-    for i, (x, y, z) in enumerate(np.asarray(positions, dtype=np.float64)):
-        conformer.SetAtomPosition(i, (float(x), float(y), float(z)))
-    conformer.Set3D(True)
-    mol.AddConformer(conformer, assignId=True)
-    return mol
-
-
 def heavy_atom_rmsd(template, positions_a, positions_b):
     """Heavy-atom RMSD (Angstrom) of two conformations of one molecule after the best
     alignment over symmetry-equivalent atom orders (RDKit GetBestRMS). template: an RDKit
@@ -462,7 +285,7 @@ def heavy_atom_rmsd(template, positions_a, positions_b):
     heavy = [i for i, a in enumerate(template.GetAtoms()) if a.GetAtomicNum() > 1]
     if len(heavy) < 2:                          # one heavy atom: nothing to tell apart
         return 0.0
-    mols = [Chem.RemoveHs(with_positions(template, p), sanitize=False)
+    mols = [Chem.RemoveHs(molecule_files.with_positions(template, p), sanitize=False)
             for p in (positions_a, positions_b)]
     return rdMolAlign.GetBestRMS(mols[0], mols[1])
 
@@ -541,32 +364,13 @@ def properties(r, rank, check):
     return props
 
 
-class SdfOutput:
-    """Records appended whole (one write, flushed and synced); a partial last record that a
-    kill left is cut off when the file is opened (under the writer lock)."""
-
-    def __init__(self, path):
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if os.path.exists(path):
-            with open(path, "rb+") as f:
-                text = f.read()
-                end = text.rfind(b"$$$$\n") + 5 if b"$$$$\n" in text else 0
-                if end < len(text):
-                    f.truncate(end)
-                    print(f"{path}: cut a partial last record (an interrupted write)",
-                          file=sys.stderr)
-
-    def records(self):
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [r + "$$$$\n" for r in f.read().split("$$$$\n")[:-1]]
+class SdfOutput(molecule_files.SdfFile):
+    """SDF records appended whole (molecule_files.SdfFile), their keys read back."""
 
     @staticmethod
     def record_keys(record, names=("input_index", "conformer_index", "n_atoms")):
-        found = [re.search(rf">\s*<{name}>[^\n]*\n([^\n]*)\n", record) for name in names]
-        return tuple(int(m.group(1)) if m else None for m in found)
+        found = [molecule_files.sdf_property(record, name) for name in names]
+        return tuple(None if text is None else int(text) for text in found)
 
     def keys(self):
         """(input_index, conformer_index, n_atoms, None: no atomic numbers) of each record."""
@@ -574,38 +378,16 @@ class SdfOutput:
 
     def write(self, unit):
         """Append the records of [(Result, rank, oracle check)] in one write."""
-        if unit:
-            with open(self.path, "a") as f:
-                f.write("".join(self.record(*item) for item in unit))
-                f.flush()
-                os.fsync(f.fileno())
-
-    @staticmethod
-    def record(r, rank, check):
-        mol = with_positions(r.task.molecule.template(), r.positions)
-        mol.SetProp("_Name", r.task.molecule.name or f"molecule {r.task.molecule.index}")
-        props = {**properties(r, rank, check), "n_atoms": r.task.molecule.n_atoms}
-        try:
-            block = Chem.MolToMolBlock(mol)
-        except Exception:                              # no kekulé form: aromatic bonds
-            block = Chem.MolToMolBlock(mol, kekulize=False)
-        return (block + "".join(f">  <{k}>\n{format_value(v)}\n\n" for k, v in props.items())
-                + "$$$$\n")
+        self.append([molecule_files.sdf_record(
+            r.task.molecule.with_positions(r.positions),
+            r.task.molecule.name or f"molecule {r.task.molecule.index}",
+            {**properties(r, rank, check), "n_atoms": r.task.molecule.n_atoms})
+            for r, rank, check in unit])
 
     def rewrite_sorted(self):
         """In input order, then lowest energy first (--keep), replaced atomically."""
-        records = self.records()
-        order = sorted(records, key=lambda record: tuple(-1 if k is None else k for k in (
-            self.record_keys(record, ("input_index", "energy_rank", "conformer_index")))))
-        if order != records:
-            with safe_io.atomic_write(self.path) as tmp, open(tmp, "w") as f:
-                f.write("".join(order))
-                f.flush()
-                os.fsync(f.fileno())
-
-
-def format_value(v):
-    return repr(v) if isinstance(v, float) else str(v)     # floats to the last digit
+        self.sort(lambda record: tuple(-1 if k is None else k for k in self.record_keys(
+            record, ("input_index", "energy_rank", "conformer_index"))))
 
 
 class DbOutput:

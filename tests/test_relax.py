@@ -16,6 +16,7 @@ from rdkit import Chem
 
 import data
 import make_trajectories
+import molecule_files
 import optimizers
 import relax
 import safe_io
@@ -190,7 +191,7 @@ def test_an_exploding_optimizer_is_caught_retried_and_not_written(tmp_path):
 
 
 def test_select_conformers_keeps_lowest_and_drops_an_exact_duplicate():
-    mol = relax.Molecule(0, "x", "butane", None, [])
+    mol = molecule_files.Molecule(0, "x", "butane", None, [])
     embedded = make_trajectories.etkdg_molecule("CCCC", 6, 7)
     mol.numbers = np.array([a.GetAtomicNum() for a in embedded.GetAtoms()])
     mol.mol = Chem.AddHs(Chem.MolFromSmiles("CCCC"))
