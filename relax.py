@@ -594,16 +594,13 @@ def relax(args):
 def force_threshold(text, unit):
     """--fmax as Hartree/Angstrom: a number in --fmax_unit, or a number with its unit
     ("0.05", "0.05eV/A", "1.2 kcal/mol/A")."""
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z/]*)\s*", str(text))
-    try:
-        value = float(m.group(1)) if m else float("nan")
-    except ValueError:
-        value = float("nan")
-    unit = (m.group(2) if m and m.group(2) else unit).lower().replace("ang", "a")
-    if not value > 0 or unit not in FORCE_UNITS:
+    m = re.fullmatch(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z/]*)\s*",
+                     str(text))
+    unit = ((m.group(2) if m else "") or unit).lower().replace("ang", "a")
+    if not m or not float(m.group(1)) > 0 or unit not in FORCE_UNITS:
         raise data.DataError(f"--fmax {text!r}: expected a positive number with an optional "
                              "unit eV/A, kcal/mol/A or Hartree/A, e.g. 0.05 or 1kcal/mol/A")
-    return value * FORCE_UNITS[unit]
+    return float(m.group(1)) * FORCE_UNITS[unit]
 
 
 def parse_args(argv=None):

@@ -95,6 +95,8 @@ def test_missing_input_and_bad_fmax_are_one_line(tmp_path):
     assert os.listdir(tmp_path) == []                  # no output, no lock file
     assert relax.force_threshold("0.05", "eV/A") == pytest.approx(0.05 / 27.211386, rel=1e-6)
     assert relax.force_threshold("1.2kcal/mol/A", "eV/A") == pytest.approx(1.2 / 627.509474)
+    assert relax.force_threshold("0.05eV/A", "kcal/mol/A") == relax.force_threshold("0.05", "eV/A")
+    assert relax.force_threshold("1e-3 Hartree/A", "eV/A") == pytest.approx(1e-3)
     with pytest.raises(data.DataError, match="--fmax 'fast'"):
         relax.force_threshold("fast", "eV/A")
 
