@@ -45,7 +45,6 @@ import safe_io
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
                                   "official", "GOLF-10k.NNP_checkpoint_actor")
-NABLADFT_ELEMENTS = (1, 6, 7, 8, 9, 16, 17, 35)   # H C N O F S Cl Br: nablaDFT's molecules
 # --fmax units -> Hartree/Angstrom (the model's unit)
 FORCE_UNITS = {"ev/a": 1.0 / HARTREE_TO_EV, "kcal/mol/a": 1.0 / data.HARTREE_TO_KCAL,
                "hartree/a": 1.0, "ha/a": 1.0}
@@ -55,16 +54,6 @@ STRUCTURAL_FLAGS = ("non_finite", "bond_broken", "bond_formed", "flown_off", "cl
 # ---------------------------------------------------------------------------------------
 # Inputs: the molecules, their charge and spin, the model's domain, the conformations
 # ---------------------------------------------------------------------------------------
-
-def model_elements(model):
-    """Atomic numbers the model was trained on: those with a per-element reference energy
-    in the checkpoint (train_baseline.py takes them from its training db, which holds the
-    free-atom energies of its elements), except nablaDFT's atomrefs (the official models,
-    and our dbs at its level), which also list P and I, absent from nablaDFT's molecules:
-    then H C N O F S Cl Br."""
-    refs = {z for z, e in enumerate(model.atomrefs) if e}
-    return set(NABLADFT_ELEMENTS) if not refs or refs == set(painn.NABLADFT_ATOMREFS) else refs
-
 
 def domain_problem(m, elements):
     """Why the model cannot relax molecule m (None: it can)."""
@@ -553,7 +542,7 @@ def relax(args):
     output_format(args.out)                                               # before any work
     model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
     model.eval()
-    molecules, n_problems = read_input(args.input, args, model_elements(model))
+    molecules, n_problems = read_input(args.input, args, painn.model_elements(model))
     if not molecules:
         print(f"error: {args.input}: no molecule the model can relax (reasons above)",
               file=sys.stderr)

@@ -94,7 +94,7 @@ def main(argv=None):
                                    "--device", args.device])
     dtype = getattr(torch, args.dtype)
     model = painn.load_checkpoint(args.checkpoint, args.device).to(dtype).eval()
-    tasks = drug_like_tasks(args, relax_args, relax.model_elements(model))
+    tasks = drug_like_tasks(args, relax_args, painn.model_elements(model))
     n = len(tasks)
     n_atoms = np.array([t.molecule.n_atoms for t in tasks])
     omp = os.environ.get("OMP_NUM_THREADS", "-")

@@ -18,6 +18,7 @@ import data
 import make_trajectories
 import molecule_files
 import optimizers
+import painn
 import relax
 import safe_io
 
@@ -64,7 +65,7 @@ def test_sdf_output_readable_with_properties(relaxed):
         assert m.GetDoubleProp("nnp_energy_drop_kcal_mol") > 0       # ETKDG is not a minimum
         assert 0 < m.GetIntProp("steps") < 200
     # the relaxed geometry is the one whose energy is written: recompute it
-    model = relax.painn.load_checkpoint(relax.DEFAULT_CHECKPOINT)
+    model = painn.load_checkpoint(relax.DEFAULT_CHECKPOINT)
     m = mols[0]
     z = torch.tensor([a.GetAtomicNum() for a in m.GetAtoms()])
     pos = torch.tensor(m.GetConformer().GetPositions(), dtype=torch.float32)
@@ -291,11 +292,11 @@ def test_per_slot_max_step_is_the_scalar_cap_slot_by_slot():
 
 
 def test_model_elements_of_the_official_and_our_checkpoints():
-    official = relax.painn.load_checkpoint(relax.DEFAULT_CHECKPOINT)
-    assert relax.model_elements(official) == {1, 6, 7, 8, 9, 16, 17, 35}
-    ours = relax.painn.PaiNN(n_atom_basis=8, n_interactions=1, n_rbf=4,
-                             atomrefs={1: -0.5, 6: -37.8, 8: -75.0})
-    assert relax.model_elements(ours) == {1, 6, 8}
+    official = painn.load_checkpoint(relax.DEFAULT_CHECKPOINT)
+    assert painn.model_elements(official) == {1, 6, 7, 8, 9, 16, 17, 35}
+    ours = painn.PaiNN(n_atom_basis=8, n_interactions=1, n_rbf=4,
+                       atomrefs={1: -0.5, 6: -37.8, 8: -75.0})
+    assert painn.model_elements(ours) == {1, 6, 8}
 
 
 def test_check_with_xtb_reports_start_and_end_energies(tmp_path):
