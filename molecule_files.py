@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase.data import chemical_symbols
 from rdkit import Chem, RDLogger
-from rdkit.Chem import rdDetermineBonds
+from rdkit.Chem import rdDetermineBonds, rdMolAlign
 
 import data
 import make_trajectories
@@ -59,7 +59,22 @@ class Molecule:
 
     def with_positions(self, positions):
         """The RDKit molecule with one conformer at positions [n_atoms, 3] Angstrom."""
-        return with_positions(self.template(), positions)
+        mol = self.template()
+        conformer = Chem.Conformer(mol.GetNumAtoms())
+        for i, (x, y, z) in enumerate(np.asarray(positions, dtype=np.float64)):
+            conformer.SetAtomPosition(i, (float(x), float(y), float(z)))
+        conformer.Set3D(True)
+        mol.AddConformer(conformer, assignId=True)
+        return mol
+
+    def heavy_atom_rmsd(self, positions_a, positions_b):
+        """Heavy-atom RMSD (Angstrom) of two of its conformations after the best alignment
+        over symmetry-equivalent atom orders (RDKit GetBestRMS on its graph)."""
+        if sum(z > 1 for z in self.numbers) < 2:    # one heavy atom: nothing to tell apart
+            return 0.0
+        mols = [Chem.RemoveHs(self.with_positions(p), sanitize=False)
+                for p in (positions_a, positions_b)]
+        return rdMolAlign.GetBestRMS(mols[0], mols[1])
 
 
 def perceive_bonds(numbers, positions):
@@ -82,18 +97,6 @@ def perceive_bonds(numbers, positions):
         return mol
     finally:
         RDLogger.EnableLog("rdApp.*")
-
-
-def with_positions(template, positions):
-    """A copy of template with one conformer at positions [n_atoms, 3] Angstrom."""
-    mol = Chem.Mol(template)
-    mol.RemoveAllConformers()
-    conformer = Chem.Conformer(mol.GetNumAtoms())
-    for i, (x, y, z) in enumerate(np.asarray(positions, dtype=np.float64)):
-        conformer.SetAtomPosition(i, (float(x), float(y), float(z)))
-    conformer.Set3D(True)
-    mol.AddConformer(conformer, assignId=True)
-    return mol
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,8 +29,6 @@ import numpy as np
 import torch
 from ase.data import chemical_symbols, covalent_radii, vdw_radii
 from ase.units import Hartree as HARTREE_TO_EV
-from rdkit import Chem
-from rdkit.Chem import rdMolAlign
 from tqdm import tqdm
 
 import data
@@ -267,18 +265,6 @@ def quality_flags(numbers, start, end, bond_factor=1.25, clash_fraction=0.55, li
 # Conformer choice (--keep)
 # ---------------------------------------------------------------------------------------
 
-def heavy_atom_rmsd(template, positions_a, positions_b):
-    """Heavy-atom RMSD (Angstrom) of two conformations of one molecule after the best
-    alignment over symmetry-equivalent atom orders (RDKit GetBestRMS). template: an RDKit
-    molecule of these atoms in this order (its graph gives the symmetries)."""
-    heavy = [i for i, a in enumerate(template.GetAtoms()) if a.GetAtomicNum() > 1]
-    if len(heavy) < 2:                          # one heavy atom: nothing to tell apart
-        return 0.0
-    mols = [Chem.RemoveHs(molecule_files.with_positions(template, p), sanitize=False)
-            for p in (positions_a, positions_b)]
-    return rdMolAlign.GetBestRMS(mols[0], mols[1])
-
-
 def select_conformers(results, keep, rmsd_threshold):
     """--keep: the `keep` lowest NNP energies among intact results of one molecule, none
     within rmsd_threshold of a lower one kept. Returns (kept, n_duplicates)."""
@@ -286,8 +272,7 @@ def select_conformers(results, keep, rmsd_threshold):
     for r in sorted(results, key=lambda r: (r.energy, r.task.conformer)):
         if len(kept) == keep:
             break
-        template = r.task.molecule.template()
-        if any(heavy_atom_rmsd(template, r.positions, k.positions) < rmsd_threshold
+        if any(r.task.molecule.heavy_atom_rmsd(r.positions, k.positions) < rmsd_threshold
                for k in kept):
             n_duplicates += 1
             continue

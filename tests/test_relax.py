@@ -200,11 +200,11 @@ def test_select_conformers_keeps_lowest_and_drops_an_exact_duplicate():
     mol.mol = Chem.AddHs(Chem.MolFromSmiles("CCCC"))
     confs = [c.GetPositions() for c in embedded.GetConformers()]
     # two distinct conformations (heavy-atom RMSD above 0.5 A), and a copy of the lowest
-    rmsd = relax.heavy_atom_rmsd(mol.template(), confs[0], confs[1])
+    rmsd = mol.heavy_atom_rmsd(confs[0], confs[1])
     far = next(i for i in range(1, 6)
-               if relax.heavy_atom_rmsd(mol.template(), confs[0], confs[i]) > 0.5)
-    assert relax.heavy_atom_rmsd(mol.template(), confs[0], confs[0]) == pytest.approx(0, abs=1e-6)
-    assert rmsd == pytest.approx(relax.heavy_atom_rmsd(mol.template(), confs[1], confs[0]))
+               if mol.heavy_atom_rmsd(confs[0], confs[i]) > 0.5)
+    assert mol.heavy_atom_rmsd(confs[0], confs[0]) == pytest.approx(0, abs=1e-6)
+    assert rmsd == pytest.approx(mol.heavy_atom_rmsd(confs[1], confs[0]))
 
     def result(k, positions, energy):
         return relax.Result(relax.Task(mol, k, positions), positions, 0.0, energy, 0.0, 1, True)
