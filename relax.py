@@ -9,10 +9,11 @@ GOLF's NNP-optimization (Tsypin et al., ICLR 2024, Eq. 3), s_{t+1} = Opt(s_t, F(
 tool: relaxation.FmaxRelaxation moves --batch_size molecules of any size at once with the
 paper's L-BFGS (Table 5; --conf_opt adam | sgd: Table 6), one NNP call per evaluation, until
 each molecule's largest atomic force |F_i| is at most --fmax or it took --steps steps.
-Default model: the paper's f_GOLF-10k. The file follows a run: inputs and the model's
-domain; the relaxation, the quality check and its retry; the conformer choice (--keep);
+Default model: the paper's f_GOLF-10k. The file follows a run: inputs (molecule_files.py
+reads the files) and the model's domain; the relaxation, its quality check and retry;
 outputs (SDF or ASE db, appended as results finish, so a rerun goes on where a run
-stopped); the genuine oracle's check (--check_with); the summary; the command line.
+stopped), with the conformer choice (--keep) and the genuine oracle's check (--check_with)
+on the way; the summary; the command line.
 docs/relax.md tells the details. Units: Angstrom, Hartree (and kcal/mol), forces in eV/A.
 """
 import argparse
@@ -50,7 +51,7 @@ STRUCTURAL_FLAGS = ("non_finite", "bond_broken", "bond_formed", "flown_off", "cl
 
 
 # ---------------------------------------------------------------------------------------
-# Inputs: the molecules, their charge and spin, the model's domain, the conformations
+# Inputs: the molecules, the model's domain, the conformations
 # ---------------------------------------------------------------------------------------
 
 def domain_problem(m, elements):
@@ -69,9 +70,8 @@ def domain_problem(m, elements):
 
 
 def read_input(path, args, elements):
-    """The molecules of the input file the model can relax, and how many it cannot (one line
-    each on stderr: where, why, what to do). A file that cannot be read at all is a
-    DataError."""
+    """The molecules of the input file the model can relax (molecule_files.py reads it), and
+    how many it cannot: one line each on stderr (where, why, what to do)."""
     read = molecule_files.reader(path)
     if args.conformers > 1 and read is not molecule_files.read_smiles:
         raise data.DataError(f"--conformers {args.conformers}: conformations are embedded from "
@@ -92,37 +92,35 @@ class Tasks:
 
     def __init__(self, molecules, args, done):
         self.args, self.done, self.expected = args, done, {}
-        done_molecules = {index for index, _ in done}
-        if args.keep is not None:                 # --keep: a molecule is done as a whole
-            self.molecules = [m for m in molecules if m.index not in done_molecules]
-        else:
-            self.molecules = [m for m in molecules if any(
-                (m.index, k) not in done for k in range(self.n_conformers(m)))]
-        self.total = sum(sum((m.index, k) not in done or args.keep is not None
-                             for k in range(self.n_conformers(m))) for m in self.molecules)
+        self.done_molecules = {index for index, _ in done}
+        todo = [self.todo(m, len(m.conformers) or args.conformers) for m in molecules]
+        self.molecules = [m for m, t in zip(molecules, todo) if t]
+        self.total = sum(map(len, todo))
 
-    def n_conformers(self, m):
-        return len(m.conformers) if m.conformers else self.args.conformers
+    def todo(self, m, n):
+        """The indices of m's n conformations to relax."""
+        if self.args.keep is not None:              # --keep: a molecule is done as a whole
+            return [] if m.index in self.done_molecules else list(range(n))
+        return [k for k in range(n) if (m.index, k) not in self.done]
 
     def __iter__(self):
         for m in self.molecules:
             if not m.conformers:                     # SMILES: ETKDGv3, seeded per molecule
-                embedded = make_trajectories.etkdg_molecule(m.smiles, self.args.conformers,
-                                                            self.args.seed + m.index)
-                m.conformers = [c.GetPositions() for c in embedded.GetConformers()]
+                m.conformers = make_trajectories.embed(m.smiles, self.args.conformers,
+                                                       self.args.seed + m.index)[1]
                 if len(m.conformers) < self.args.conformers:
                     tqdm.write(f"warning: {m.where}: ETKDG embedded {len(m.conformers)} of "
                                f"{self.args.conformers} conformations of {m.smiles}",
                                file=sys.stderr)
-            todo = [k for k in range(len(m.conformers))
-                    if self.args.keep is not None or (m.index, k) not in self.done]
+            todo = self.todo(m, len(m.conformers))
             self.expected[m.index] = len(todo)
             for k in todo:
                 yield Task(m, k, np.asarray(m.conformers[k], dtype=np.float64))
 
 
 # ---------------------------------------------------------------------------------------
-# The relaxation: Eq. 3 in refilled slots, each molecule stopped at --fmax; one retry
+# The relaxation: Eq. 3 in refilled slots, each molecule stopped at --fmax; the quality
+# check, and one retry
 # ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -208,10 +206,6 @@ def best_attempt(result):
     return result
 
 
-# ---------------------------------------------------------------------------------------
-# Quality check
-# ---------------------------------------------------------------------------------------
-
 def quality_flags(numbers, start, end, bond_factor=1.25, clash_fraction=0.55, limit=3):
     """What went wrong between the start [n_atoms, 3] and the end [n_atoms, 3] (Angstrom) of
     a relaxation, as strings "kind:detail" (empty: nothing). Atoms i, j are bonded when
@@ -228,60 +222,37 @@ def quality_flags(numbers, start, end, bond_factor=1.25, clash_fraction=0.55, li
     start, end = np.asarray(start, dtype=np.float64), np.asarray(end, dtype=np.float64)
     if not np.isfinite(end).all():
         return ["non_finite"]
-    n = len(numbers)
     r_cov = covalent_radii[numbers]
     bond_length = bond_factor * (r_cov[:, None] + r_cov[None, :])           # [n, n]
-    off_diagonal = ~np.eye(n, dtype=bool)
+    off_diagonal = ~np.eye(len(numbers), dtype=bool)
     d_start = np.linalg.norm(start[:, None] - start[None, :], axis=-1)     # [n, n]
     d_end = np.linalg.norm(end[:, None] - end[None, :], axis=-1)
     bonded_start = (d_start < bond_length) & off_diagonal
     bonded_end = (d_end < bond_length) & off_diagonal
 
-    def pairs(mask, kind, distance=None):
-        i, j = np.nonzero(np.triu(mask, 1))
-        if not len(i):
-            return []
-        shown = [f"{a + 1}-{b + 1}" + (f" {distance[a, b]:.2f} A" if distance is not None
-                                       else "") for a, b in zip(i[:limit], j[:limit])]
-        more = f" +{len(i) - limit}" if len(i) > limit else ""
-        return [f"{kind}:{', '.join(shown)}{more}"]
+    def listed(kind, items):                     # "kind:a, b, c +2"
+        more = f" +{len(items) - limit}" if len(items) > limit else ""
+        return [f"{kind}:{', '.join(items[:limit])}{more}"] if items else []
 
-    flags = (pairs(bonded_start & ~bonded_end, "bond_broken", d_end)
-             + pairs(bonded_end & ~bonded_start, "bond_formed", d_end))
+    def pairs(mask, kind):
+        return listed(kind, [f"{a + 1}-{b + 1} {d_end[a, b]:.2f} A"
+                             for a, b in zip(*np.nonzero(np.triu(mask, 1)))])
+
     alone = bonded_start.any(1) & ~bonded_end.any(1)                         # [n]
-    if alone.any():
-        atoms = np.nonzero(alone)[0]
-        names = ", ".join(f"{chemical_symbols[numbers[a]]}{a + 1}" for a in atoms[:limit])
-        flags.append(f"flown_off:{names}"
-                     + (f" +{len(atoms) - limit}" if len(atoms) > limit else ""))
     r_vdw = np.nan_to_num(vdw_radii[numbers], nan=2.0)
     share_neighbour = (bonded_start.astype(int) @ bonded_start.astype(int)) > 0   # 1-3 pairs
     contact = clash_fraction * (r_vdw[:, None] + r_vdw[None, :])
     clash = (d_end < contact) & ~bonded_start & ~share_neighbour & off_diagonal
-    return flags + pairs(clash, "clash", d_end)
+    return (pairs(bonded_start & ~bonded_end, "bond_broken")
+            + pairs(bonded_end & ~bonded_start, "bond_formed")
+            + listed("flown_off", [f"{chemical_symbols[numbers[a]]}{a + 1}"
+                                   for a in np.nonzero(alone)[0]])
+            + pairs(clash, "clash"))
 
 
 # ---------------------------------------------------------------------------------------
-# Conformer choice (--keep)
-# ---------------------------------------------------------------------------------------
-
-def select_conformers(results, keep, rmsd_threshold):
-    """--keep: the `keep` lowest NNP energies among intact results of one molecule, none
-    within rmsd_threshold of a lower one kept. Returns (kept, n_duplicates)."""
-    kept, n_duplicates = [], 0
-    for r in sorted(results, key=lambda r: (r.energy, r.task.conformer)):
-        if len(kept) == keep:
-            break
-        if any(r.task.molecule.heavy_atom_rmsd(r.positions, k.positions) < rmsd_threshold
-               for k in kept):
-            n_duplicates += 1
-            continue
-        kept.append(r)
-    return kept, n_duplicates
-
-
-# ---------------------------------------------------------------------------------------
-# Outputs: SDF records appended whole, or ASE db rows; what a rerun skips
+# Outputs: SDF records appended whole, or ASE db rows; what a rerun skips; on the way to
+# them, the conformer choice (--keep) and the genuine oracle's check (--check_with)
 # ---------------------------------------------------------------------------------------
 
 def output_format(path):
@@ -390,14 +361,24 @@ class DbOutput:
                 data.write_conformation(self.db, conf, **properties(r, rank, check), **name)
 
     def rewrite_sorted(self):
-        data.rewrite_sorted(self.path, lambda row: (row.get("input_index", -1),
-                                                    row.get("energy_rank", 0),
-                                                    row.get("conformer_index", -1)))
+        data.rewrite_sorted(self.path, lambda row: (
+            row.get("input_index", -1), row.get("energy_rank", 0), row.get("conformer_index", -1)))
 
 
-# ---------------------------------------------------------------------------------------
-# After a relaxation: --keep, the genuine oracle's check (--check_with), writing
-# ---------------------------------------------------------------------------------------
+def select_conformers(results, keep, rmsd_threshold):
+    """--keep: the `keep` lowest NNP energies among intact results of one molecule, none
+    within rmsd_threshold of a lower one kept. Returns (kept, n_duplicates)."""
+    kept, n_duplicates = [], 0
+    for r in sorted(results, key=lambda r: (r.energy, r.task.conformer)):
+        if len(kept) == keep:
+            break
+        if any(r.task.molecule.heavy_atom_rmsd(r.positions, k.positions) < rmsd_threshold
+               for k in kept):
+            n_duplicates += 1
+            continue
+        kept.append(r)
+    return kept, n_duplicates
+
 
 class Finisher:
     """Collects results until a molecule's conformations are all in (--keep), has the
@@ -422,8 +403,7 @@ class Finisher:
         if self.args.keep is not None:
             written, n_dup = select_conformers(intact, self.args.keep, self.args.rmsd_threshold)
             self.summary.n.update(duplicates=n_dup, not_kept=len(intact) - len(written) - n_dup)
-        futures = [[self.submit(r.task.molecule, r.task.start), self.submit(r.task.molecule,
-                                                                            r.positions)]
+        futures = [[self.submit(r.task.molecule, p) for p in (r.task.start, r.positions)]
                    for r in written] if self.pool is not None else []
         self.checking.append((written, [r for r in results if r.failed], futures))
 
@@ -441,8 +421,7 @@ class Finisher:
                 continue
             oracle = ([tuple(f.result() for f in pair) for pair in futures]
                       or [None] * len(written))                  # [(start, end)] results
-            ranks = range(1, len(written) + 1) if self.args.keep is not None \
-                else [None] * len(written)
+            ranks = [i + 1 if self.args.keep is not None else None for i in range(len(written))]
             # the relaxed ones first, in one write: they mark the molecule done (a kill
             # between the two writes loses only failure records, never a relaxation)
             self.output.write(list(zip(written, ranks, oracle)))
@@ -583,45 +562,37 @@ def parse_args(argv=None):
     p.add_argument("--in", dest="input", required=True,
                    help="molecules: .smi/.smiles/.txt (SMILES), .sdf, .xyz or .db (ASE)")
     p.add_argument("--out", required=True, help="relaxed conformations: .sdf or .db")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                   help="our checkpoint.pt or an official NNP_checkpoint_actor (default: the "
-                        "paper's f_GOLF-10k, models/official/GOLF-10k.NNP_checkpoint_actor)")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="our checkpoint.pt or an "
+                   "official NNP_checkpoint_actor (default: the paper's f_GOLF-10k)")
     p.add_argument("--conformers", type=int, default=1,
                    help="SMILES input: ETKDGv3 conformations per molecule (default: 1)")
-    p.add_argument("--keep", type=int, default=None,
-                   help="keep the M lowest NNP energies per molecule after removing "
-                        "duplicates (default: keep every conformation)")
-    p.add_argument("--rmsd_threshold", type=float, default=0.5,
-                   help="--keep: conformations closer than this heavy-atom RMSD (Angstrom, "
-                        "symmetry-aware) are duplicates (default: %(default)s)")
+    p.add_argument("--keep", type=int, default=None, help="keep the M lowest NNP energies per "
+                   "molecule after removing duplicates (default: every conformation)")
+    p.add_argument("--rmsd_threshold", type=float, default=0.5, help="--keep: duplicates are "
+                   "closer than this symmetry-aware heavy-atom RMSD (default: %(default)s A)")
     p.add_argument("--seed", type=int, default=42,
                    help="ETKDG seed (plus the molecule's input index)")
-    p.add_argument("--fmax", default="0.05",
-                   help="stop a molecule when every atomic force |F_i| is at most this, in "
-                        "--fmax_unit or with a unit suffix (default: 0.05 eV/A, ASE's "
-                        "default; = 1.15 kcal/mol/A)")
+    p.add_argument("--fmax", default="0.05", help="stop a molecule when every |F_i| is at most "
+                   "this, in --fmax_unit or with its unit (default: 0.05 eV/A, as ASE)")
     p.add_argument("--fmax_unit", default="eV/A", help="eV/A (default), kcal/mol/A or Hartree/A")
-    p.add_argument("--steps", type=int, default=200,
-                   help="or after this many optimizer steps (an L-BFGS step is up to "
-                        "--max_iter updates; default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200, help="or after this many optimizer steps "
+                   "(an L-BFGS step is up to --max_iter updates; default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="molecules relaxed at once")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="the NNP's dtype (the optimizer works in float64)")
     q = p.add_argument_group("quality check")
-    q.add_argument("--retry_max_step", type=float, default=0.2,
-                   help="a flagged conformation is relaxed again from its start with every "
-                        "update capped at this many Angstrom per atom (default: %(default)s)")
-    q.add_argument("--bond_factor", type=float, default=1.25,
-                   help="atoms closer than this times the sum of their covalent radii are "
-                        "bonded (default: %(default)s)")
-    q.add_argument("--clash_fraction", type=float, default=0.55,
-                   help="a clash: two atoms neither bonded nor sharing a neighbour at the "
-                        "start closer than this fraction of the sum of their van der Waals "
-                        "radii at the end (default: %(default)s)")
-    p.add_argument("--check_with", default=None, metavar="METHOD",
-                   help="genuine oracle energy at the start and end of every written "
-                        "relaxation: gfn2-xtb, or a Psi4 method/basis (default: no check)")
+    q.add_argument("--retry_max_step", type=float, default=0.2, help="a flagged conformation "
+                   "is relaxed again from its start, every update capped at this (default: "
+                   "%(default)s A per atom)")
+    q.add_argument("--bond_factor", type=float, default=1.25, help="bonded: closer than this "
+                   "times the sum of the covalent radii (default: %(default)s)")
+    q.add_argument("--clash_fraction", type=float, default=0.55, help="a clash: atoms neither "
+                   "bonded nor sharing a neighbour at the start end closer than this fraction "
+                   "of the sum of their van der Waals radii (default: %(default)s)")
+    p.add_argument("--check_with", default=None, metavar="METHOD", help="genuine oracle energy "
+                   "at the start and end of every written relaxation: gfn2-xtb, or a Psi4 "
+                   "method/basis (default: no check)")
     optimizers.add_optimizer_args(p)
     oracles.add_oracle_args(p, optimize=False)       # the pool of --check_with
     # redefined without help (conflict_handler="resolve"): relax.py stops a molecule at
@@ -629,11 +600,9 @@ def parse_args(argv=None):
     p.add_argument("--grad_threshold", type=float, default=1e-5, help=argparse.SUPPRESS)
     p.add_argument("--oracle_method", default=None, help=argparse.SUPPRESS)
     args = optimizers.parse_args_with_preset(p, argv)
-    for name in ("batch_size", "steps", "conformers"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "steps", "conformers", "keep"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.keep is not None and args.keep < 1:
-        p.error("--keep must be at least 1")
     if args.grad_threshold != 1e-5:
         p.error("relax.py stops each molecule at --fmax (max |F_i|); --grad_threshold is "
                 "not used")
