@@ -2,17 +2,21 @@
 
     read = molecule_files.reader("molecules.sdf")           # by the extension
     molecules, problems = read("molecules.sdf")
+    m = molecules[0]
+    m.heavy_atom_rmsd(m.conformers[0], positions)          # symmetry-aware, Angstrom
     molecule_files.SdfFile("out.sdf").append([molecule_files.sdf_record(
-        m.with_positions(positions), m.name, {"energy": -1.5})])
+        m.with_positions(positions), "relaxed", {"energy_hartree": -1.5})])
 
 The extension says the format; a file may hold many molecules: SMILES (`SMILES [name]` a
 line, `#` a comment), SDF (hydrogens kept; those a record leaves implicit are added with
 coordinates), XYZ (ASE, every frame) or an ASE db (data.read_db). Each molecule becomes a
 Molecule: its atoms, its conformations (none for SMILES: embed them), its charge and spin
-multiplicity and, where the file gives one, its RDKit graph. An unreadable line or record is
-a problem (one line naming it), the others are read; a file that cannot be read at all is a
-data.DataError. SDF out: a record of an RDKit molecule with properties, appended whole to a
-file that a kill mid-write cannot leave with a partial record. Units: Angstrom.
+multiplicity and its RDKit graph (the file's, else bonds perceived from the coordinates),
+which gives the RDKit molecule at any positions and the symmetry-aware heavy-atom RMSD of
+two conformations. An unreadable line or record is a problem (one line naming it), the
+others are read; a file that cannot be read at all is a data.DataError. SDF out: a record
+of an RDKit molecule with properties, appended whole to a file that a kill mid-write cannot
+leave with a partial record. Units: Angstrom.
 """
 import os
 import re
