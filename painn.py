@@ -50,6 +50,7 @@ NABLADFT_ATOMREFS = {
     16: -397.9719278356063, 17: -459.98864965660516, 35: -2573.8571719614743,
     53: -297.7564286148722,
 }
+NABLADFT_ELEMENTS = (1, 6, 7, 8, 9, 16, 17, 35)   # H C N O F S Cl Br: nablaDFT's molecules
 
 
 # ---------------------------------------------------------------------------------------
@@ -491,6 +492,16 @@ def load_checkpoint(path, device="cpu", atomrefs=None):
                               "NNP_checkpoint_actor state dict; pass a checkpoint.pt of "
                               "train_baseline.py or golf.py") from None
     return model.to(device)
+
+
+def model_elements(model):
+    """Atomic numbers the model was trained on: those with a per-element reference energy
+    in the checkpoint (train_baseline.py takes them from its training db, which holds the
+    free-atom energies of its elements), except nablaDFT's atomrefs (the official models,
+    and our dbs at its level), which also list P and I, absent from nablaDFT's molecules:
+    then H C N O F S Cl Br."""
+    refs = {z for z, e in enumerate(model.atomrefs) if e}
+    return set(NABLADFT_ELEMENTS) if not refs or refs == set(NABLADFT_ATOMREFS) else refs
 
 
 def read_checkpoint(path, device="cpu"):

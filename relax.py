@@ -9,10 +9,11 @@ GOLF's NNP-optimization (Tsypin et al., ICLR 2024, Eq. 3), s_{t+1} = Opt(s_t, F(
 tool: relaxation.FmaxRelaxation moves --batch_size molecules of any size at once with the
 paper's L-BFGS (Table 5; --conf_opt adam | sgd: Table 6), one NNP call per evaluation, until
 each molecule's largest atomic force |F_i| is at most --fmax or it took --steps steps.
-Default model: the paper's f_GOLF-10k. The file follows a run: inputs and the model's
-domain; the relaxation, the quality check and its retry; the conformer choice (--keep);
+Default model: the paper's f_GOLF-10k. The file follows a run: inputs (molecule_files.py
+reads the files) and the model's domain; the relaxation, its quality check and retry;
 outputs (SDF or ASE db, appended as results finish, so a rerun goes on where a run
-stopped); the genuine oracle's check (--check_with); the summary; the command line.
+stopped), with the conformer choice (--keep) and the genuine oracle's check (--check_with)
+on the way; the summary; the command line.
 docs/relax.md tells the details. Units: Angstrom, Hartree (and kcal/mol), forces in eV/A.
 """
 import argparse
@@ -29,12 +30,11 @@ import numpy as np
 import torch
 from ase.data import chemical_symbols, covalent_radii, vdw_radii
 from ase.units import Hartree as HARTREE_TO_EV
-from rdkit import Chem, RDLogger
-from rdkit.Chem import rdDetermineBonds, rdMolAlign
 from tqdm import tqdm
 
 import data
 import make_trajectories
+import molecule_files
 import optimizers
 import oracle_pool
 import oracles
@@ -44,8 +44,6 @@ import safe_io
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
                                   "official", "GOLF-10k.NNP_checkpoint_actor")
-NABLADFT_ELEMENTS = (1, 6, 7, 8, 9, 16, 17, 35)   # H C N O F S Cl Br: nablaDFT's molecules
-SMILES_EXTENSIONS = (".smi", ".smiles", ".txt")
 # --fmax units -> Hartree/Angstrom (the model's unit)
 FORCE_UNITS = {"ev/a": 1.0 / HARTREE_TO_EV, "kcal/mol/a": 1.0 / data.HARTREE_TO_KCAL,
                "hartree/a": 1.0, "ha/a": 1.0}
@@ -53,177 +51,8 @@ STRUCTURAL_FLAGS = ("non_finite", "bond_broken", "bond_formed", "flown_off", "cl
 
 
 # ---------------------------------------------------------------------------------------
-# Inputs: the molecules, their charge and spin, the model's domain, the conformations
+# Inputs: the molecules, the model's domain, the conformations
 # ---------------------------------------------------------------------------------------
-
-@dataclass
-class Molecule:
-    index: int                     # input_index: record number in the input, from 0
-    where: str                     # "file line 3", for messages
-    name: str | None
-    numbers: np.ndarray            # [n_atoms] atomic numbers
-    conformers: list               # [[n_atoms, 3] Angstrom] given, or [] to embed (SMILES)
-    charge: int = 0
-    multiplicity: int = 1
-    smiles: str | None = None      # a SMILES whose atoms (hydrogens added) are these, in order
-    mol: Chem.Mol | None = None    # RDKit graph of these atoms in this order, if the input had one
-
-    @property
-    def n_atoms(self):
-        return len(self.numbers)
-
-    def template(self):
-        """The RDKit molecule of these atoms (its bonds perceived from the first conformation
-        if the input gave none), without conformers."""
-        if self.mol is None:
-            self.mol = perceive_bonds(self.numbers, self.conformers[0])
-        mol = Chem.Mol(self.mol)
-        mol.RemoveAllConformers()
-        return mol
-
-
-def perceive_bonds(numbers, positions):
-    """An RDKit molecule with bonds perceived from the coordinates (neutral: bond orders
-    when RDKit finds them, else connectivity only)."""
-    xyz = f"{len(numbers)}\n\n" + "".join(
-        f"{chemical_symbols[z]} {x:.8f} {y:.8f} {w:.8f}\n" for z, (x, y, w) in
-        zip(numbers, np.asarray(positions, dtype=np.float64)))
-    RDLogger.DisableLog("rdApp.*")
-    try:
-        mol = Chem.MolFromXYZBlock(xyz)
-        for perceive in (lambda m: rdDetermineBonds.DetermineBonds(m, charge=0),
-                         rdDetermineBonds.DetermineConnectivity):
-            try:
-                candidate = Chem.Mol(mol)
-                perceive(candidate)
-                return candidate
-            except Exception:
-                continue
-        return mol
-    finally:
-        RDLogger.EnableLog("rdApp.*")
-
-
-def spin_and_charge(numbers, charge, multiplicity, radicals=0):
-    """Charge (given, else 0) and multiplicity (given, else from the radical electrons, else
-    the lowest for the electron count)."""
-    charge = int(charge or 0)
-    if multiplicity is None:
-        n_electrons = int(np.sum(numbers)) - charge
-        multiplicity = radicals + 1 if radicals else 1 + n_electrons % 2
-    return charge, int(multiplicity)
-
-
-def rdkit_input(index, where, name, mol, conformers, smiles=None, given=None):
-    """The Molecule of an RDKit molecule (SMILES, SDF): charge and multiplicity as `given`
-    (SDF properties), else from its formal charges and radicals."""
-    numbers = np.array([a.GetAtomicNum() for a in mol.GetAtoms()])
-    given = given or {}
-    charge, mult = spin_and_charge(numbers, given.get("charge", Chem.GetFormalCharge(mol)),
-                                   given.get("multiplicity"),
-                                   sum(a.GetNumRadicalElectrons() for a in mol.GetAtoms()))
-    return Molecule(index, where, name, numbers, conformers, charge, mult, smiles, mol)
-
-
-def read_smiles(path):
-    molecules, problems = [], []
-    for index, (line, smiles, name) in enumerate(make_trajectories.read_smiles_file(path)):
-        mol = make_trajectories.parse_smiles(smiles)
-        if mol is None:
-            problems.append(f"{path} line {line}: RDKit cannot parse SMILES {smiles!r}; fix "
-                            "the line")
-        else:                           # hydrogens after the heavy atoms (nablaDFT rows)
-            molecules.append(rdkit_input(index, f"{path} line {line}", name or smiles,
-                                         Chem.AddHs(mol), [], smiles))
-    return molecules, problems
-
-
-def read_sdf(path):
-    molecules, problems = [], []
-    RDLogger.DisableLog("rdApp.*")        # our line names the record; RDKit's would not
-    try:
-        supplier = Chem.SDMolSupplier(path, removeHs=False)
-        records = [supplier[i] for i in range(len(supplier))]
-    except Exception as err:
-        raise data.DataError(f"{path}: not a readable SDF file ({oracles.one_line(err)})") from None
-    finally:
-        RDLogger.EnableLog("rdApp.*")
-    for index, mol in enumerate(records):
-        where = f"{path} record {index + 1}"
-        if mol is None:
-            problems.append(f"{where}: RDKit cannot read it (check its atoms, bonds and "
-                            "valences)")
-            continue
-        name = mol.GetProp("_Name").strip() if mol.HasProp("_Name") else ""
-        if mol.GetNumConformers() == 0 or not mol.GetConformer().Is3D():
-            problems.append(f"{where}: no 3D coordinates; give 3D coordinates, or its SMILES")
-            continue
-        if any(a.GetNumImplicitHs() for a in mol.GetAtoms()):
-            mol = Chem.AddHs(mol, addCoords=True)
-            print(f"note: {where}: hydrogens the file leaves implicit were added (RDKit)",
-                  file=sys.stderr)
-        positions = mol.GetConformer().GetPositions()
-        mol.RemoveAllConformers()
-        given = {k: int(float(mol.GetProp(k))) for k in ("charge", "multiplicity")
-                 if mol.HasProp(k)}
-        molecules.append(rdkit_input(index, where, name or None, mol, [positions],
-                                     given=given))
-    return molecules, problems
-
-
-def read_xyz(path):
-    import ase.io
-    try:
-        frames = ase.io.read(path, index=":")
-    except Exception as err:
-        raise data.DataError(f"{path}: not a readable XYZ file ({oracles.one_line(err)}); "
-                             "expected frames of: atom count, comment, `Symbol x y z` "
-                             "lines") from None
-    molecules = []
-    for index, atoms in enumerate(frames):
-        info = atoms.info
-        charge, mult = spin_and_charge(atoms.numbers, info.get("charge"),
-                                       info.get("multiplicity", info.get("mult")))
-        name = info.get("name") if isinstance(info.get("name"), str) else None
-        molecules.append(Molecule(index, f"{path} frame {index + 1}", name,
-                                  np.asarray(atoms.numbers), [atoms.positions.copy()],
-                                  charge, mult))
-    return molecules, []
-
-
-def read_ase_db(path):
-    molecules = []
-    for index, c in enumerate(data.read_db(path, "total", verbose=False)[0]):
-        charge, mult = spin_and_charge(c.numbers, c.info.get("charge"),
-                                       c.info.get("multiplicity"))
-        mol, smiles = None, None
-        if c.smiles:
-            if "charge" not in c.info:
-                charge, mult = oracles.charge_and_multiplicity(c.numbers, c.smiles)
-            try:                              # its graph, if its atoms follow the SMILES
-                mol, smiles = oracles.rdkit_molecule(c), c.smiles
-            except data.DataError:
-                pass
-        name = c.info.get("name")
-        molecules.append(Molecule(index, f"{path} row {c.id}", name if isinstance(name, str)
-                                  else None, c.numbers, [c.positions], charge, mult, smiles, mol))
-    return molecules, []
-
-
-READERS = {**dict.fromkeys(SMILES_EXTENSIONS, read_smiles), ".db": read_ase_db,
-           **dict.fromkeys((".sdf", ".mol", ".sd"), read_sdf),
-           **dict.fromkeys((".xyz", ".extxyz"), read_xyz)}
-
-
-def model_elements(model):
-    """Atomic numbers the model was trained on: those with a per-element reference energy
-    in the checkpoint (train_baseline.py takes them from its training db, which holds the
-    free-atom energies of its elements), except nablaDFT's atomrefs (the official models,
-    and our dbs at its level), which also list P and I, absent from nablaDFT's molecules:
-    then H C N O F S Cl Br."""
-    refs = {z for z, e in enumerate(model.atomrefs) if e}
-    return set(NABLADFT_ELEMENTS) if not refs or refs == set(painn.NABLADFT_ATOMREFS) else refs
-
 
 def domain_problem(m, elements):
     """Why the model cannot relax molecule m (None: it can)."""
@@ -241,21 +70,14 @@ def domain_problem(m, elements):
 
 
 def read_input(path, args, elements):
-    """The molecules of the input file the model can relax, and how many it cannot (one line
-    each on stderr: where, why, what to do). A file that cannot be read at all is a
-    DataError."""
-    if not os.path.isfile(path):
-        raise data.DataError(f"{path}: no such input file")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in READERS:
-        raise data.DataError(f"{path}: unknown input format {ext or '(no extension)'}; use "
-                             f"SMILES ({', '.join(SMILES_EXTENSIONS)}), SDF (.sdf), XYZ (.xyz) "
-                             "or an ASE db (.db)")
-    if args.conformers > 1 and ext not in SMILES_EXTENSIONS:
+    """The molecules of the input file the model can relax (molecule_files.py reads it), and
+    how many it cannot: one line each on stderr (where, why, what to do)."""
+    read = molecule_files.reader(path)
+    if args.conformers > 1 and read is not molecule_files.read_smiles:
         raise data.DataError(f"--conformers {args.conformers}: conformations are embedded from "
                              "SMILES only; give a SMILES file, or relax the input's own "
                              "conformations with --conformers 1")
-    molecules, problems = READERS[ext](path)
+    molecules, problems = read(path)
     why = [domain_problem(m, elements) for m in molecules]
     problems += [f"{m.where}: {w}; skipped" for m, w in zip(molecules, why) if w]
     for line in problems:
@@ -270,42 +92,40 @@ class Tasks:
 
     def __init__(self, molecules, args, done):
         self.args, self.done, self.expected = args, done, {}
-        done_molecules = {index for index, _ in done}
-        if args.keep is not None:                 # --keep: a molecule is done as a whole
-            self.molecules = [m for m in molecules if m.index not in done_molecules]
-        else:
-            self.molecules = [m for m in molecules if any(
-                (m.index, k) not in done for k in range(self.n_conformers(m)))]
-        self.total = sum(sum((m.index, k) not in done or args.keep is not None
-                             for k in range(self.n_conformers(m))) for m in self.molecules)
+        self.done_molecules = {index for index, _ in done}
+        todo = [self.todo(m, len(m.conformers) or args.conformers) for m in molecules]
+        self.molecules = [m for m, t in zip(molecules, todo) if t]
+        self.total = sum(map(len, todo))
 
-    def n_conformers(self, m):
-        return len(m.conformers) if m.conformers else self.args.conformers
+    def todo(self, m, n):
+        """The indices of m's n conformations to relax."""
+        if self.args.keep is not None:              # --keep: a molecule is done as a whole
+            return [] if m.index in self.done_molecules else list(range(n))
+        return [k for k in range(n) if (m.index, k) not in self.done]
 
     def __iter__(self):
         for m in self.molecules:
             if not m.conformers:                     # SMILES: ETKDGv3, seeded per molecule
-                embedded = make_trajectories.etkdg_molecule(m.smiles, self.args.conformers,
-                                                            self.args.seed + m.index)
-                m.conformers = [c.GetPositions() for c in embedded.GetConformers()]
+                m.conformers = make_trajectories.embed(m.smiles, self.args.conformers,
+                                                       self.args.seed + m.index)[1]
                 if len(m.conformers) < self.args.conformers:
                     tqdm.write(f"warning: {m.where}: ETKDG embedded {len(m.conformers)} of "
                                f"{self.args.conformers} conformations of {m.smiles}",
                                file=sys.stderr)
-            todo = [k for k in range(len(m.conformers))
-                    if self.args.keep is not None or (m.index, k) not in self.done]
+            todo = self.todo(m, len(m.conformers))
             self.expected[m.index] = len(todo)
             for k in todo:
                 yield Task(m, k, np.asarray(m.conformers[k], dtype=np.float64))
 
 
 # ---------------------------------------------------------------------------------------
-# The relaxation: Eq. 3 in refilled slots, each molecule stopped at --fmax; one retry
+# The relaxation: Eq. 3 in refilled slots, each molecule stopped at --fmax; the quality
+# check, and one retry
 # ---------------------------------------------------------------------------------------
 
 @dataclass
 class Task:
-    molecule: Molecule
+    molecule: molecule_files.Molecule
     conformer: int                 # conformer index within the molecule
     start: np.ndarray              # [n_atoms, 3] Angstrom
     attempt: int = 1               # 2: the capped-step retry
@@ -386,10 +206,6 @@ def best_attempt(result):
     return result
 
 
-# ---------------------------------------------------------------------------------------
-# Quality check
-# ---------------------------------------------------------------------------------------
-
 def quality_flags(numbers, start, end, bond_factor=1.25, clash_fraction=0.55, limit=3):
     """What went wrong between the start [n_atoms, 3] and the end [n_atoms, 3] (Angstrom) of
     a relaxation, as strings "kind:detail" (empty: nothing). Atoms i, j are bonded when
@@ -406,85 +222,37 @@ def quality_flags(numbers, start, end, bond_factor=1.25, clash_fraction=0.55, li
     start, end = np.asarray(start, dtype=np.float64), np.asarray(end, dtype=np.float64)
     if not np.isfinite(end).all():
         return ["non_finite"]
-    n = len(numbers)
     r_cov = covalent_radii[numbers]
     bond_length = bond_factor * (r_cov[:, None] + r_cov[None, :])           # [n, n]
-    off_diagonal = ~np.eye(n, dtype=bool)
+    off_diagonal = ~np.eye(len(numbers), dtype=bool)
     d_start = np.linalg.norm(start[:, None] - start[None, :], axis=-1)     # [n, n]
     d_end = np.linalg.norm(end[:, None] - end[None, :], axis=-1)
     bonded_start = (d_start < bond_length) & off_diagonal
     bonded_end = (d_end < bond_length) & off_diagonal
 
-    def pairs(mask, kind, distance=None):
-        i, j = np.nonzero(np.triu(mask, 1))
-        if not len(i):
-            return []
-        shown = [f"{a + 1}-{b + 1}" + (f" {distance[a, b]:.2f} A" if distance is not None
-                                       else "") for a, b in zip(i[:limit], j[:limit])]
-        more = f" +{len(i) - limit}" if len(i) > limit else ""
-        return [f"{kind}:{', '.join(shown)}{more}"]
+    def listed(kind, items):                     # "kind:a, b, c +2"
+        more = f" +{len(items) - limit}" if len(items) > limit else ""
+        return [f"{kind}:{', '.join(items[:limit])}{more}"] if items else []
 
-    flags = (pairs(bonded_start & ~bonded_end, "bond_broken", d_end)
-             + pairs(bonded_end & ~bonded_start, "bond_formed", d_end))
+    def pairs(mask, kind):
+        return listed(kind, [f"{a + 1}-{b + 1} {d_end[a, b]:.2f} A"
+                             for a, b in zip(*np.nonzero(np.triu(mask, 1)))])
+
     alone = bonded_start.any(1) & ~bonded_end.any(1)                         # [n]
-    if alone.any():
-        atoms = np.nonzero(alone)[0]
-        names = ", ".join(f"{chemical_symbols[numbers[a]]}{a + 1}" for a in atoms[:limit])
-        flags.append(f"flown_off:{names}"
-                     + (f" +{len(atoms) - limit}" if len(atoms) > limit else ""))
     r_vdw = np.nan_to_num(vdw_radii[numbers], nan=2.0)
     share_neighbour = (bonded_start.astype(int) @ bonded_start.astype(int)) > 0   # 1-3 pairs
     contact = clash_fraction * (r_vdw[:, None] + r_vdw[None, :])
     clash = (d_end < contact) & ~bonded_start & ~share_neighbour & off_diagonal
-    return flags + pairs(clash, "clash", d_end)
+    return (pairs(bonded_start & ~bonded_end, "bond_broken")
+            + pairs(bonded_end & ~bonded_start, "bond_formed")
+            + listed("flown_off", [f"{chemical_symbols[numbers[a]]}{a + 1}"
+                                   for a in np.nonzero(alone)[0]])
+            + pairs(clash, "clash"))
 
 
 # ---------------------------------------------------------------------------------------
-# Conformer choice (--keep)
-# ---------------------------------------------------------------------------------------
-
-def with_positions(template, positions):
-    """A copy of template with one conformer at positions [n_atoms, 3] Angstrom."""
-    mol = Chem.Mol(template)
-    mol.RemoveAllConformers()
-    conformer = Chem.Conformer(mol.GetNumAtoms())
-    for i, (x, y, z) in enumerate(np.asarray(positions, dtype=np.float64)):
-        conformer.SetAtomPosition(i, (float(x), float(y), float(z)))
-    conformer.Set3D(True)
-    mol.AddConformer(conformer, assignId=True)
-    return mol
-
-
-def heavy_atom_rmsd(template, positions_a, positions_b):
-    """Heavy-atom RMSD (Angstrom) of two conformations of one molecule after the best
-    alignment over symmetry-equivalent atom orders (RDKit GetBestRMS). template: an RDKit
-    molecule of these atoms in this order (its graph gives the symmetries)."""
-    heavy = [i for i, a in enumerate(template.GetAtoms()) if a.GetAtomicNum() > 1]
-    if len(heavy) < 2:                          # one heavy atom: nothing to tell apart
-        return 0.0
-    mols = [Chem.RemoveHs(with_positions(template, p), sanitize=False)
-            for p in (positions_a, positions_b)]
-    return rdMolAlign.GetBestRMS(mols[0], mols[1])
-
-
-def select_conformers(results, keep, rmsd_threshold):
-    """--keep: the `keep` lowest NNP energies among intact results of one molecule, none
-    within rmsd_threshold of a lower one kept. Returns (kept, n_duplicates)."""
-    kept, n_duplicates = [], 0
-    for r in sorted(results, key=lambda r: (r.energy, r.task.conformer)):
-        if len(kept) == keep:
-            break
-        template = r.task.molecule.template()
-        if any(heavy_atom_rmsd(template, r.positions, k.positions) < rmsd_threshold
-               for k in kept):
-            n_duplicates += 1
-            continue
-        kept.append(r)
-    return kept, n_duplicates
-
-
-# ---------------------------------------------------------------------------------------
-# Outputs: SDF records appended whole, or ASE db rows; what a rerun skips
+# Outputs: SDF records appended whole, or ASE db rows; what a rerun skips; on the way to
+# them, the conformer choice (--keep) and the genuine oracle's check (--check_with)
 # ---------------------------------------------------------------------------------------
 
 def output_format(path):
@@ -541,32 +309,13 @@ def properties(r, rank, check):
     return props
 
 
-class SdfOutput:
-    """Records appended whole (one write, flushed and synced); a partial last record that a
-    kill left is cut off when the file is opened (under the writer lock)."""
-
-    def __init__(self, path):
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if os.path.exists(path):
-            with open(path, "rb+") as f:
-                text = f.read()
-                end = text.rfind(b"$$$$\n") + 5 if b"$$$$\n" in text else 0
-                if end < len(text):
-                    f.truncate(end)
-                    print(f"{path}: cut a partial last record (an interrupted write)",
-                          file=sys.stderr)
-
-    def records(self):
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [r + "$$$$\n" for r in f.read().split("$$$$\n")[:-1]]
+class SdfOutput(molecule_files.SdfFile):
+    """SDF records appended whole (molecule_files.SdfFile), their keys read back."""
 
     @staticmethod
     def record_keys(record, names=("input_index", "conformer_index", "n_atoms")):
-        found = [re.search(rf">\s*<{name}>[^\n]*\n([^\n]*)\n", record) for name in names]
-        return tuple(int(m.group(1)) if m else None for m in found)
+        found = [molecule_files.sdf_property(record, name) for name in names]
+        return tuple(None if text is None else int(text) for text in found)
 
     def keys(self):
         """(input_index, conformer_index, n_atoms, None: no atomic numbers) of each record."""
@@ -574,38 +323,16 @@ class SdfOutput:
 
     def write(self, unit):
         """Append the records of [(Result, rank, oracle check)] in one write."""
-        if unit:
-            with open(self.path, "a") as f:
-                f.write("".join(self.record(*item) for item in unit))
-                f.flush()
-                os.fsync(f.fileno())
-
-    @staticmethod
-    def record(r, rank, check):
-        mol = with_positions(r.task.molecule.template(), r.positions)
-        mol.SetProp("_Name", r.task.molecule.name or f"molecule {r.task.molecule.index}")
-        props = {**properties(r, rank, check), "n_atoms": r.task.molecule.n_atoms}
-        try:
-            block = Chem.MolToMolBlock(mol)
-        except Exception:                              # no kekulé form: aromatic bonds
-            block = Chem.MolToMolBlock(mol, kekulize=False)
-        return (block + "".join(f">  <{k}>\n{format_value(v)}\n\n" for k, v in props.items())
-                + "$$$$\n")
+        self.append([molecule_files.sdf_record(
+            r.task.molecule.with_positions(r.positions),
+            r.task.molecule.name or f"molecule {r.task.molecule.index}",
+            {**properties(r, rank, check), "n_atoms": r.task.molecule.n_atoms})
+            for r, rank, check in unit])
 
     def rewrite_sorted(self):
         """In input order, then lowest energy first (--keep), replaced atomically."""
-        records = self.records()
-        order = sorted(records, key=lambda record: tuple(-1 if k is None else k for k in (
-            self.record_keys(record, ("input_index", "energy_rank", "conformer_index")))))
-        if order != records:
-            with safe_io.atomic_write(self.path) as tmp, open(tmp, "w") as f:
-                f.write("".join(order))
-                f.flush()
-                os.fsync(f.fileno())
-
-
-def format_value(v):
-    return repr(v) if isinstance(v, float) else str(v)     # floats to the last digit
+        self.sort(lambda record: tuple(-1 if k is None else k for k in self.record_keys(
+            record, ("input_index", "energy_rank", "conformer_index"))))
 
 
 class DbOutput:
@@ -634,14 +361,24 @@ class DbOutput:
                 data.write_conformation(self.db, conf, **properties(r, rank, check), **name)
 
     def rewrite_sorted(self):
-        data.rewrite_sorted(self.path, lambda row: (row.get("input_index", -1),
-                                                    row.get("energy_rank", 0),
-                                                    row.get("conformer_index", -1)))
+        data.rewrite_sorted(self.path, lambda row: (
+            row.get("input_index", -1), row.get("energy_rank", 0), row.get("conformer_index", -1)))
 
 
-# ---------------------------------------------------------------------------------------
-# After a relaxation: --keep, the genuine oracle's check (--check_with), writing
-# ---------------------------------------------------------------------------------------
+def select_conformers(results, keep, rmsd_threshold):
+    """--keep: the `keep` lowest NNP energies among intact results of one molecule, none
+    within rmsd_threshold of a lower one kept. Returns (kept, n_duplicates)."""
+    kept, n_duplicates = [], 0
+    for r in sorted(results, key=lambda r: (r.energy, r.task.conformer)):
+        if len(kept) == keep:
+            break
+        if any(r.task.molecule.heavy_atom_rmsd(r.positions, k.positions) < rmsd_threshold
+               for k in kept):
+            n_duplicates += 1
+            continue
+        kept.append(r)
+    return kept, n_duplicates
+
 
 class Finisher:
     """Collects results until a molecule's conformations are all in (--keep), has the
@@ -666,8 +403,7 @@ class Finisher:
         if self.args.keep is not None:
             written, n_dup = select_conformers(intact, self.args.keep, self.args.rmsd_threshold)
             self.summary.n.update(duplicates=n_dup, not_kept=len(intact) - len(written) - n_dup)
-        futures = [[self.submit(r.task.molecule, r.task.start), self.submit(r.task.molecule,
-                                                                            r.positions)]
+        futures = [[self.submit(r.task.molecule, p) for p in (r.task.start, r.positions)]
                    for r in written] if self.pool is not None else []
         self.checking.append((written, [r for r in results if r.failed], futures))
 
@@ -685,8 +421,7 @@ class Finisher:
                 continue
             oracle = ([tuple(f.result() for f in pair) for pair in futures]
                       or [None] * len(written))                  # [(start, end)] results
-            ranks = range(1, len(written) + 1) if self.args.keep is not None \
-                else [None] * len(written)
+            ranks = [i + 1 if self.args.keep is not None else None for i in range(len(written))]
             # the relaxed ones first, in one write: they mark the molecule done (a kill
             # between the two writes loses only failure records, never a relaxation)
             self.output.write(list(zip(written, ranks, oracle)))
@@ -771,7 +506,7 @@ def relax(args):
     output_format(args.out)                                               # before any work
     model = painn.load_checkpoint(args.checkpoint, args.device).to(getattr(torch, args.dtype))
     model.eval()
-    molecules, n_problems = read_input(args.input, args, model_elements(model))
+    molecules, n_problems = read_input(args.input, args, painn.model_elements(model))
     if not molecules:
         print(f"error: {args.input}: no molecule the model can relax (reasons above)",
               file=sys.stderr)
@@ -812,16 +547,13 @@ def relax(args):
 def force_threshold(text, unit):
     """--fmax as Hartree/Angstrom: a number in --fmax_unit, or a number with its unit
     ("0.05", "0.05eV/A", "1.2 kcal/mol/A")."""
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z/]*)\s*", str(text))
-    try:
-        value = float(m.group(1)) if m else float("nan")
-    except ValueError:
-        value = float("nan")
-    unit = (m.group(2) if m and m.group(2) else unit).lower().replace("ang", "a")
-    if not value > 0 or unit not in FORCE_UNITS:
+    m = re.fullmatch(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Za-z/]*)\s*",
+                     str(text))
+    unit = ((m.group(2) if m else "") or unit).lower().replace("ang", "a")
+    if not m or not float(m.group(1)) > 0 or unit not in FORCE_UNITS:
         raise data.DataError(f"--fmax {text!r}: expected a positive number with an optional "
                              "unit eV/A, kcal/mol/A or Hartree/A, e.g. 0.05 or 1kcal/mol/A")
-    return value * FORCE_UNITS[unit]
+    return float(m.group(1)) * FORCE_UNITS[unit]
 
 
 def parse_args(argv=None):
@@ -830,45 +562,37 @@ def parse_args(argv=None):
     p.add_argument("--in", dest="input", required=True,
                    help="molecules: .smi/.smiles/.txt (SMILES), .sdf, .xyz or .db (ASE)")
     p.add_argument("--out", required=True, help="relaxed conformations: .sdf or .db")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                   help="our checkpoint.pt or an official NNP_checkpoint_actor (default: the "
-                        "paper's f_GOLF-10k, models/official/GOLF-10k.NNP_checkpoint_actor)")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="our checkpoint.pt or an "
+                   "official NNP_checkpoint_actor (default: the paper's f_GOLF-10k)")
     p.add_argument("--conformers", type=int, default=1,
                    help="SMILES input: ETKDGv3 conformations per molecule (default: 1)")
-    p.add_argument("--keep", type=int, default=None,
-                   help="keep the M lowest NNP energies per molecule after removing "
-                        "duplicates (default: keep every conformation)")
-    p.add_argument("--rmsd_threshold", type=float, default=0.5,
-                   help="--keep: conformations closer than this heavy-atom RMSD (Angstrom, "
-                        "symmetry-aware) are duplicates (default: %(default)s)")
+    p.add_argument("--keep", type=int, default=None, help="keep the M lowest NNP energies per "
+                   "molecule after removing duplicates (default: every conformation)")
+    p.add_argument("--rmsd_threshold", type=float, default=0.5, help="--keep: duplicates are "
+                   "closer than this symmetry-aware heavy-atom RMSD (default: %(default)s A)")
     p.add_argument("--seed", type=int, default=42,
                    help="ETKDG seed (plus the molecule's input index)")
-    p.add_argument("--fmax", default="0.05",
-                   help="stop a molecule when every atomic force |F_i| is at most this, in "
-                        "--fmax_unit or with a unit suffix (default: 0.05 eV/A, ASE's "
-                        "default; = 1.15 kcal/mol/A)")
+    p.add_argument("--fmax", default="0.05", help="stop a molecule when every |F_i| is at most "
+                   "this, in --fmax_unit or with its unit (default: 0.05 eV/A, as ASE)")
     p.add_argument("--fmax_unit", default="eV/A", help="eV/A (default), kcal/mol/A or Hartree/A")
-    p.add_argument("--steps", type=int, default=200,
-                   help="or after this many optimizer steps (an L-BFGS step is up to "
-                        "--max_iter updates; default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200, help="or after this many optimizer steps "
+                   "(an L-BFGS step is up to --max_iter updates; default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=64, help="molecules relaxed at once")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="the NNP's dtype (the optimizer works in float64)")
     q = p.add_argument_group("quality check")
-    q.add_argument("--retry_max_step", type=float, default=0.2,
-                   help="a flagged conformation is relaxed again from its start with every "
-                        "update capped at this many Angstrom per atom (default: %(default)s)")
-    q.add_argument("--bond_factor", type=float, default=1.25,
-                   help="atoms closer than this times the sum of their covalent radii are "
-                        "bonded (default: %(default)s)")
-    q.add_argument("--clash_fraction", type=float, default=0.55,
-                   help="a clash: two atoms neither bonded nor sharing a neighbour at the "
-                        "start closer than this fraction of the sum of their van der Waals "
-                        "radii at the end (default: %(default)s)")
-    p.add_argument("--check_with", default=None, metavar="METHOD",
-                   help="genuine oracle energy at the start and end of every written "
-                        "relaxation: gfn2-xtb, or a Psi4 method/basis (default: no check)")
+    q.add_argument("--retry_max_step", type=float, default=0.2, help="a flagged conformation "
+                   "is relaxed again from its start, every update capped at this (default: "
+                   "%(default)s A per atom)")
+    q.add_argument("--bond_factor", type=float, default=1.25, help="bonded: closer than this "
+                   "times the sum of the covalent radii (default: %(default)s)")
+    q.add_argument("--clash_fraction", type=float, default=0.55, help="a clash: atoms neither "
+                   "bonded nor sharing a neighbour at the start end closer than this fraction "
+                   "of the sum of their van der Waals radii (default: %(default)s)")
+    p.add_argument("--check_with", default=None, metavar="METHOD", help="genuine oracle energy "
+                   "at the start and end of every written relaxation: gfn2-xtb, or a Psi4 "
+                   "method/basis (default: no check)")
     optimizers.add_optimizer_args(p)
     oracles.add_oracle_args(p, optimize=False)       # the pool of --check_with
     # redefined without help (conflict_handler="resolve"): relax.py stops a molecule at
@@ -876,11 +600,9 @@ def parse_args(argv=None):
     p.add_argument("--grad_threshold", type=float, default=1e-5, help=argparse.SUPPRESS)
     p.add_argument("--oracle_method", default=None, help=argparse.SUPPRESS)
     args = optimizers.parse_args_with_preset(p, argv)
-    for name in ("batch_size", "steps", "conformers"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "steps", "conformers", "keep"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.keep is not None and args.keep < 1:
-        p.error("--keep must be at least 1")
     if args.grad_threshold != 1e-5:
         p.error("relax.py stops each molecule at --fmax (max |F_i|); --grad_threshold is "
                 "not used")

@@ -35,6 +35,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import molecule_files  # noqa: E402
 import oracles  # noqa: E402
 import painn  # noqa: E402
 import relax  # noqa: E402
@@ -45,7 +46,7 @@ XTB = "gfn2-xtb"
 def drug_like_tasks(args, relax_args, elements):
     """One ETKDG conformation (relax.py's seeding) of each of the first --n molecules of
     17-57 atoms of --smiles that the model can relax: [relax.Task]."""
-    molecules, _ = relax.read_smiles(args.smiles)
+    molecules, _ = molecule_files.read_smiles(args.smiles)
     chosen = [m for m in molecules if 17 <= m.n_atoms <= 57
               and relax.domain_problem(m, elements) is None][:args.n]
     return [t for t in relax.Tasks(chosen, relax_args, set())]
@@ -93,7 +94,7 @@ def main(argv=None):
                                    "--device", args.device])
     dtype = getattr(torch, args.dtype)
     model = painn.load_checkpoint(args.checkpoint, args.device).to(dtype).eval()
-    tasks = drug_like_tasks(args, relax_args, relax.model_elements(model))
+    tasks = drug_like_tasks(args, relax_args, painn.model_elements(model))
     n = len(tasks)
     n_atoms = np.array([t.molecule.n_atoms for t in tasks])
     omp = os.environ.get("OMP_NUM_THREADS", "-")

@@ -16,7 +16,9 @@ from rdkit import Chem
 
 import data
 import make_trajectories
+import molecule_files
 import optimizers
+import painn
 import relax
 import safe_io
 
@@ -63,7 +65,7 @@ def test_sdf_output_readable_with_properties(relaxed):
         assert m.GetDoubleProp("nnp_energy_drop_kcal_mol") > 0       # ETKDG is not a minimum
         assert 0 < m.GetIntProp("steps") < 200
     # the relaxed geometry is the one whose energy is written: recompute it
-    model = relax.painn.load_checkpoint(relax.DEFAULT_CHECKPOINT)
+    model = painn.load_checkpoint(relax.DEFAULT_CHECKPOINT)
     m = mols[0]
     z = torch.tensor([a.GetAtomicNum() for a in m.GetAtoms()])
     pos = torch.tensor(m.GetConformer().GetPositions(), dtype=torch.float32)
@@ -94,6 +96,8 @@ def test_missing_input_and_bad_fmax_are_one_line(tmp_path):
     assert os.listdir(tmp_path) == []                  # no output, no lock file
     assert relax.force_threshold("0.05", "eV/A") == pytest.approx(0.05 / 27.211386, rel=1e-6)
     assert relax.force_threshold("1.2kcal/mol/A", "eV/A") == pytest.approx(1.2 / 627.509474)
+    assert relax.force_threshold("0.05eV/A", "kcal/mol/A") == relax.force_threshold("0.05", "eV/A")
+    assert relax.force_threshold("1e-3 Hartree/A", "eV/A") == pytest.approx(1e-3)
     with pytest.raises(data.DataError, match="--fmax 'fast'"):
         relax.force_threshold("fast", "eV/A")
 
@@ -190,17 +194,17 @@ def test_an_exploding_optimizer_is_caught_retried_and_not_written(tmp_path):
 
 
 def test_select_conformers_keeps_lowest_and_drops_an_exact_duplicate():
-    mol = relax.Molecule(0, "x", "butane", None, [])
+    mol = molecule_files.Molecule(0, "x", "butane", None, [])
     embedded = make_trajectories.etkdg_molecule("CCCC", 6, 7)
     mol.numbers = np.array([a.GetAtomicNum() for a in embedded.GetAtoms()])
     mol.mol = Chem.AddHs(Chem.MolFromSmiles("CCCC"))
     confs = [c.GetPositions() for c in embedded.GetConformers()]
     # two distinct conformations (heavy-atom RMSD above 0.5 A), and a copy of the lowest
-    rmsd = relax.heavy_atom_rmsd(mol.template(), confs[0], confs[1])
+    rmsd = mol.heavy_atom_rmsd(confs[0], confs[1])
     far = next(i for i in range(1, 6)
-               if relax.heavy_atom_rmsd(mol.template(), confs[0], confs[i]) > 0.5)
-    assert relax.heavy_atom_rmsd(mol.template(), confs[0], confs[0]) == pytest.approx(0, abs=1e-6)
-    assert rmsd == pytest.approx(relax.heavy_atom_rmsd(mol.template(), confs[1], confs[0]))
+               if mol.heavy_atom_rmsd(confs[0], confs[i]) > 0.5)
+    assert mol.heavy_atom_rmsd(confs[0], confs[0]) == pytest.approx(0, abs=1e-6)
+    assert rmsd == pytest.approx(mol.heavy_atom_rmsd(confs[1], confs[0]))
 
     def result(k, positions, energy):
         return relax.Result(relax.Task(mol, k, positions), positions, 0.0, energy, 0.0, 1, True)
@@ -288,11 +292,11 @@ def test_per_slot_max_step_is_the_scalar_cap_slot_by_slot():
 
 
 def test_model_elements_of_the_official_and_our_checkpoints():
-    official = relax.painn.load_checkpoint(relax.DEFAULT_CHECKPOINT)
-    assert relax.model_elements(official) == {1, 6, 7, 8, 9, 16, 17, 35}
-    ours = relax.painn.PaiNN(n_atom_basis=8, n_interactions=1, n_rbf=4,
-                             atomrefs={1: -0.5, 6: -37.8, 8: -75.0})
-    assert relax.model_elements(ours) == {1, 6, 8}
+    official = painn.load_checkpoint(relax.DEFAULT_CHECKPOINT)
+    assert painn.model_elements(official) == {1, 6, 7, 8, 9, 16, 17, 35}
+    ours = painn.PaiNN(n_atom_basis=8, n_interactions=1, n_rbf=4,
+                       atomrefs={1: -0.5, 6: -37.8, 8: -75.0})
+    assert painn.model_elements(ours) == {1, 6, 8}
 
 
 def test_check_with_xtb_reports_start_and_end_energies(tmp_path):
