@@ -682,7 +682,7 @@ def parse_args(argv=None):
     p.add_argument("--claims_only", action="store_true",
                    help="--task table --claims/--claim: print the claims, not the table")
     optimizers.add_optimizer_args(p)
-    oracles.add_oracle_args(p)
+    oracles.add_oracle_args(p, optimize=False)   # the oracle labels; it never optimizes
     return optimizers.parse_args_with_preset(p, argv)   # --optimizer_preset: Table 6
 
 

@@ -226,8 +226,9 @@ def one_line(err, limit=300):
 # Command-line flags shared by the stage scripts (oracle_pool.make_oracle_pool reads them)
 # ---------------------------------------------------------------------------------------
 
-def add_oracle_args(parser):
-    """The genuine oracle's flags (Psi4 or xTB, and the pool)."""
+def add_oracle_args(parser, optimize=True):
+    """The genuine oracle's flags (Psi4 or xTB, and the pool); optimize=False leaves out
+    --max_opt_steps and --opt_coordinates, for a stage that never optimizes with the oracle."""
     group = parser.add_argument_group("genuine oracle (Psi4, or GFN2-xTB in tblite)")
     group.add_argument("--oracle_method", default=DEFAULT_METHOD,
                        help="Psi4 method/basis (default: %(default)s, the paper's level), "
@@ -249,22 +250,24 @@ def add_oracle_args(parser):
     group.add_argument("--dask_scheduler", default=None,
                        help="tcp://HOST:PORT of a Dask scheduler: run the jobs on its "
                             "workers instead of --n_workers local processes")
-    group.add_argument("--max_opt_steps", type=int, default=None,
-                       help="most steps (gradients) of an optimization (default: 1000 for "
-                            "Psi4, as geom_maxiter: a safety cap, the paper optimizes to "
-                            "convergence and App. D's trajectories average ~100 steps; 500 "
-                            "for xTB, whose Cartesian BFGS took 95-320 on 30-40 atoms)")
-    group.add_argument("--opt_coordinates", choices=OPT_COORDINATES,
-                       default=DEFAULT_OPT_COORDINATES,
-                       help="coordinates of Psi4's optimizer, optking's opt_coordinates "
-                            "(default: %(default)s, as App. D's nablaDFT trajectories; "
-                            "redundant: optking's own default). xTB's BFGS is Cartesian only")
+    if optimize:
+        group.add_argument("--max_opt_steps", type=int, default=None,
+                           help="most steps (gradients) of an optimization (default: 1000 for "
+                                "Psi4, as geom_maxiter: a safety cap, the paper optimizes to "
+                                "convergence and App. D's trajectories average ~100 steps; 500 "
+                                "for xTB, whose Cartesian BFGS took 95-320 on 30-40 atoms)")
+        group.add_argument("--opt_coordinates", choices=OPT_COORDINATES,
+                           default=DEFAULT_OPT_COORDINATES,
+                           help="coordinates of Psi4's optimizer, optking's opt_coordinates "
+                                "(default: %(default)s, as App. D's nablaDFT trajectories; "
+                                "redundant: optking's own default). xTB's BFGS is Cartesian only")
     group.add_argument("--oracle_journal", default=None,
                        help="SQLite file that keeps every finished oracle result, keyed by "
                             "its question (elements, positions, charge, multiplicity, "
                             "method), so a rerun never computes one twice (default: "
-                            "oracle_journal.sqlite beside the stage's output; several "
-                            "stages and runs may share one)")
+                            "beside the stage's output, <out>.oracle_journal.sqlite or "
+                            "<out_dir>/oracle_journal.sqlite; several stages and runs may "
+                            "share one)")
     return parser
 
 
