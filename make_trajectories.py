@@ -69,6 +69,14 @@ process writes an output at a time (a lock file <out>.writer.lock). Failures are
 to <out>.failures.jsonl (one JSON per line: conf_id, smiles, mode, reason, seconds, attempts,
 steps, time). The steps an optimization finished before failing are written to --out
 anyway; a rerun replaces them with its own.
+
+The oracle journal, <out>.oracle_journal.sqlite (--oracle_journal names another), keeps
+every successful oracle result, the free atoms' included, keyed by its question (atoms,
+positions, charge, multiplicity, kind, method): a result is on disk the moment it arrives,
+and a rerun that asks the same question reads it instead of computing it again.
+SIGTERM (a scheduler's) or Ctrl-C stops the run at once: the jobs running are dropped, the
+oracle workers end, and one line names what is written and the command to continue (the
+same command); exit status 143 (SIGTERM) or 130 (Ctrl-C).
 """
 import argparse
 import collections
@@ -386,6 +394,11 @@ def open_output(path, args, atomrefs):
     return db
 
 
+def journal_path(args):
+    """The oracle journal: --oracle_journal, else <out>.oracle_journal.sqlite."""
+    return args.oracle_journal or f"{args.out}.oracle_journal.sqlite"
+
+
 def finished_ids(db):
     return {row.get("conf_id") for row in db.select(include_data=False)} - {None}
 
@@ -484,7 +497,7 @@ def atomrefs_for(args, elements):
                 return refs
     print(f"atomrefs: energies of the free atoms {sorted(elements)} with {args.oracle_method}")
     try:
-        with oracle_pool.make_oracle_pool(args) as pool:
+        with oracle_pool.make_oracle_pool(args, journal_path(args)) as pool:
             return oracles.isolated_atom_energies(pool, elements)
     except oracles.OracleError as err:   # not fatal: a rerun fills them in
         print(f"warning: no atomrefs in the metadata ({err}); rerun to compute them, or "
@@ -694,7 +707,8 @@ def label(args, lines, confs, elements):
                     if conf is None:
                         continue
                 if pool is None:   # started by the first job: a rerun with nothing to do
-                    pool = stack.enter_context(oracle_pool.make_oracle_pool(args))  # starts none
+                    pool = stack.enter_context(                                # starts none
+                        oracle_pool.make_oracle_pool(args, journal_path(args)))
                     window = 2 * pool.n_parallel
                 in_flight[pool.submit(conf, conf_id, kind=kind)] = (conf_id, conf)
             if not in_flight:
@@ -704,6 +718,10 @@ def label(args, lines, confs, elements):
                 conf_id, conf = in_flight.pop(future)
                 tally.record(conf, conf_id, future.result(), out, optimal)
 
+    if isinstance(pool, oracle_pool.JournalledPool):
+        journal = pool.journal
+        print(f"{journal.path}: {journal.n_reused} oracle results read again, "
+              f"{journal.n_stored} new ones kept")
     canonical_outputs(args, out, optimal, tally)
     if args.smiles and args.conformer_selection == "butina":
         remember_butina_selection(args, lines, order)
@@ -871,17 +889,31 @@ def final_report(args, tally, with_optimal):
     return 0
 
 
+def written_so_far(args):
+    """What a stopped run leaves, for its one line: every finished result, in its outputs
+    and the oracle journal."""
+    outputs = [path for path in (args.out, args.out_optimal, args.out_test) if path]
+    if args.spice and args.spice_labels == "own":                   # no oracle
+        return f"every finished result is in {', '.join(outputs)}"
+    journals = dict.fromkeys(journal_path(argparse.Namespace(**{**vars(args), "out": path}))
+                             for path in (args.out, args.out_test) if path)
+    return (f"every finished result is in {', '.join(outputs)} and the oracle journal "
+            f"{', '.join(journals)}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    command = safe_io.continue_command(      # this command line (main(argv): this file + argv)
+        argv=None if argv is None else [__file__, *map(str, argv)])
     try:
-        return make(args)
+        with safe_io.StopSignals():      # SIGTERM, Ctrl-C: Interrupted, wherever it runs
+            return make(args)
     except (data.DataError, oracles.OracleError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: every finished result is written; rerun the same command to "
-              "continue", file=sys.stderr)
-        return 130
+    except safe_io.Interrupted as stop:  # every result is written as it arrives
+        print(safe_io.stopped_line(stop, written_so_far(args), command), file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -495,7 +495,8 @@ def test_the_k_cut_takes_the_head_of_the_order_whatever_arrives_first(tmp_path, 
     got = []
     for seed in (0, 1):
         pool = DelayedOptimizer(seed)
-        monkeypatch.setattr(make_trajectories.oracle_pool, "make_oracle_pool", lambda args: pool)
+        monkeypatch.setattr(make_trajectories.oracle_pool, "make_oracle_pool",
+                            lambda args, journal=None: pool)
         out = str(tmp_path / f"traj{seed}.db")
         assert run("--db", str(tmp_path / "d0.db"), "--shuffle", "--mode", "optimize",
                    "--max_conformations", "10", "--out", out) == 0
