@@ -15,6 +15,9 @@ Tsypin et al. (ICLR 2024) train NNPs on conformations labelled with DFT energies
 Conformations come from a SMILES file (RDKit ETKDGv3, as nablaDFT made its conformations;
 `SMILES [name]` per line, # starts a comment) or from an existing db (--db); --min_atoms /
 --max_atoms keep molecules of a size range (App. D: 17-35 atoms; Table 4's D_LM: 36-57).
+A run first prints how many molecules it read, how many are in the size range and how many
+--skip_molecules / --max_molecules take; none taken is an error (before any output is
+written), fewer than --max_molecules a warning.
 --conformer_selection butina is App. D's recipe (nablaDFT's): embed --n_etkdg ETKDG
 conformations, cluster them (Butina) by heavy-atom RMSD after the best alignment over
 symmetry-equivalent atom orders (rdMolAlign.GetAllConformerBestRMS), and keep the centroids
@@ -198,6 +201,8 @@ def parse_args(argv=None):
                      "optimize D_test^SPICE afterwards with --db OUT_TEST --mode optimize")
     if args.skip_molecules < 0:
         parser.error("--skip_molecules must be at least 0")
+    if args.min_atoms and args.max_atoms and args.min_atoms > args.max_atoms:
+        parser.error(f"--min_atoms {args.min_atoms} is above --max_atoms {args.max_atoms}")
     if args.conformer_selection == "butina":
         if args.db or args.conformers_per_molecule is not None:
             parser.error("--conformer_selection butina makes conformations from --smiles; it "
@@ -344,6 +349,30 @@ def in_size_range(n_atoms, args):
 def selected(items, args):
     end = None if args.max_molecules is None else args.skip_molecules + args.max_molecules
     return items[args.skip_molecules:end]
+
+
+def report_selection(args, path, what, n_read, n_sized, n_taken):
+    """Print what --min_atoms / --max_atoms and --skip_molecules / --max_molecules leave of
+    the input. None left is a DataError; fewer than --max_molecules, a warning."""
+    bounds = [f"at least {args.min_atoms}" if args.min_atoms else "",
+              f"at most {args.max_atoms}" if args.max_atoms else ""]
+    size = (f"{args.min_atoms}-{args.max_atoms}" if all(bounds) else "".join(bounds)) + " atoms"
+    sized = f", {n_sized} with {size}" if any(bounds) else ""
+    print(f"{path}: {n_read} {what} read{sized}, {n_taken} taken (--skip_molecules "
+          f"{args.skip_molecules}, --max_molecules {args.max_molecules or 'all'})")
+    if n_taken == 0:
+        if n_read == 0:
+            why = "it holds none"
+        elif n_sized == 0:
+            why = f"none of its {n_read} has {size}; change --min_atoms / --max_atoms"
+        else:
+            why = (f"--skip_molecules {args.skip_molecules} skips all {n_sized}"
+                   f"{' with ' + size if any(bounds) else ''}; use a --skip_molecules below "
+                   f"{n_sized}")
+        raise data.DataError(f"{path}: no {what} to label: {why}")
+    if args.max_molecules is not None and n_taken < args.max_molecules:
+        print(f"warning: {path}: only {n_taken} {what} left to take, not the --max_molecules "
+              f"{args.max_molecules} asked", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------
@@ -636,18 +665,27 @@ def make(args):
         return make_spice(args)
     # the input first: a bad one must not leave an output db behind
     if args.smiles:
-        lines = []
-        sized = [line for line in read_smiles_file(args.smiles)
+        molecules = read_smiles_file(args.smiles)
+        sized = [line for line in molecules
                  if in_size_range(n_atoms_with_hydrogens(line[1]), args)]
-        for line in selected(sized, args):
+        chosen = selected(sized, args)
+        report_selection(args, args.smiles, "molecules", len(molecules), len(sized), len(chosen))
+        lines = []
+        for line in chosen:
             if parse_smiles(line[1]) is None:
                 print(f"warning: {args.smiles} line {line[0]}: RDKit cannot parse SMILES "
                       f"{line[1]!r}; skipped", file=sys.stderr)
             else:
                 lines.append(line)
+        if not lines:
+            raise data.DataError(f"{args.smiles}: RDKit can parse none of the {len(chosen)} "
+                                 "SMILES taken (the warnings above name them); fix them or "
+                                 "take other lines")
     else:
-        confs = selected([c for c in data.read_db(args.db, verbose=False)[0]
-                          if in_size_range(c.n_atoms, args)], args)
+        rows = data.read_db(args.db, verbose=False)[0]
+        sized = [c for c in rows if in_size_range(c.n_atoms, args)]
+        confs = selected(sized, args)
+        report_selection(args, args.db, "rows", len(rows), len(sized), len(confs))
     if args.smiles:
         elements = {a.GetAtomicNum() for _, smi, _ in lines
                     for a in Chem.AddHs(parse_smiles(smi)).GetAtoms()}
