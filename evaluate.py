@@ -17,6 +17,15 @@ optimizes s_0 .. s_T in batches, and the genuine oracle labels s_t at the eval s
 per step as Sec. 6 (Fig. 3), with 95 % percentile bootstrap intervals over conformations,
 and COV / MAT (Appendix F) on this module's symmetry-aware RMSD. A row whose reference
 optimization did not converge (key converged False) is not scored, only counted.
+
+Outputs in --out_dir: per_conformation.jsonl (a conformation's record, appended when its
+last oracle result is in), final.db (its s_T), summary.json, Figs 1-3, conformations.html,
+and oracle_journal.sqlite (--oracle_journal names another): every successful oracle result,
+keyed by its question, on disk the moment it arrives. A rerun of the same command evaluates
+only the conformations without a record, and reads any oracle result it asks again from the
+journal. SIGTERM (a scheduler's) or Ctrl-C stops at once: the oracle workers end, one line
+names what is written and the command to continue (the same command); exit status 143
+(SIGTERM) or 130 (Ctrl-C). Bad input: one `error:` line, exit status 2.
 """
 import argparse
 import dataclasses
@@ -187,10 +196,11 @@ def evaluate_optimization(args):
 
     if args.model == "rdkit":
         steps_of = []
-        for c in safe_io.progress(todo, desc="MMFF minimization"):
-            positions, converged = oracles.mmff_minimize_checked(c, args.mmff_max_iters)
-            c = dataclasses.replace(c, info={**c.info, "mmff_converged": converged})
-            steps_of.append((c, {eval_steps[-1]: positions}, {}))
+        with safe_io.progress(todo, desc="MMFF minimization") as bar:   # closed at a stop too
+            for c in bar:
+                positions, converged = oracles.mmff_minimize_checked(c, args.mmff_max_iters)
+                c = dataclasses.replace(c, info={**c.info, "mmff_converged": converged})
+                steps_of.append((c, {eval_steps[-1]: positions}, {}))
         eval_steps = [eval_steps[-1]]
     elif args.model == "external":   # the genuine oracle at s_T only: no trajectory to score
         steps_of = [(c, {eval_steps[-1]: external[conf_key(c)]}, {}) for c in todo]
@@ -201,10 +211,10 @@ def evaluate_optimization(args):
             model.compile_network()
         steps_of = nnp_optimize(model, todo, args, set(eval_steps))
 
-    with oracle_pool.make_oracle_pool(args) as pool:
+    with oracle_pool.make_oracle_pool(args, journal_path(args)) as pool, \
+            safe_io.progress(total=len(todo), desc="oracle at eval steps") as bar:
         jobs = {}                       # future -> (conf id, t), not finished yet
         pending = {}                    # conf id -> [conf, positions, nnp, {t: result}]
-        bar = safe_io.progress(total=len(todo), desc="oracle at eval steps")
 
         def finish(future):
             """One oracle result in; a conformation with all its results is written at once."""
@@ -241,7 +251,9 @@ def evaluate_optimization(args):
                 finish(future)                             # a kill loses one batch at most
         for future in as_completed(list(jobs)):
             finish(future)
-        bar.close()
+    if isinstance(pool, oracle_pool.JournalledPool):
+        print(f"{pool.journal.path}: {pool.journal.n_reused} oracle results read again, "
+              f"{pool.journal.n_stored} new ones kept")
     return summarize(args, read_records(records_path), {c.id: c for c in confs})
 
 
@@ -474,16 +486,16 @@ def write_comparison_page(args):
     evaluations, db = [], None
     names = args.names or [None] * len(args.evaluations)
     if len(names) != len(args.evaluations):
-        sys.exit("error: --task page needs as many --names as --evaluations")
+        raise data.DataError("--task page needs as many --names as --evaluations")
     for out_dir, name in zip(args.evaluations, names):
         try:
             summary = json.load(open(os.path.join(out_dir, "summary.json")))
         except (OSError, ValueError) as err:
-            sys.exit(f"error: {out_dir}: no readable summary.json ({err}); run evaluate.py "
-                     "--task optimization into it first")
+            raise data.DataError(f"{out_dir}: no readable summary.json ({err}); run "
+                                 "evaluate.py --task optimization into it first") from None
         if db is not None and os.path.abspath(summary["db"]) != os.path.abspath(db):
-            sys.exit(f"error: {out_dir} evaluated {summary['db']}, not {db}: a page compares "
-                     "evaluations of one test db")
+            raise data.DataError(f"{out_dir} evaluated {summary['db']}, not {db}: a page "
+                                 "compares evaluations of one test db")
         db = summary["db"]
         records = {r["conf_id"]: r for r in read_records(
             os.path.join(out_dir, "per_conformation.jsonl"))}
@@ -502,7 +514,8 @@ def write_comparison_page(args):
               and all(records[i]["e0"] is not None for _, records, _, _ in evaluations)]
     chosen = chosen[:args.page_conformations]
     if not chosen:
-        sys.exit("error: the evaluations share no scored conformation with optimal_positions")
+        raise data.DataError("the evaluations share no scored conformation with "
+                             "optimal_positions")
     rows = page_rows(by_id, chosen, [e[:3] for e in evaluations])
     names = [e[3] for e in evaluations]
     report.write_conformations_page(args.out, rows,
@@ -567,23 +580,52 @@ def parse_args(argv=None):
     p.add_argument("--claims_only", action="store_true",
                    help="--task table --claims/--claim: print the claims, not the table")
     optimizers.add_optimizer_args(p)
-    oracles.add_oracle_args(p)
+    oracles.add_oracle_args(p, optimize=False)   # the oracle labels; it never optimizes
     return optimizers.parse_args_with_preset(p, argv)   # --optimizer_preset: Table 6
+
+
+def journal_path(args):
+    """The oracle journal: --oracle_journal, else <out_dir>/oracle_journal.sqlite."""
+    return args.oracle_journal or os.path.join(args.out_dir, "oracle_journal.sqlite")
+
+
+def written_so_far(args):
+    """What a stopped run leaves, for its one line."""
+    if args.task != "optimization":
+        return f"nothing (--task {args.task} writes its output at its end)"
+    return (f"the record of every finished conformation is in "
+            f"{os.path.join(args.out_dir, 'per_conformation.jsonl')}, every finished oracle "
+            f"result in the oracle journal {journal_path(args)}")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    command = safe_io.continue_command(      # this command line (main(argv): this file + argv)
+        argv=None if argv is None else [__file__, *map(str, argv)])
+    try:
+        with safe_io.StopSignals():      # SIGTERM, Ctrl-C: Interrupted, wherever it runs
+            run_task(args)
+    except (data.DataError, painn.CheckpointError, oracles.OracleError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except safe_io.Interrupted as stop:  # each record is written as its conformation ends
+        print(safe_io.stopped_line(stop, written_so_far(args), command), file=sys.stderr)
+        return stop.exit_code
+    return 0
+
+
+def run_task(args):
     if args.task == "table":
         if not args.summaries or (args.names and len(args.names) != len(args.summaries)):
-            sys.exit("error: --task table needs --summaries (summary.json files), and as many "
-                     "--names, if given")
+            raise data.DataError("--task table needs --summaries (summary.json files), and as "
+                                 "many --names, if given")
         rows = []
         for path in args.summaries:
             try:
                 rows.append(json.load(open(path)))
             except (OSError, ValueError) as err:
-                sys.exit(f"error: {path}: not a readable summary.json ({err}); run "
-                         "evaluate.py --task optimization first")
+                raise data.DataError(f"{path}: not a readable summary.json ({err}); run "
+                                     "evaluate.py --task optimization first") from None
         names = args.names or [r.get("name") or os.path.basename(os.path.dirname(
             os.path.abspath(p))) for r, p in zip(rows, args.summaries)]
         if not args.claims_only:
@@ -600,18 +642,18 @@ def main(argv=None):
         return
     if args.task == "page":
         if not args.evaluations or not args.out:
-            sys.exit("error: --task page needs --evaluations (evaluate.py --out_dir folders) "
-                     "and --out (the page to write)")
+            raise data.DataError("--task page needs --evaluations (evaluate.py --out_dir "
+                                 "folders) and --out (the page to write)")
         write_comparison_page(args)
         return
     for flag in ("db", "out_dir"):
         if not getattr(args, flag):
-            sys.exit(f"error: --{flag} is required for --task {args.task}")
+            raise data.DataError(f"--{flag} is required for --task {args.task}")
     if args.model == "nnp" and not args.checkpoint:
-        sys.exit("error: --checkpoint is required (or --model rdkit)")
+        raise data.DataError("--checkpoint is required (or --model rdkit)")
     if args.model == "external" and not args.positions:
-        sys.exit("error: --model external needs --positions: a db of the method's final "
-                 "conformations, key conf_id = the test row id in --db")
+        raise data.DataError("--model external needs --positions: a db of the method's final "
+                             "conformations, key conf_id = the test row id in --db")
     if args.dask_scheduler and args.task == "optimization":   # fail fast, before any output
         oracle_pool.check_dask_scheduler(args.dask_scheduler)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -644,7 +686,4 @@ def evaluate_task(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, painn.CheckpointError, oracles.OracleError) as err:
-        sys.exit(f"error: {err}")
+    sys.exit(main())

@@ -15,6 +15,9 @@ Tsypin et al. (ICLR 2024) train NNPs on conformations labelled with DFT energies
 Conformations come from a SMILES file (RDKit ETKDGv3, as nablaDFT made its conformations;
 `SMILES [name]` per line, # starts a comment) or from an existing db (--db); --min_atoms /
 --max_atoms keep molecules of a size range (App. D: 17-35 atoms; Table 4's D_LM: 36-57).
+A run first prints how many molecules it read, how many are in the size range and how many
+--skip_molecules / --max_molecules take; none taken is an error (before any output is
+written), fewer than --max_molecules a warning.
 --conformer_selection butina is App. D's recipe (nablaDFT's): embed --n_etkdg ETKDG
 conformations, cluster them (Butina) by heavy-atom RMSD after the best alignment over
 symmetry-equivalent atom orders (rdMolAlign.GetAllConformerBestRMS), and keep the centroids
@@ -69,6 +72,14 @@ process writes an output at a time (a lock file <out>.writer.lock). Failures are
 to <out>.failures.jsonl (one JSON per line: conf_id, smiles, mode, reason, seconds, attempts,
 steps, time). The steps an optimization finished before failing are written to --out
 anyway; a rerun replaces them with its own.
+
+The oracle journal, <out>.oracle_journal.sqlite (--oracle_journal names another), keeps
+every successful oracle result, the free atoms' included, keyed by its question (atoms,
+positions, charge, multiplicity, kind, method): a result is on disk the moment it arrives,
+and a rerun that asks the same question reads it instead of computing it again.
+SIGTERM (a scheduler's) or Ctrl-C stops the run at once: the jobs running are dropped, the
+oracle workers end, and one line names what is written and the command to continue (the
+same command); exit status 143 (SIGTERM) or 130 (Ctrl-C).
 """
 import argparse
 import collections
@@ -190,6 +201,8 @@ def parse_args(argv=None):
                      "optimize D_test^SPICE afterwards with --db OUT_TEST --mode optimize")
     if args.skip_molecules < 0:
         parser.error("--skip_molecules must be at least 0")
+    if args.min_atoms and args.max_atoms and args.min_atoms > args.max_atoms:
+        parser.error(f"--min_atoms {args.min_atoms} is above --max_atoms {args.max_atoms}")
     if args.conformer_selection == "butina":
         if args.db or args.conformers_per_molecule is not None:
             parser.error("--conformer_selection butina makes conformations from --smiles; it "
@@ -338,6 +351,30 @@ def selected(items, args):
     return items[args.skip_molecules:end]
 
 
+def report_selection(args, path, what, n_read, n_sized, n_taken):
+    """Print what --min_atoms / --max_atoms and --skip_molecules / --max_molecules leave of
+    the input. None left is a DataError; fewer than --max_molecules, a warning."""
+    bounds = [f"at least {args.min_atoms}" if args.min_atoms else "",
+              f"at most {args.max_atoms}" if args.max_atoms else ""]
+    size = (f"{args.min_atoms}-{args.max_atoms}" if all(bounds) else "".join(bounds)) + " atoms"
+    sized = f", {n_sized} with {size}" if any(bounds) else ""
+    print(f"{path}: {n_read} {what} read{sized}, {n_taken} taken (--skip_molecules "
+          f"{args.skip_molecules}, --max_molecules {args.max_molecules or 'all'})")
+    if n_taken == 0:
+        if n_read == 0:
+            why = "it holds none"
+        elif n_sized == 0:
+            why = f"none of its {n_read} has {size}; change --min_atoms / --max_atoms"
+        else:
+            why = (f"--skip_molecules {args.skip_molecules} skips all {n_sized}"
+                   f"{' with ' + size if any(bounds) else ''}; use a --skip_molecules below "
+                   f"{n_sized}")
+        raise data.DataError(f"{path}: no {what} to label: {why}")
+    if args.max_molecules is not None and n_taken < args.max_molecules:
+        print(f"warning: {path}: only {n_taken} {what} left to take, not the --max_molecules "
+              f"{args.max_molecules} asked", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------
@@ -384,6 +421,11 @@ def open_output(path, args, atomrefs):
                                  f"{metadata.get(key)}; rerun with the same flags or write to "
                                  "a new --out")
     return db
+
+
+def journal_path(args):
+    """The oracle journal: --oracle_journal, else <out>.oracle_journal.sqlite."""
+    return args.oracle_journal or f"{args.out}.oracle_journal.sqlite"
 
 
 def finished_ids(db):
@@ -484,7 +526,7 @@ def atomrefs_for(args, elements):
                 return refs
     print(f"atomrefs: energies of the free atoms {sorted(elements)} with {args.oracle_method}")
     try:
-        with oracle_pool.make_oracle_pool(args) as pool:
+        with oracle_pool.make_oracle_pool(args, journal_path(args)) as pool:
             return oracles.isolated_atom_energies(pool, elements)
     except oracles.OracleError as err:   # not fatal: a rerun fills them in
         print(f"warning: no atomrefs in the metadata ({err}); rerun to compute them, or "
@@ -623,18 +665,27 @@ def make(args):
         return make_spice(args)
     # the input first: a bad one must not leave an output db behind
     if args.smiles:
-        lines = []
-        sized = [line for line in read_smiles_file(args.smiles)
+        molecules = read_smiles_file(args.smiles)
+        sized = [line for line in molecules
                  if in_size_range(n_atoms_with_hydrogens(line[1]), args)]
-        for line in selected(sized, args):
+        chosen = selected(sized, args)
+        report_selection(args, args.smiles, "molecules", len(molecules), len(sized), len(chosen))
+        lines = []
+        for line in chosen:
             if parse_smiles(line[1]) is None:
                 print(f"warning: {args.smiles} line {line[0]}: RDKit cannot parse SMILES "
                       f"{line[1]!r}; skipped", file=sys.stderr)
             else:
                 lines.append(line)
+        if not lines:
+            raise data.DataError(f"{args.smiles}: RDKit can parse none of the {len(chosen)} "
+                                 "SMILES taken (the warnings above name them); fix them or "
+                                 "take other lines")
     else:
-        confs = selected([c for c in data.read_db(args.db, verbose=False)[0]
-                          if in_size_range(c.n_atoms, args)], args)
+        rows = data.read_db(args.db, verbose=False)[0]
+        sized = [c for c in rows if in_size_range(c.n_atoms, args)]
+        confs = selected(sized, args)
+        report_selection(args, args.db, "rows", len(rows), len(sized), len(confs))
     if args.smiles:
         elements = {a.GetAtomicNum() for _, smi, _ in lines
                     for a in Chem.AddHs(parse_smiles(smi)).GetAtoms()}
@@ -694,7 +745,8 @@ def label(args, lines, confs, elements):
                     if conf is None:
                         continue
                 if pool is None:   # started by the first job: a rerun with nothing to do
-                    pool = stack.enter_context(oracle_pool.make_oracle_pool(args))  # starts none
+                    pool = stack.enter_context(                                # starts none
+                        oracle_pool.make_oracle_pool(args, journal_path(args)))
                     window = 2 * pool.n_parallel
                 in_flight[pool.submit(conf, conf_id, kind=kind)] = (conf_id, conf)
             if not in_flight:
@@ -704,6 +756,10 @@ def label(args, lines, confs, elements):
                 conf_id, conf = in_flight.pop(future)
                 tally.record(conf, conf_id, future.result(), out, optimal)
 
+    if isinstance(pool, oracle_pool.JournalledPool):
+        journal = pool.journal
+        print(f"{journal.path}: {journal.n_reused} oracle results read again, "
+              f"{journal.n_stored} new ones kept")
     canonical_outputs(args, out, optimal, tally)
     if args.smiles and args.conformer_selection == "butina":
         remember_butina_selection(args, lines, order)
@@ -871,17 +927,31 @@ def final_report(args, tally, with_optimal):
     return 0
 
 
+def written_so_far(args):
+    """What a stopped run leaves, for its one line: every finished result, in its outputs
+    and the oracle journal."""
+    outputs = [path for path in (args.out, args.out_optimal, args.out_test) if path]
+    if args.spice and args.spice_labels == "own":                   # no oracle
+        return f"every finished result is in {', '.join(outputs)}"
+    journals = dict.fromkeys(journal_path(argparse.Namespace(**{**vars(args), "out": path}))
+                             for path in (args.out, args.out_test) if path)
+    return (f"every finished result is in {', '.join(outputs)} and the oracle journal "
+            f"{', '.join(journals)}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    command = safe_io.continue_command(      # this command line (main(argv): this file + argv)
+        argv=None if argv is None else [__file__, *map(str, argv)])
     try:
-        return make(args)
+        with safe_io.StopSignals():      # SIGTERM, Ctrl-C: Interrupted, wherever it runs
+            return make(args)
     except (data.DataError, oracles.OracleError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: every finished result is written; rerun the same command to "
-              "continue", file=sys.stderr)
-        return 130
+    except safe_io.Interrupted as stop:  # every result is written as it arrives
+        print(safe_io.stopped_line(stop, written_so_far(args), command), file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

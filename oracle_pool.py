@@ -938,7 +938,9 @@ def check_settings(n_workers, threads, timeout, retries, max_opt_steps, method,
 
 def make_oracle_pool(args, journal=None):
     """A DaskOraclePool with --dask_scheduler, else a LocalOraclePool; with a journal path
-    (--oracle_journal, else the stage's default beside its output) a JournalledPool of it."""
+    (--oracle_journal, else the stage's default beside its output) a JournalledPool of it.
+    A stage without --max_opt_steps / --opt_coordinates (add_oracle_args(optimize=False))
+    gets their defaults."""
     common = dict(method=args.oracle_method, threads=args.oracle_threads,
                   memory=args.psi4_memory, timeout=args.oracle_timeout,
                   retries=args.oracle_retries,

@@ -16,6 +16,15 @@ Loss (Eq. 2), per molecule with n atoms, averaged over the minibatch:
 with rho = --energy_loss_coef and c_F = --force_loss_coef, in Hartree and Hartree/A.
 Adam with cosine annealing from --lr to --lr_final over --total_steps, gradient-norm clipping
 at --clip_value (Table 5). golf.py trains with the same `Trainer`.
+
+Outputs in --out_dir: checkpoint.pt (every --checkpoint_every steps, at a stop signal and at
+the end: weights, Adam, the schedule, the minibatch order and the RNGs) and metrics.jsonl
+(the validation errors every --eval_every steps). --resume continues from checkpoint.pt
+exactly as an uninterrupted run would go on (the log records after its step are dropped).
+SIGTERM (a scheduler's) or Ctrl-C during training stops it at the end of the step it
+interrupts and saves the checkpoint (before training: at once, nothing to save); one line
+names what is saved and the command to continue (the same command with --resume); exit
+status 143 (SIGTERM) or 130 (Ctrl-C). Bad input: one `error:` line, exit status 2.
 """
 import argparse
 import json
@@ -231,10 +240,27 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    command = safe_io.continue_command(      # this command line (main(argv): this file + argv)
+        "--resume", None if argv is None else [__file__, *map(str, argv)])
+    try:
+        with safe_io.StopSignals():    # until training starts: Interrupted at once
+            return read_and_fit(args, command)
+    except (data.DataError, painn.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except safe_io.Interrupted as stop:  # before training (fit saves at a stop in training)
+        ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+        saved = f"the last checkpoint saved, {ckpt_path}" if os.path.exists(ckpt_path) else \
+            "nothing written yet"
+        print(safe_io.stopped_line(stop, saved, command), file=sys.stderr)
+        return stop.exit_code
+
+
+def read_and_fit(args, command):
     if not 0.0 <= args.val_fraction < 1.0:
-        sys.exit(f"error: --val_fraction must be in [0, 1), not {args.val_fraction}")
+        raise data.DataError(f"--val_fraction must be in [0, 1), not {args.val_fraction}")
     if args.val_db and args.val_fraction:
-        sys.exit("error: --val_db and --val_fraction both validate; pass one of them")
+        raise data.DataError("--val_db and --val_fraction both validate; pass one of them")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     torch.set_num_threads(oracle_pool.usable_cores()[1])   # the cores other jobs leave idle
@@ -246,10 +272,11 @@ def main(argv=None):
     print(f"{len(train)} training and {len(val)} validation conformations")
     os.makedirs(args.out_dir, exist_ok=True)
     with safe_io.output_lock(args.out_dir):         # one writer per out_dir
-        fit(args, rng, train, val, atomrefs)
+        return fit(args, rng, train, val, atomrefs, command)
 
 
-def fit(args, rng, train, val, atomrefs):
+def fit(args, rng, train, val, atomrefs, command):
+    """Train to --total_steps; the exit status (0, or 143 / 130 after a stop signal)."""
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
@@ -268,7 +295,8 @@ def fit(args, rng, train, val, atomrefs):
         set_rng_state(rng, ckpt["rng"])
         print(f"resumed from {ckpt_path} at step {trainer.step}")
     elif os.path.exists(ckpt_path):
-        sys.exit(f"error: {ckpt_path} exists; pass --resume to continue it or choose another --out_dir")
+        raise data.DataError(f"{ckpt_path} exists; pass --resume to continue it or choose "
+                             "another --out_dir")
     if os.path.exists(metrics_path):
         # records a killed run logged after its checkpoint will be logged again from it: drop
         # them (and a torn last line), so that a killed and resumed run logs what an
@@ -278,7 +306,7 @@ def fit(args, rng, train, val, atomrefs):
             f.writelines(json.dumps(r) + "\n" for r in kept)
     if trainer.step >= args.total_steps:
         print(f"already trained for --total_steps {args.total_steps}: nothing to do")
-        return
+        return 0
 
     def save():
         painn.save_checkpoint(model, ckpt_path, trainer=trainer.state_dict(),
@@ -296,25 +324,35 @@ def fit(args, rng, train, val, atomrefs):
 
     bar = safe_io.progress(total=args.total_steps, initial=trainer.step, desc="train",
                            dynamic_ncols=True)
-    while trainer.step < args.total_steps:
-        loss = trainer.update(train_tensors.gather(sampler.next_indices()))
-        bar.update(1)
-        if trainer.step % 50 == 1:      # reading the loss waits for the device: not every step
-            bar.set_postfix(loss=f"{float(loss):.3e}", lr=f"{trainer.lr:.1e}")
-        if trainer.step % args.eval_every == 0:
-            validate()
-        if trainer.step % args.checkpoint_every == 0:
+    # a stop signal waits for the end of the step, its validation and checkpoint; then the
+    # state is saved as a checkpoint_every checkpoint would save it
+    with safe_io.StopSignals(deferred=True) as stop:
+        try:
+            while trainer.step < args.total_steps:
+                stop.check()
+                loss = trainer.update(train_tensors.gather(sampler.next_indices()))
+                bar.update(1)
+                if trainer.step % 50 == 1:   # reading the loss waits for the device
+                    bar.set_postfix(loss=f"{float(loss):.3e}", lr=f"{trainer.lr:.1e}")
+                if trainer.step % args.eval_every == 0:
+                    validate()
+                if trainer.step % args.checkpoint_every == 0:
+                    save()
+        except safe_io.Interrupted as stopped:
+            bar.close()
             save()
-    bar.close()
-    if trainer.step % args.eval_every:
-        validate()
-    save()
+            print(safe_io.stopped_line(stopped, f"checkpoint at step {trainer.step} of "
+                                                f"{args.total_steps} in {ckpt_path}", command),
+                  file=sys.stderr)
+            return stopped.exit_code
+        bar.close()
+        if trainer.step % args.eval_every:
+            validate()
+        save()
     print(f"done: {trainer.step} steps ({trainer.n_skipped} skipped, non-finite); "
           f"checkpoint {ckpt_path}")
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, painn.CheckpointError) as err:
-        sys.exit(f"error: {err}")
+    sys.exit(main())

@@ -196,7 +196,7 @@ def run_stage(name, stage, argv, pool_args, real_nnp):
     """Run one stage on a SimulatedPool; its numbers."""
     pools = []
 
-    def make_pool(args):
+    def make_pool(args, journal=None):          # no journal: the jobs are simulated
         pools.append(SimulatedPool(**pool_args))
         return pools[-1]
 

@@ -309,11 +309,12 @@ def test_figures_put_every_model_in_one_picture(tmp_path):
     assert all(os.path.getsize(tmp_path / "figs" / name) > 0 for name in report.FIGURES)
 
 
-def test_table_task_names_a_missing_summary_in_one_line(tmp_path):
-    with pytest.raises(SystemExit) as err:
-        evaluate.main(["--task", "table", "--summaries", str(tmp_path / "nope" / "summary.json")])
-    assert "nope/summary.json: not a readable summary.json" in str(err.value)
-    assert "\n" not in str(err.value)
+def test_table_task_names_a_missing_summary_in_one_line(tmp_path, capsys):
+    assert evaluate.main(["--task", "table", "--summaries",
+                          str(tmp_path / "nope" / "summary.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope/summary.json: not a readable summary.json" in err
+    assert err.count("\n") == 1
 
 
 def test_records_are_written_while_later_batches_still_optimize(tmp_path, monkeypatch):
@@ -487,7 +488,7 @@ def test_claims_name_a_missing_row_in_one_line(tmp_path):
                         "--names", "golf", "--claims", "base", "-", "-", "golf", "-",
                         "--claims_only"], capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert r.returncode == 1 and r.stdout == ""
+    assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "error: --claims: no summary named base among --names"
 
 

@@ -244,6 +244,34 @@ def test_bad_input_is_one_error_line(smiles_file, d0, tmp_path, capsys):
     assert "made with --oracle_method hf/sto-3g, not hf/3-21g" in errors[0]
 
 
+def test_filters_that_leave_no_molecule_are_an_error_before_any_output(tmp_path, capsys):
+    """App. D's size range leaves 1210 of the 5000 molecules of data/moses_sample.smi: a
+    --skip_molecules past them, or a range none is in, is one error line, and nothing is
+    written; fewer than --max_molecules is said at once, then labelled."""
+    smiles = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "data", "moses_sample.smi")
+    argv = ["--smiles", smiles, "--min_atoms", "17", "--max_atoms", "35", "--max_molecules",
+            "40", "--out", str(tmp_path / "x.db"), "--oracle_method", "gfn2-xtb"]
+    assert make_trajectories.main([*argv, "--skip_molecules", "3000"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == (f"{smiles}: 5000 molecules read, 1210 with 17-35 atoms, 0 taken "
+                            "(--skip_molecules 3000, --max_molecules 40)\n")
+    assert captured.err == (f"error: {smiles}: no molecules to label: --skip_molecules 3000 "
+                            "skips all 1210 with 17-35 atoms; use a --skip_molecules below "
+                            "1210\n")
+    assert make_trajectories.main([*argv, "--min_atoms", "1", "--max_atoms", "3"]) == 2
+    assert capsys.readouterr().err == (f"error: {smiles}: no molecules to label: none of its "
+                                       "5000 has 1-3 atoms; change --min_atoms / "
+                                       "--max_atoms\n")
+    assert os.listdir(tmp_path) == []
+    assert make_trajectories.main([*argv, "--skip_molecules", "1208"]) == 0
+    captured = capsys.readouterr()
+    assert f"{smiles}: 5000 molecules read, 1210 with 17-35 atoms, 2 taken" in captured.out
+    assert captured.err.splitlines()[0] == (f"warning: {smiles}: only 2 molecules left to "
+                                            "take, not the --max_molecules 40 asked")
+    assert len(rows(str(tmp_path / "x.db"))) == 2
+
+
 def test_nabladft_level_gets_nabladft_atomrefs_without_a_job(tmp_path):
     args = make_trajectories.parse_args(["--smiles", "x.smi", "--out", str(tmp_path / "x.db"),
                                          "--oracle_method", "wB97X-D/def2-SVP",
@@ -495,7 +523,8 @@ def test_the_k_cut_takes_the_head_of_the_order_whatever_arrives_first(tmp_path, 
     got = []
     for seed in (0, 1):
         pool = DelayedOptimizer(seed)
-        monkeypatch.setattr(make_trajectories.oracle_pool, "make_oracle_pool", lambda args: pool)
+        monkeypatch.setattr(make_trajectories.oracle_pool, "make_oracle_pool",
+                            lambda args, journal=None: pool)
         out = str(tmp_path / f"traj{seed}.db")
         assert run("--db", str(tmp_path / "d0.db"), "--shuffle", "--mode", "optimize",
                    "--max_conformations", "10", "--out", out) == 0

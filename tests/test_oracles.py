@@ -224,6 +224,23 @@ def test_oracle_threads_flag_and_its_psi4_alias_reach_the_pool():
                 assert b"OMP_NUM_THREADS=3\0" in f.read()
 
 
+def test_a_stage_that_never_optimizes_offers_no_optimization_flags(capsys):
+    """add_oracle_args(optimize=False) (evaluate.py) has no --max_opt_steps or
+    --opt_coordinates; its pool gets their defaults."""
+    import argparse
+    import evaluate
+    parser = oracles.add_oracle_args(argparse.ArgumentParser(), optimize=False)
+    args = parser.parse_args(["--n_workers", "1", "--oracle_method", "gfn2-xtb"])
+    assert not hasattr(args, "max_opt_steps") and not hasattr(args, "opt_coordinates")
+    with oracle_pool.make_oracle_pool(args) as pool:
+        assert pool.settings["max_opt_steps"] == oracles.default_max_opt_steps("gfn2-xtb")
+        assert pool.settings["opt_coordinates"] == oracles.DEFAULT_OPT_COORDINATES
+    for flag in ("--max_opt_steps", "--opt_coordinates"):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(["--db", "t.db", "--out_dir", "e", flag, "3"])
+        assert f"unrecognized arguments: {flag} 3" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------
 # Geometry optimization
 # ---------------------------------------------------------------------------------------

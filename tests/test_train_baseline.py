@@ -60,14 +60,14 @@ def test_loss_is_eq2_by_hand():
     assert float(loss) == pytest.approx(by_hand, rel=1e-10)
 
 
-def run(tmp_path, db, *extra):
+def run(tmp_path, db, *extra, expect=0):
     out = tmp_path / "run"
     argv = ["--db", db, "--out_dir", str(out), "--n_atom_basis", "16", "--n_interactions", "2",
             "--n_rbf", "8", "--cutoff", "4.0", "--batch_size", "8", "--lr", "3e-3",
             "--dtype", "float64", *extra]
     if "--val_db" not in extra and "--val_fraction" not in extra:
         argv += ["--val_fraction", "0.25"]
-    train_baseline.main(argv)
+    assert train_baseline.main(argv) == expect      # 2: bad input, one line on stderr
     return out
 
 
@@ -88,7 +88,7 @@ def test_training_learns_and_logs(tmp_path):
     assert after["energy_mae_kcal_mol"] < 0.5 * before["energy_mae_kcal_mol"]
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, capsys):
     db = write(tmp_path / "d0.db", teacher_labelled(["C", "CO", "CCO", "CN"], 4))
     flags = ["--total_steps", "20", "--eval_every", "100", "--checkpoint_every", "10"]
     whole = run(tmp_path / "a", db, *flags)
@@ -103,8 +103,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", db, *flags)
     monkeypatch.setattr(train_baseline.Trainer, "update", real_update)
-    with pytest.raises(SystemExit, match="--resume"):
-        run(tmp_path / "b", db, *flags)
+    run(tmp_path / "b", db, *flags, expect=2)          # the checkpoint exists: one line
+    assert "checkpoint.pt exists; pass --resume" in capsys.readouterr().err
     resumed = run(tmp_path / "b", db, *flags, "--resume")
 
     a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]["state_dict"]
@@ -130,12 +130,13 @@ def test_non_finite_loss_skips_the_update():
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_missing_forces_is_one_clear_error(tmp_path):
+def test_missing_forces_is_one_clear_error(tmp_path, capsys):
     confs = teacher_labelled(["O"], 1)
     confs[0].forces = None
     db = write(tmp_path / "bad.db", confs)
-    with pytest.raises(data.DataError, match="no forces"):
-        run(tmp_path, db, "--total_steps", "1")
+    run(tmp_path, db, "--total_steps", "1", expect=2)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and "no forces" in line
 
 
 def test_val_db_validates_on_it_and_trains_on_all_of_db(tmp_path, capsys):
@@ -190,5 +191,7 @@ def test_all_of_d0_is_trained_on_unless_val_fraction_holds_some_out(tmp_path, ca
     (record,) = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert record["n_conformations"] == 3
     assert train_baseline.parse_args(["--db", db, "--out_dir", "x"]).val_fraction == 0.0
-    with pytest.raises(SystemExit, match="pass one of them"):
-        run(tmp_path / "both", db, "--val_db", db, "--val_fraction", "0.25")
+    assert train_baseline.main(["--db", db, "--out_dir", str(tmp_path / "both"), "--val_db",
+                                db, "--val_fraction", "0.25"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --val_db and --val_fraction both "
+                                               "validate; pass one of them")
