@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./setup.sh --test
-exec .venv/bin/python -m pytest -q "${@:-tests}"
+# two processes (a file's tests stay in one: its module fixtures are made once); the 15
+# slowest tests are listed at the end. The long forms of the slow checks: -m soak
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "${@:-tests}"

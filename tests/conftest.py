@@ -8,8 +8,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "soak: long fault-injection loops, by hand: "
-                                       "pytest -m soak tests/test_faults.py")
+    config.addinivalue_line("markers", "soak: the long forms of the slow checks (kill "
+                                       "chains, both signals, a Dask worker killed, "
+                                       "torch.compile), by hand: pytest -m soak tests")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,8 +8,9 @@ last run goes to the end. Its outputs must equal an uninterrupted run's: no row 
 doubled, the same numbers. Also: two writers on one output (the second is refused, naming
 the holder's PID), an oracle that always fails (a non-zero exit, no spin), corrupt tails.
 
-CI runs 5 kill points per stage. The soak (`pytest -m soak tests/test_faults.py`, by hand)
-runs 20 seeded chains of 5 per stage: 100 kill points per stage.
+The default suite runs one chain of 2 kill points per stage, and SIGTERM or Ctrl-C once per
+stage. The soak (`pytest -m soak tests/test_faults.py`, by hand) runs 20 seeded chains of 5
+per stage, 100 kill points per stage, and both signals.
 """
 import json
 import os
@@ -33,7 +34,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERE
 ORACLE = ["--oracle_method", "hf/sto-3g", "--n_workers", "1"]
 MOLECULES = "O water\nC methane\nN ammonia\nCO methanol\nC=O formaldehyde\nCN methylamine\n"
 MODEL = ["--n_atom_basis", "8", "--n_interactions", "1", "--n_rbf", "8"]
-N_KILLS = 5
+N_KILLS = 2          # a chain in the default suite; the soak runs chains of SOAK_KILLS
+SOAK_KILLS = 5
 
 
 def command(script, *argv):
@@ -71,14 +73,14 @@ def lines(path):
 
 
 def kill_and_rerun(script, argv, events, n_events, seed, tmp_path, step=(0, 2),
-                   torn_file=None):
-    """N_KILLS times: start the stage, wait until `events()` grew by a seeded number (below
+                   torn_file=None, n_kills=N_KILLS):
+    """n_kills times: start the stage, wait until `events()` grew by a seeded number (below
     `n_events`, what a whole run makes), wait a seeded fraction of a second more, kill -9
     (and, half of the time, leave a partial line at the end of `torn_file`). Then the same
     command to the end. Returns the kills that landed (the process still ran)."""
     rng = np.random.default_rng(seed)
     landed = 0
-    for _ in range(N_KILLS):
+    for _ in range(n_kills):
         target = min(events() + int(rng.integers(*step)), n_events - 1)
         delay = float(rng.uniform(0.0, 0.15))
         with open(tmp_path / "killed.log", "ab") as log:
@@ -171,10 +173,10 @@ def assert_clean_jsonl(path):
 # kill -9 at seeded points, then the same command: outputs equal an uninterrupted run
 # ---------------------------------------------------------------------------------------
 
-def check_make_trajectories(clean, tmp_path, seed):
+def check_make_trajectories(clean, tmp_path, seed, n_kills=N_KILLS):
     out = tmp_path / "d0.db"
     landed = kill_and_rerun("make_trajectories.py", d0_argv(clean["smiles"], out),
-                            lambda: db_rows(out), 24, seed, tmp_path)
+                            lambda: db_rows(out), 24, seed, tmp_path, n_kills=n_kills)
     killed, n_killed = labelled(out)
     whole, n_whole = labelled(clean["d0"])
     assert n_killed == len(killed) == n_whole == len(whole) == 24     # none lost, none doubled
@@ -183,11 +185,11 @@ def check_make_trajectories(clean, tmp_path, seed):
     return landed
 
 
-def check_train_baseline(clean, tmp_path, seed):
+def check_train_baseline(clean, tmp_path, seed, n_kills=N_KILLS):
     out = tmp_path / "baseline"
     landed = kill_and_rerun("train_baseline.py", train_argv(clean["d0"], out),
                             lambda: lines(out / "metrics.jsonl"), 75, seed, tmp_path,
-                            step=(1, 8), torn_file=out / "metrics.jsonl")
+                            step=(1, 8), torn_file=out / "metrics.jsonl", n_kills=n_kills)
     a = torch.load(clean["baseline"] / "checkpoint.pt", weights_only=True)
     b = torch.load(out / "checkpoint.pt", weights_only=True)
     assert a["trainer"]["step"] == b["trainer"]["step"] == 300
@@ -199,7 +201,7 @@ def check_train_baseline(clean, tmp_path, seed):
     return landed
 
 
-def check_golf(clean, tmp_path, seed):
+def check_golf(clean, tmp_path, seed, n_kills=N_KILLS):
     """Killed at seeded points (some with labels finished and not yet entered: the lag is
     5 jobs a worker) and resumed, GOLF collects the same conformations and trains the same
     weights as a run never killed, and computes no finished label twice."""
@@ -209,7 +211,7 @@ def check_golf(clean, tmp_path, seed):
         ok("golf.py", *golf_argv(clean, clean["golf"]))
     landed = kill_and_rerun("golf.py", golf_argv(clean, out),
                             lambda: db_rows(out / "collected.db"), 10, seed, tmp_path,
-                            torn_file=out / "metrics.jsonl")
+                            torn_file=out / "metrics.jsonl", n_kills=n_kills)
     rows, ckpt = golf_outputs(out)
     assert len(rows) == 10 and ckpt["trainer"]["step"] == 10 * 3      # K, K * U
     assert same_outputs((rows, ckpt), golf_outputs(clean["golf"]))
@@ -222,7 +224,7 @@ def check_golf(clean, tmp_path, seed):
     return landed
 
 
-def check_evaluate(clean, tmp_path, seed):
+def check_evaluate(clean, tmp_path, seed, n_kills=N_KILLS):
     out = tmp_path / "eval"
     if not os.path.exists(clean["eval"] / "summary.json"):
         ok("evaluate.py", *eval_argv(clean, clean["eval"]))
@@ -232,7 +234,7 @@ def check_evaluate(clean, tmp_path, seed):
     assert n_scored >= 10
     landed = kill_and_rerun("evaluate.py", eval_argv(clean, out),
                             lambda: lines(out / "per_conformation.jsonl"), n_scored, seed, tmp_path,
-                            torn_file=out / "per_conformation.jsonl")
+                            torn_file=out / "per_conformation.jsonl", n_kills=n_kills)
     killed = {r["conf_id"]: r for r in assert_clean_jsonl(out / "per_conformation.jsonl")}
     whole = {r["conf_id"]: r for r in assert_clean_jsonl(clean["eval"] / "per_conformation.jsonl")}
     assert len(killed) == len(whole) == lines(out / "per_conformation.jsonl") == n_scored
@@ -269,8 +271,8 @@ def test_kill_9_at_seeded_points_then_rerun_equals_an_uninterrupted_run(clean, t
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_soak_kill_9(clean, tmp_path, stage, seed):
     """By hand: 20 chains of 5 kills per stage, 100 kill points per stage."""
-    landed = STAGES[stage](clean, tmp_path, seed=seed)
-    assert landed == N_KILLS
+    landed = STAGES[stage](clean, tmp_path, seed=seed, n_kills=SOAK_KILLS)
+    assert landed == SOAK_KILLS
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,7 +423,8 @@ def stop_with_signal(argv, script, signum, ready, tmp_path):
     return rc, seconds, (tmp_path / "stopped.err").read_text()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, marks=pytest.mark.soak),
+                                    signal.SIGINT])
 def test_golf_stops_on_sigterm_and_ctrl_c_in_one_line_and_resumes_to_the_same_run(
         clean, tmp_path, signum):
     from test_golf import golf_outputs, same_outputs

@@ -574,6 +574,7 @@ def test_xtb_dask_pool_gives_the_local_results(xtb_pool):
     np.testing.assert_array_equal(remote[1].trajectory_energy, local[1].trajectory_energy)
 
 
+@pytest.mark.soak
 def test_a_dask_worker_killed_mid_job_costs_that_job_only():
     """kill -9 of a whole Dask worker process while it runs a job: Dask gives the task to
     a live worker and the job ends as it would have (the same xTB result, bit for bit);

@@ -35,6 +35,11 @@ from test_faults import (ENV, MODEL, MOLECULES, ROOT, assert_clean_jsonl, assert
 SIGNALS = [signal.SIGTERM, signal.SIGINT]
 
 
+def signals(default):
+    """Both signals; the default suite sends `default`, the soak (-m soak) the other too."""
+    return [s if s == default else pytest.param(s, marks=pytest.mark.soak) for s in SIGNALS]
+
+
 # ---------------------------------------------------------------------------------------
 # A stage as a terminal runs it, a signal, and what the stage must do then
 # ---------------------------------------------------------------------------------------
@@ -204,7 +209,7 @@ def assert_same_evaluation(a, b):
 # A signal, then the printed command: an uninterrupted run's outputs
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize("signum", signals(signal.SIGTERM), ids=lambda s: signal.Signals(s).name)
 def test_make_trajectories_stops_at_a_signal_and_continues(d0, tmp_path, signum):
     out = tmp_path / "d0.db"
     argv = d0_argv(d0 / "mols.smi", out)
@@ -223,7 +228,7 @@ def test_make_trajectories_stops_at_a_signal_and_continues(d0, tmp_path, signum)
     assert_same_labels(got, whole)
 
 
-@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize("signum", signals(signal.SIGINT), ids=lambda s: signal.Signals(s).name)
 def test_train_baseline_saves_a_checkpoint_at_the_signal_and_resumes(d0, baseline, tmp_path,
                                                                      signum):
     out = tmp_path / "baseline"
@@ -245,7 +250,7 @@ def test_train_baseline_saves_a_checkpoint_at_the_signal_and_resumes(d0, baselin
         assert_clean_jsonl(baseline / "metrics.jsonl")
 
 
-@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
+@pytest.mark.parametrize("signum", signals(signal.SIGTERM), ids=lambda s: signal.Signals(s).name)
 def test_evaluate_stops_at_a_signal_and_continues(d0, baseline, evaluation, tmp_path, signum):
     out = tmp_path / "eval"
     argv = eval_argv(baseline, d0 / "test.db", out)
