@@ -6,7 +6,7 @@
 #   3. golf.py               f_GOLF-K fine-tuned from f_baseline with the same K
 #   4. evaluate.py           every NNP and the RDKit row on the held-out molecules: Table 2
 #
-#   ./run.sh                    demo: GFN2-xTB oracle, one seed, <= 10 min on 2 cores; it
+#   ./run.sh                    demo: GFN2-xTB oracle, one seed, ~30 min on 2 cores; it
 #                               starts from the laptop preset's f_baseline and 60 of its
 #                               test conformations, shipped (models/laptop/README.md)
 #   ./run.sh --preset laptop    Tables 1-2 in miniature, 3 seeds, and the paper's five claims
@@ -149,7 +149,7 @@ BASE_LR=(--lr 2e-3)                 # paper: 1e-4 for 5e5 steps; 2e-3 fits best 
 case $preset in
 demo)
     # The laptop preset's drug-like molecules (17-35 atoms) at a newcomer's scale. Two of its
-    # inputs cost more than the demo's 10 minutes, so they ship, made by the laptop preset:
+    # inputs cost more than the whole demo, so they ship, made by the laptop preset:
     #   models/laptop/f_baseline.pt  its f_baseline: 8000 steps on D0 = 2912 Butina
     #                                conformations of molecules 261-1160 (30 min here)
     #   data/moses_test60.db         the first 60 of its 220 held-out conformations, with

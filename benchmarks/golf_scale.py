@@ -311,6 +311,18 @@ def golf_on(argv, pool, clock, update_seconds=0.0, step_seconds=0.0):
     return run
 
 
+class NumberedJournalledPool(oracle_pool.JournalledPool):
+    """golf.py's journal, with the job number in each question: a resumed run's jobs are
+    answered from it as in golf.py, while a conformation the loop sends twice costs two
+    jobs, as in the runs without a journal that the kills are compared with (the toy
+    world sends many D0 starts twice)."""
+
+    def submit(self, conf, conf_id, kind="gradient"):
+        message = oracle_pool.make_job(conf, conf_id, kind)
+        message["charge"] += 1000 * (conf_id + 1)        # part of the key, never computed
+        return self._submit(message, lambda: self.pool.submit(conf, conf_id, kind))
+
+
 def run_with_kills(root, opts):
     """--kill_at: the default loop killed (kill -9: nothing saved) at each virtual time, and
     resumed at once with --resume: a new golf.py on a fresh pool of W idle workers (the
@@ -330,7 +342,7 @@ def run_with_kills(root, opts):
         journal = oracle_pool.OracleJournal(journal_path)
         try:
             run = golf_on(argv + ["--resume"] * (start > 0),
-                          oracle_pool.JournalledPool(pool, journal), clock,
+                          NumberedJournalledPool(pool, journal), clock,
                           update_seconds=opts.update_ms / 1000 * opts.charged_utd_ratio
                           / opts.utd_ratio, step_seconds=opts.step_ms / 1000)
             break                                      # K reached before the next kill
