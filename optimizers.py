@@ -567,8 +567,9 @@ def parse_args_with_preset(parser, argv=None):
     return parser.parse_args(argv, namespace=argparse.Namespace(**preset))
 
 
-def add_optimizer_args(parser):
-    """The shared command-line flags of the conformation optimizer."""
+def add_optimizer_args(parser, convergence=True):
+    """The shared command-line flags of the conformation optimizer. convergence=False: no
+    --grad_threshold (a script with a stop rule of its own, relax.py's --fmax)."""
     parser.add_argument("--optimizer_preset", choices=sorted(OPTIMIZER_PRESETS), default=None,
                         help="Table 6 (App. B): GOLF-LBFGS / GOLF-Adam / GOLF-SGD-momentum's "
                              "optimizer, rate, T_train, T_eval, K = 1e4 and U = 20 (2e5 "
@@ -582,8 +583,11 @@ def add_optimizer_args(parser):
     parser.add_argument("--lbfgs_history", type=int, default=100, help="L-BFGS memory size")
     parser.add_argument("--max_step", type=float, default=None,
                         help="largest atom displacement per update, Angstrom (default: off)")
-    parser.add_argument("--grad_threshold", type=float, default=1e-5,
-                        help="a molecule is converged when max |F| <= this")
+    if convergence:
+        parser.add_argument("--grad_threshold", type=float, default=1e-5,
+                            help="a molecule is converged when max |F| <= this")
+    else:
+        parser.set_defaults(grad_threshold=1e-5)     # the optimizer's, not a flag
     return parser
 
 

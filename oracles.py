@@ -228,14 +228,16 @@ def one_line(err, limit=300):
 # Command-line flags shared by the stage scripts (oracle_pool.make_oracle_pool reads them)
 # ---------------------------------------------------------------------------------------
 
-def add_oracle_args(parser, optimize=True):
+def add_oracle_args(parser, optimize=True, method=True):
     """The genuine oracle's flags (Psi4 or xTB, and the pool). optimize=False: the stage
-    asks the oracle for energies and forces only, so no optimization flags."""
+    asks the oracle for energies and forces only, so no optimization flags. method=False:
+    the script names the method with a flag of its own (relax.py --check_with)."""
     group = parser.add_argument_group("genuine oracle (Psi4, or GFN2-xTB in tblite)")
-    group.add_argument("--oracle_method", default=DEFAULT_METHOD,
-                       help="Psi4 method/basis (default: %(default)s, the paper's level), "
-                            "or gfn2-xtb (GFN2-xTB in tblite, tens of ms per gradient of "
-                            "a drug-like molecule; also gfn1-xtb)")
+    if method:
+        group.add_argument("--oracle_method", default=DEFAULT_METHOD,
+                           help="Psi4 method/basis (default: %(default)s, the paper's level), "
+                                "or gfn2-xtb (GFN2-xTB in tblite, tens of ms per gradient "
+                                "of a drug-like molecule; also gfn1-xtb)")
     group.add_argument("--oracle_threads", "--psi4_threads", dest="oracle_threads", type=int,
                        default=1, help="threads per Psi4 or xTB job (OMP_NUM_THREADS; "
                                        "--psi4_threads is the same flag)")

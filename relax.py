@@ -557,7 +557,7 @@ def force_threshold(text, unit):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, conflict_handler="resolve",  # see below
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in", dest="input", required=True,
                    help="molecules: .smi/.smiles/.txt (SMILES), .sdf, .xyz or .db (ASE)")
@@ -593,21 +593,12 @@ def parse_args(argv=None):
     p.add_argument("--check_with", default=None, metavar="METHOD", help="genuine oracle energy "
                    "at the start and end of every written relaxation: gfn2-xtb, or a Psi4 "
                    "method/basis (default: no check)")
-    optimizers.add_optimizer_args(p)
-    oracles.add_oracle_args(p, optimize=False)       # the pool of --check_with
-    # redefined without help (conflict_handler="resolve"): relax.py stops a molecule at
-    # --fmax, and --check_with names the oracle
-    p.add_argument("--grad_threshold", type=float, default=1e-5, help=argparse.SUPPRESS)
-    p.add_argument("--oracle_method", default=None, help=argparse.SUPPRESS)
+    optimizers.add_optimizer_args(p, convergence=False)     # a molecule stops at --fmax
+    oracles.add_oracle_args(p, optimize=False, method=False)  # the pool of --check_with
     args = optimizers.parse_args_with_preset(p, argv)
     for name in ("batch_size", "steps", "conformers", "keep"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.grad_threshold != 1e-5:
-        p.error("relax.py stops each molecule at --fmax (max |F_i|); --grad_threshold is "
-                "not used")
-    if args.oracle_method is not None:
-        p.error("relax.py asks the oracle named by --check_with; --oracle_method is not used")
     args.oracle_method = args.check_with
     return args
 
