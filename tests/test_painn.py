@@ -264,14 +264,12 @@ def test_training_gradients_match_schnetpack():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-8, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("cases", [
-    [(1, 1, "one_pass")],
-    pytest.param([(1, 1, "one_pass"), (1, 2, "groups"), (1, 3, "one_pass"), (2, 1, "one_pass")],
-                 marks=pytest.mark.soak)], ids=["one", "all"])
-def test_compiled_network_gives_the_same_energies_and_forces(cases):
-    """--compile: torch.compile'd network (CPU here, needs a C++ compiler) = eager; the
-    soak adds a second batch shape (dynamic shapes, no recompile per batch), the other
-    evaluation mode and 2 threads; a training step (create_graph) still runs, eagerly."""
+@pytest.mark.soak          # ~1 min of C++ compilation: by hand, -m soak
+def test_compiled_network_gives_the_same_energies_and_forces():
+    """--compile: torch.compile'd network (CPU here, needs a C++ compiler) = eager, for
+    two batch shapes (dynamic shapes, no recompile per batch), both evaluation modes and
+    2 threads; a training step (create_graph) still runs, eagerly."""
+    cases = [(1, 1, "one_pass"), (1, 2, "groups"), (1, 3, "one_pass"), (2, 1, "one_pass")]
     torch.manual_seed(1)
     eager = painn.PaiNN(n_atom_basis=16, n_interactions=2, n_rbf=8, cutoff=5.0).double().eval()
     compiled = painn.PaiNN(n_atom_basis=16, n_interactions=2, n_rbf=8, cutoff=5.0).double().eval()
