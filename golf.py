@@ -523,7 +523,7 @@ class Golf:
                 "failures_in_a_row": dict(self.failures_in_a_row),
                 "slots": [{"d_index": s.d_index, "energy_mmff": s.energy_mmff,
                            "waiting": conf_state(s.waiting)} for s in self.slots],
-                "optimizer": self.opt.state_dict() if self.opt is not None else None,
+                "optimizer": self.opt.state_dict(),
                 "in_flight": [{"sent": sent, "job": job, "conf": conf_state(conf)}
                               for sent, job, conf in self.in_flight.values()]}
 
@@ -562,12 +562,14 @@ class Golf:
             if os.path.exists(collected_path) and len(self.collected_db) else []
         ckpt = painn.read_checkpoint(path, self.args.device) if os.path.exists(path) else None
         loop = ckpt.get("loop") if ckpt else None
-        n_kept = loop["stats"]["n_added"] if loop else len(collected) if ckpt else 0
+        n_kept = loop["stats"]["n_added"] if loop else len(collected)
         if n_kept > self.args.max_oracle_steps:   # K changed, or an older run doubled
             print(f"warning: {collected_path} holds {n_kept} conformations; K = "
                   f"{self.args.max_oracle_steps} of them are used", file=sys.stderr)
             n_kept, loop = self.args.max_oracle_steps, None
-        collected, self.rows_to_confirm = collected[:n_kept], collected[n_kept:]
+        # only a replay from the loop's checkpoint adds the later rows again; otherwise
+        # they stay as they are, unused
+        collected, self.rows_to_confirm = collected[:n_kept], collected[n_kept:] if loop else []
         for conf in collected:
             self.buffer.add(conf)
         self.stats["n_added"] = len(collected)

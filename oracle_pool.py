@@ -865,13 +865,13 @@ class JournalledPool:
 
     def _submit(self, message, start_job):
         key, future = job_key(message, self.settings), Future()
-        stored = self.journal.get(key)
-        if stored is not None:
-            stored.conf_id = message["conf_id"]
-            self.journal.n_reused += 1
-            future.set_result(stored)
-            return future
-        with self._lock:
+        with self._lock:                   # a job that ends meanwhile is in one or the other
+            stored = self.journal.get(key)
+            if stored is not None:
+                stored.conf_id = message["conf_id"]
+                self.journal.n_reused += 1
+                future.set_result(stored)
+                return future
             waiting = self._running.setdefault(key, [])
             waiting.append((future, message["conf_id"]))
             if len(waiting) > 1:           # the same question is running: its answer
@@ -880,21 +880,22 @@ class JournalledPool:
         return future
 
     def _journal_then_settle(self, key, job):
-        """In the pool's thread, when a job ends: keep a success, then answer every future
-        that waits for it."""
-        with self._lock:
-            waiting = self._running.pop(key)
-        if job.cancelled():                # cancelled while queued (the pool closed)
-            for future, _ in waiting:
-                future.cancel()
-            return
-        result = job.result()
-        if result.ok:
+        """In the pool's thread, when a job ends: keep a success (before the job leaves
+        the running ones, so that the same question asked now finds it), then answer every
+        future that waits for it."""
+        result = None if job.cancelled() else job.result()
+        if result is not None and result.ok:
             try:
                 self.journal.put(key, result)
             except sqlite3.Error as err:
                 print(f"warning: could not write {self.journal.path} ({err}); the result "
                       "is used but not kept", file=sys.stderr)
+        with self._lock:
+            waiting = self._running.pop(key)
+        if result is None:                 # cancelled while queued (the pool closed)
+            for future, _ in waiting:
+                future.cancel()
+            return
         for future, conf_id in waiting:
             _settle(future, dataclasses.replace(result, conf_id=conf_id))
 
