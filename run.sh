@@ -151,7 +151,7 @@ demo)
     # The laptop preset's drug-like molecules (17-35 atoms) at a newcomer's scale. Two of its
     # inputs cost more than the whole demo, so they ship, made by the laptop preset:
     #   models/laptop/f_baseline.pt  its f_baseline: 8000 steps on D0 = 2912 Butina
-    #                                conformations of molecules 261-1160 (30 min here)
+    #                                conformations of molecules 261-1160 (~1 h here)
     #   data/moses_test60.db         the first 60 of its 220 held-out conformations, with
     #                                their xTB optima (runs/moses_test/test.db; ~10 min here)
     # The demo makes a D0 of molecules 261-400 (a part of the baseline's own D0) for GOLF's
