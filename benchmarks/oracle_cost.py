@@ -25,8 +25,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # molecules.py
+sys.path.insert(0, ROOT)           # first: benchmarks/oracle_pool.py must not stand for ours
 import oracle_pool  # noqa: E402
 import oracles  # noqa: E402
 from data import Conformation  # noqa: E402
