@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In a fresh interpreter: load each script as a module (its main() does not run), the
 # project's modules dropped from sys.modules first, so each script resolves them anew.
 CHECK = r"""
-import glob, os, runpy, sys, types
+import glob, os, runpy, sys
 root = sys.argv[1]
 names = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, "*.py"))}
 wrong = []
@@ -18,12 +18,11 @@ for script in sorted(glob.glob(os.path.join(root, "benchmarks", "*.py"))):
     for name in names:
         sys.modules.pop(name, None)
     path = list(sys.path)
-    scope = runpy.run_path(script, run_name="benchmark_under_test")
+    runpy.run_path(script, run_name="benchmark_under_test")
     sys.path[:] = path
-    for key, value in scope.items():
-        if isinstance(value, types.ModuleType) and value.__name__ in names:
-            if os.path.dirname(os.path.abspath(value.__file__)) != root:
-                wrong.append(f"{os.path.basename(script)}: {key} is {value.__file__}")
+    for name in sorted(names & set(sys.modules)):     # `import x` and `from x import y` alike
+        if os.path.dirname(os.path.abspath(sys.modules[name].__file__)) != root:
+            wrong.append(f"{os.path.basename(script)}: {name} is {sys.modules[name].__file__}")
 print("\n".join(wrong) or "ok")
 """
 
